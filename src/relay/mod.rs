@@ -1,0 +1,542 @@
+//! The relay's sans-IO core: which datagrams to answer, which pieces to forward, to whom.
+//!
+//! [`RelayCore`] takes `(now, source, datagram)` and a reply buffer and returns an [`Inbound`]
+//! verdict; it never touches a socket or a clock, so the engine, the tests and the simulator
+//! drive the very same code. Pieces go through two steps so the engine can verify signatures in
+//! batches: [`RelayCore::handle`] applies the cheap filters (layout, known channel, replay
+//! window) and hands back a [`PendingPiece`]; after verification [`RelayCore::admit`] marks it
+//! seen and returns the subscribers to send the unchanged datagram to. Nothing unverified is
+//! ever forwarded.
+
+mod cookie;
+mod subscribers;
+mod window;
+
+pub use cookie::{CookieCheck, CookieJar};
+pub use subscribers::{Subscribers, Upsert};
+pub use window::{SeqReject, SeqWindow};
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crate::crypto::{verify_announce, ChannelPublicKey};
+use crate::time::Timestamp;
+use crate::wire::{
+    Announce, Announced, ChannelId, Cookie, Message, Piece, Subscribed, Subscription,
+};
+
+/// Tunables of the relay core.
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    /// A subscriber is dropped when no SUBSCRIBE or KEEPALIVE arrived for this long.
+    pub subscriber_timeout: Duration,
+    /// A channel with no subscribers and no announce for this long is forgotten.
+    pub channel_idle_timeout: Duration,
+    /// Cookie time bucket; a cookie is valid for one to two buckets.
+    pub cookie_bucket: Duration,
+    /// Most channels the relay tracks at once.
+    pub max_channels: usize,
+    /// Most subscribers per channel.
+    pub max_subscribers_per_channel: usize,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        RelayConfig {
+            subscriber_timeout: Duration::from_secs(5),
+            channel_idle_timeout: Duration::from_secs(30),
+            cookie_bucket: Duration::from_secs(60),
+            max_channels: 1024,
+            max_subscribers_per_channel: 4096,
+        }
+    }
+}
+
+/// Why a datagram was dropped. Every drop is counted under one of these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DropReason {
+    /// Not a valid v1 message: garbage, truncated, oversized, bad fields.
+    Malformed,
+    /// A piece for a channel the relay has no key for.
+    UnknownChannel,
+    /// A piece whose signature does not verify.
+    BadSignature,
+    /// A piece already forwarded.
+    Replayed,
+    /// A piece older than the replay window.
+    Stale,
+    /// SUBSCRIBE, KEEPALIVE or UNSUBSCRIBE without a valid cookie (answered with a COOKIE only).
+    InvalidCookie,
+    /// KEEPALIVE or UNSUBSCRIBE from an address that is not subscribed.
+    NotSubscribed,
+    /// A new channel refused because the channel table is full.
+    ChannelsFull,
+    /// A new subscriber refused because the channel's table is full.
+    SubscribersFull,
+    /// An ANNOUNCE with a bad signature, an old epoch or a key that conflicts.
+    BadAnnounce,
+    /// A message only relays send (COOKIE, SUBSCRIBED, ANNOUNCED).
+    UnexpectedMessage,
+    /// A send the socket refused (buffer full): counted per subscriber copy.
+    SendFailed,
+}
+
+impl DropReason {
+    /// Every reason, in label order.
+    pub const ALL: [DropReason; 12] = [
+        DropReason::Malformed,
+        DropReason::UnknownChannel,
+        DropReason::BadSignature,
+        DropReason::Replayed,
+        DropReason::Stale,
+        DropReason::InvalidCookie,
+        DropReason::NotSubscribed,
+        DropReason::ChannelsFull,
+        DropReason::SubscribersFull,
+        DropReason::BadAnnounce,
+        DropReason::UnexpectedMessage,
+        DropReason::SendFailed,
+    ];
+
+    /// The metrics label.
+    pub fn label(self) -> &'static str {
+        match self {
+            DropReason::Malformed => "malformed",
+            DropReason::UnknownChannel => "unknown_channel",
+            DropReason::BadSignature => "bad_signature",
+            DropReason::Replayed => "replayed",
+            DropReason::Stale => "stale",
+            DropReason::InvalidCookie => "invalid_cookie",
+            DropReason::NotSubscribed => "not_subscribed",
+            DropReason::ChannelsFull => "channels_full",
+            DropReason::SubscribersFull => "subscribers_full",
+            DropReason::BadAnnounce => "bad_announce",
+            DropReason::UnexpectedMessage => "unexpected_message",
+            DropReason::SendFailed => "send_failed",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Running totals kept by the core; the engine exports them as metrics.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RelayStats {
+    /// Datagrams handed to [`RelayCore::handle`].
+    pub datagrams_in: u64,
+    /// Bytes of those datagrams.
+    pub bytes_in: u64,
+    /// Pieces verified and accepted for forwarding.
+    pub pieces_accepted: u64,
+    /// Piece copies handed to the engine to send (one per subscriber).
+    pub piece_sends: u64,
+    /// Bytes of those copies.
+    pub bytes_forwarded: u64,
+    /// Control replies produced.
+    pub replies: u64,
+    /// Drops, indexed like [`DropReason::ALL`].
+    pub drops: [u64; DropReason::ALL.len()],
+    /// Subscribers now, over all channels.
+    pub subscribers: u64,
+    /// Channels now.
+    pub channels: u64,
+    /// Subscribers removed for lack of keepalives.
+    pub subscribers_expired: u64,
+}
+
+impl RelayStats {
+    /// Drops counted for `reason`.
+    pub fn dropped(&self, reason: DropReason) -> u64 {
+        self.drops[reason.index()]
+    }
+
+    /// Counts `n` drops for `reason`.
+    pub fn record_drops(&mut self, reason: DropReason, n: u64) {
+        self.drops[reason.index()] += n;
+    }
+}
+
+/// What to do with one received datagram.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Inbound {
+    /// Send the first `n` bytes of the reply buffer back to the source.
+    Reply(usize),
+    /// A piece that passed the cheap filters: verify its signature with `key`, then call
+    /// [`RelayCore::admit`].
+    Verify(PendingPiece),
+    /// Dropped and counted.
+    Dropped(DropReason),
+    /// Handled; nothing to send.
+    Done,
+}
+
+/// A piece waiting for signature verification.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PendingPiece {
+    /// Its channel.
+    pub channel: ChannelId,
+    /// Its sequence number.
+    pub seq: u64,
+    /// The key to verify it with.
+    pub key: ChannelPublicKey,
+}
+
+#[derive(Debug)]
+struct Channel {
+    key: Option<ChannelPublicKey>,
+    epoch_us: u64,
+    window: SeqWindow,
+    subscribers: Subscribers,
+    last_announce: Option<Timestamp>,
+    created: Timestamp,
+}
+
+impl Channel {
+    fn new(now: Timestamp) -> Self {
+        Channel {
+            key: None,
+            epoch_us: 0,
+            window: SeqWindow::new(),
+            subscribers: Subscribers::default(),
+            last_announce: None,
+            created: now,
+        }
+    }
+
+    fn idle_since(&self) -> Timestamp {
+        self.last_announce.unwrap_or(self.created)
+    }
+}
+
+/// The relay's protocol state: channels, their keys, replay windows and subscribers.
+pub struct RelayCore {
+    config: RelayConfig,
+    cookies: CookieJar,
+    channels: HashMap<ChannelId, Channel>,
+    stats: RelayStats,
+    next_sweep: Timestamp,
+}
+
+impl RelayCore {
+    /// How often expired subscribers and idle channels are swept.
+    pub const SWEEP_INTERVAL: Duration = Duration::from_millis(250);
+
+    /// A core with a fresh random cookie key.
+    pub fn new(config: RelayConfig) -> Self {
+        Self::with_cookie_key(config, rand::random())
+    }
+
+    /// A core with a given cookie key (tests and the simulator use fixed keys).
+    pub fn with_cookie_key(config: RelayConfig, cookie_key: [u8; 32]) -> Self {
+        RelayCore {
+            cookies: CookieJar::new(cookie_key, config.cookie_bucket),
+            config,
+            channels: HashMap::new(),
+            stats: RelayStats::default(),
+            next_sweep: Timestamp::ZERO,
+        }
+    }
+
+    /// Totals so far.
+    pub fn stats(&self) -> &RelayStats {
+        &self.stats
+    }
+
+    /// Counts drops the engine saw (e.g. sends refused by a full socket).
+    pub fn record_drops(&mut self, reason: DropReason, n: u64) {
+        self.stats.record_drops(reason, n);
+    }
+
+    /// Subscribers of `channel` now.
+    pub fn subscribers(&self, channel: &ChannelId) -> &[SocketAddr] {
+        self.channels
+            .get(channel)
+            .map_or(&[], |c| c.subscribers.addrs())
+    }
+
+    /// Handles one datagram from `from`. Replies are written into `reply` (at least
+    /// [`crate::wire::MAX_DATAGRAM`] bytes). Allocates only when a channel or subscriber is added.
+    pub fn handle(
+        &mut self,
+        now: Timestamp,
+        from: SocketAddr,
+        datagram: &[u8],
+        reply: &mut [u8],
+    ) -> Inbound {
+        self.stats.datagrams_in += 1;
+        self.stats.bytes_in += datagram.len() as u64;
+        let verdict = match Message::parse(datagram) {
+            Err(_) => Inbound::Dropped(DropReason::Malformed),
+            Ok(Message::Piece(piece)) => self.precheck_piece(&piece),
+            Ok(Message::Hello(hello)) => self.reply_cookie(now, from, hello.nonce, reply),
+            Ok(Message::Subscribe(s)) => self.on_subscribe(now, from, &s, reply),
+            Ok(Message::Keepalive(s)) => self.on_keepalive(now, from, &s, reply),
+            Ok(Message::Unsubscribe(s)) => self.on_unsubscribe(now, from, &s, reply),
+            Ok(Message::Announce(a)) => self.on_announce(now, &a, reply),
+            Ok(Message::Cookie(_) | Message::Subscribed(_) | Message::Announced(_)) => {
+                Inbound::Dropped(DropReason::UnexpectedMessage)
+            }
+        };
+        match verdict {
+            Inbound::Dropped(reason) => self.stats.record_drops(reason, 1),
+            Inbound::Reply(_) => self.stats.replies += 1,
+            _ => {}
+        }
+        verdict
+    }
+
+    /// Completes a piece from [`Inbound::Verify`]: `verified` says whether its signature held.
+    /// Returns the subscribers to send it to, or the reason it is dropped (counted).
+    pub fn admit(
+        &mut self,
+        pending: &PendingPiece,
+        piece_len: usize,
+        verified: bool,
+    ) -> Result<&[SocketAddr], DropReason> {
+        let result = self.admit_inner(pending, verified);
+        match result {
+            Ok(n) => {
+                self.stats.pieces_accepted += 1;
+                self.stats.piece_sends += n as u64;
+                self.stats.bytes_forwarded += (n * piece_len) as u64;
+                Ok(self.subscribers(&pending.channel))
+            }
+            Err(reason) => {
+                self.stats.record_drops(reason, 1);
+                Err(reason)
+            }
+        }
+    }
+
+    fn admit_inner(&mut self, pending: &PendingPiece, verified: bool) -> Result<usize, DropReason> {
+        if !verified {
+            return Err(DropReason::BadSignature);
+        }
+        let channel = self
+            .channels
+            .get_mut(&pending.channel)
+            .filter(|c| c.key == Some(pending.key))
+            .ok_or(DropReason::UnknownChannel)?;
+        // Checked again: a batch may hold two copies of one piece.
+        channel.window.check(pending.seq).map_err(seq_drop)?;
+        channel.window.mark(pending.seq);
+        Ok(channel.subscribers.len())
+    }
+
+    /// When [`RelayCore::handle_timeout`] next has work.
+    pub fn poll_timeout(&self) -> Timestamp {
+        self.next_sweep
+    }
+
+    /// Expires subscribers whose consent lapsed and forgets idle channels.
+    pub fn handle_timeout(&mut self, now: Timestamp) {
+        if now < self.next_sweep {
+            return;
+        }
+        self.next_sweep = now + Self::SWEEP_INTERVAL;
+        let idle = self.config.channel_idle_timeout;
+        let mut expired = 0;
+        self.channels.retain(|_, c| {
+            expired += c.subscribers.expire(now);
+            !c.subscribers.is_empty() || now.saturating_since(c.idle_since()) < idle
+        });
+        self.stats.subscribers_expired += expired as u64;
+        self.refresh_gauges();
+    }
+
+    fn refresh_gauges(&mut self) {
+        self.stats.channels = self.channels.len() as u64;
+        self.stats.subscribers = self
+            .channels
+            .values()
+            .map(|c| c.subscribers.len() as u64)
+            .sum();
+    }
+
+    fn precheck_piece(&self, piece: &Piece<'_>) -> Inbound {
+        let Some((channel, key)) = self
+            .channels
+            .get(&piece.channel())
+            .and_then(|c| c.key.map(|k| (c, k)))
+        else {
+            return Inbound::Dropped(DropReason::UnknownChannel);
+        };
+        if let Err(reject) = channel.window.check(piece.seq()) {
+            return Inbound::Dropped(seq_drop(reject));
+        }
+        Inbound::Verify(PendingPiece {
+            channel: piece.channel(),
+            seq: piece.seq(),
+            key,
+        })
+    }
+
+    fn reply_cookie(
+        &self,
+        now: Timestamp,
+        from: SocketAddr,
+        nonce: u64,
+        reply: &mut [u8],
+    ) -> Inbound {
+        let cookie = Cookie {
+            nonce,
+            cookie: self.cookies.issue(now, from),
+        };
+        encoded(cookie.encode(reply))
+    }
+
+    fn on_subscribe(
+        &mut self,
+        now: Timestamp,
+        from: SocketAddr,
+        s: &Subscription,
+        reply: &mut [u8],
+    ) -> Inbound {
+        let check = self.cookies.check(now, from, &s.cookie);
+        if check == CookieCheck::Invalid {
+            self.stats.record_drops(DropReason::InvalidCookie, 1);
+            return self.reply_cookie(now, from, 0, reply);
+        }
+        if !self.channels.contains_key(&s.channel) {
+            if self.channels.len() >= self.config.max_channels {
+                return Inbound::Dropped(DropReason::ChannelsFull);
+            }
+            self.channels.insert(s.channel, Channel::new(now));
+        }
+        let expires = now + self.config.subscriber_timeout;
+        let limit = self.config.max_subscribers_per_channel;
+        let Some(channel) = self.channels.get_mut(&s.channel) else {
+            return Inbound::Dropped(DropReason::UnknownChannel);
+        };
+        let live = channel.key.is_some();
+        match channel.subscribers.upsert(from, expires, limit) {
+            Upsert::Full => return Inbound::Dropped(DropReason::SubscribersFull),
+            Upsert::Added => self.stats.subscribers += 1,
+            Upsert::Refreshed => {}
+        }
+        if check == CookieCheck::Aging {
+            // Still subscribed; the fresh cookie prompts a SUBSCRIBE that gets SUBSCRIBED.
+            return self.reply_cookie(now, from, 0, reply);
+        }
+        encoded(
+            Subscribed {
+                channel: s.channel,
+                live,
+            }
+            .encode(reply),
+        )
+    }
+
+    fn on_keepalive(
+        &mut self,
+        now: Timestamp,
+        from: SocketAddr,
+        s: &Subscription,
+        reply: &mut [u8],
+    ) -> Inbound {
+        let check = self.cookies.check(now, from, &s.cookie);
+        let expires = now + self.config.subscriber_timeout;
+        let refreshed = check != CookieCheck::Invalid
+            && self
+                .channels
+                .get_mut(&s.channel)
+                .is_some_and(|c| c.subscribers.refresh(from, expires));
+        match (check, refreshed) {
+            (CookieCheck::Fresh, true) => Inbound::Done,
+            // A fresh cookie tells the client to (re)subscribe.
+            (CookieCheck::Aging, true) => self.reply_cookie(now, from, 0, reply),
+            (CookieCheck::Invalid, _) => {
+                self.stats.record_drops(DropReason::InvalidCookie, 1);
+                self.reply_cookie(now, from, 0, reply)
+            }
+            (_, false) => {
+                self.stats.record_drops(DropReason::NotSubscribed, 1);
+                self.reply_cookie(now, from, 0, reply)
+            }
+        }
+    }
+
+    fn on_unsubscribe(
+        &mut self,
+        now: Timestamp,
+        from: SocketAddr,
+        s: &Subscription,
+        reply: &mut [u8],
+    ) -> Inbound {
+        if self.cookies.check(now, from, &s.cookie) == CookieCheck::Invalid {
+            // No reply: an invalid UNSUBSCRIBE is noise, not a client to help.
+            let _ = reply;
+            return Inbound::Dropped(DropReason::InvalidCookie);
+        }
+        let removed = self
+            .channels
+            .get_mut(&s.channel)
+            .is_some_and(|c| c.subscribers.remove(from));
+        if removed {
+            self.stats.subscribers = self.stats.subscribers.saturating_sub(1);
+            Inbound::Done
+        } else {
+            Inbound::Dropped(DropReason::NotSubscribed)
+        }
+    }
+
+    fn on_announce(&mut self, now: Timestamp, a: &Announce<'_>, reply: &mut [u8]) -> Inbound {
+        let Ok(key) = verify_announce(a) else {
+            return Inbound::Dropped(DropReason::BadAnnounce);
+        };
+        let id = key.channel_id();
+        if !self.channels.contains_key(&id) {
+            if self.channels.len() >= self.config.max_channels {
+                return Inbound::Dropped(DropReason::ChannelsFull);
+            }
+            self.channels.insert(id, Channel::new(now));
+        }
+        let Some(channel) = self.channels.get_mut(&id) else {
+            return Inbound::Dropped(DropReason::UnknownChannel);
+        };
+        match channel.key {
+            Some(k) if k != key => return Inbound::Dropped(DropReason::BadAnnounce),
+            Some(_) if a.epoch_us() < channel.epoch_us => {
+                return Inbound::Dropped(DropReason::BadAnnounce)
+            }
+            Some(_) if a.epoch_us() == channel.epoch_us => {}
+            _ => {
+                // A new key or a new publisher session: a fresh sequence space.
+                channel.key = Some(key);
+                channel.epoch_us = a.epoch_us();
+                channel.window = SeqWindow::new();
+            }
+        }
+        channel.last_announce = Some(now);
+        self.refresh_gauges();
+        encoded(
+            Announced {
+                channel: id,
+                epoch_us: a.epoch_us(),
+            }
+            .encode(reply),
+        )
+    }
+}
+
+fn seq_drop(reject: SeqReject) -> DropReason {
+    match reject {
+        SeqReject::Duplicate => DropReason::Replayed,
+        SeqReject::Stale => DropReason::Stale,
+    }
+}
+
+/// A reply's verdict; a reply buffer too small for a control message is a caller bug that is
+/// still not allowed to panic, so it degrades to a silent drop.
+fn encoded(r: Result<usize, crate::wire::WireError>) -> Inbound {
+    match r {
+        Ok(n) => Inbound::Reply(n),
+        Err(_) => Inbound::Done,
+    }
+}
+
+#[cfg(test)]
+mod tests;
