@@ -1,1 +1,244 @@
-//! placeholder
+//! Relay metrics: the engine publishes its core's counters and its HdrHistogram of forward
+//! latency here, and `/metrics` renders them as Prometheus (OpenMetrics) text.
+//!
+//! The per-packet path never touches this module: the engine records latency into a histogram
+//! it owns and publishes a snapshot every [`PUBLISH_INTERVAL`] under a short lock. At scrape
+//! time the HdrHistogram becomes a Prometheus histogram (fixed `le` buckets) plus quantile
+//! gauges.
+
+mod http;
+
+pub use http::MetricsServer;
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::{Registry, Unit};
+
+use crate::relay::{DropReason, RelayStats};
+
+/// How often the engine publishes its counters.
+pub const PUBLISH_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Upper bounds of the exported latency buckets, in µs.
+const LATENCY_BUCKETS_US: [u64; 16] = [
+    5, 10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000,
+    1_000_000,
+];
+/// Quantiles exported as gauges.
+const QUANTILES: [f64; 4] = [0.5, 0.9, 0.99, 0.999];
+
+/// A latency histogram in µs, 1 µs to 60 s at 3 significant digits.
+pub fn latency_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("static histogram bounds are valid")
+}
+
+#[derive(Debug)]
+struct Snapshot {
+    stats: RelayStats,
+    forward_latency_us: Histogram<u64>,
+}
+
+/// The relay's metrics, shared between the engine (writer) and the HTTP server (reader).
+#[derive(Debug)]
+pub struct RelayMetrics {
+    backend: &'static str,
+    snapshot: Mutex<Snapshot>,
+}
+
+impl RelayMetrics {
+    /// Metrics of a relay running `backend`.
+    pub fn new(backend: &'static str) -> Arc<Self> {
+        Arc::new(RelayMetrics {
+            backend,
+            snapshot: Mutex::new(Snapshot {
+                stats: RelayStats::default(),
+                forward_latency_us: latency_histogram(),
+            }),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Snapshot> {
+        // A panic elsewhere while holding the lock leaves plain counters; keep serving them.
+        self.snapshot.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Publishes the core's totals and moves the samples of `latency_us` into the shared
+    /// histogram (leaving `latency_us` empty).
+    pub fn publish(&self, stats: &RelayStats, latency_us: &mut Histogram<u64>) {
+        let mut s = self.lock();
+        s.stats.clone_from(stats);
+        // Both histograms share bounds, so adding cannot fail.
+        let _ = s.forward_latency_us.add(&*latency_us);
+        latency_us.reset();
+    }
+
+    /// The last published totals.
+    pub fn stats(&self) -> RelayStats {
+        self.lock().stats.clone()
+    }
+
+    /// Forward latency at quantile `q` (0..=1) since start, µs.
+    pub fn forward_latency_us(&self, q: f64) -> u64 {
+        self.lock().forward_latency_us.value_at_quantile(q)
+    }
+
+    /// A registry that renders these metrics.
+    pub fn registry(self: &Arc<Self>) -> Registry {
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(Arc::clone(self)));
+        registry
+    }
+
+    /// The metrics as OpenMetrics text.
+    pub fn render(self: &Arc<Self>) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry());
+        out
+    }
+}
+
+fn counter(
+    e: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    unit: Option<&Unit>,
+    v: u64,
+) -> std::fmt::Result {
+    e.encode_descriptor(name, help, unit, MetricType::Counter)?
+        .encode_counter::<NoLabelSet, _, u64>(&v, None)
+}
+
+fn gauge(e: &mut DescriptorEncoder<'_>, name: &str, help: &str, v: u64) -> std::fmt::Result {
+    e.encode_descriptor(name, help, None, MetricType::Gauge)?
+        .encode_gauge(&(v as i64))
+}
+
+impl Collector for RelayMetrics {
+    fn encode(&self, mut e: DescriptorEncoder<'_>) -> std::fmt::Result {
+        let snap = self.lock();
+        let s = &snap.stats;
+        e.encode_descriptor(
+            "clubcast_build",
+            "Version and IO backend of this relay.",
+            None,
+            MetricType::Info,
+        )?
+        .encode_info(&[("version", env!("CARGO_PKG_VERSION")), ("backend", self.backend)])?;
+
+        let c = |e: &mut DescriptorEncoder<'_>, name, help, v| counter(e, name, help, None, v);
+        c(&mut e, "clubcast_relay_datagrams_received", "Datagrams received.", s.datagrams_in)?;
+        counter(&mut e, "clubcast_relay_received", "Bytes of datagrams received.", Some(&Unit::Bytes), s.bytes_in)?;
+        c(&mut e, "clubcast_relay_pieces_received", "Data pieces received (valid layout), before any check.", s.pieces_in)?;
+        c(&mut e, "clubcast_relay_pieces_accepted", "Pieces verified and accepted for forwarding.", s.pieces_accepted)?;
+        c(&mut e, "clubcast_relay_pieces_forwarded", "Piece copies sent to subscribers.", s.piece_sends)?;
+        counter(&mut e, "clubcast_relay_forwarded", "Bytes of piece copies sent to subscribers.", Some(&Unit::Bytes), s.bytes_forwarded)?;
+        c(&mut e, "clubcast_relay_control_replies", "Control replies sent (COOKIE, SUBSCRIBED, ANNOUNCED).", s.replies)?;
+        c(&mut e, "clubcast_relay_subscribers_expired", "Subscribers dropped for lack of KEEPALIVE.", s.subscribers_expired)?;
+
+        let mut drops = e.encode_descriptor(
+            "clubcast_relay_dropped",
+            "Datagrams (or piece copies, for send_failed) dropped, by reason.",
+            None,
+            MetricType::Counter,
+        )?;
+        for reason in DropReason::ALL {
+            drops
+                .encode_family(&[("reason", reason.label())])?
+                .encode_counter::<NoLabelSet, _, u64>(&s.dropped(reason), None)?;
+        }
+
+        gauge(&mut e, "clubcast_relay_subscribers", "Subscribers now, over all channels.", s.subscribers)?;
+        gauge(&mut e, "clubcast_relay_channels", "Channels known now.", s.channels)?;
+
+        let h = &snap.forward_latency_us;
+        let (sum, count, buckets) = prometheus_buckets(h);
+        e.encode_descriptor(
+            "clubcast_relay_forward_latency",
+            "Time from receiving a piece to handing its last copy to the kernel.",
+            Some(&Unit::Seconds),
+            MetricType::Histogram,
+        )?
+        .encode_histogram::<NoLabelSet>(sum, count, &buckets, None)?;
+
+        let mut q = e.encode_descriptor(
+            "clubcast_relay_forward_latency_quantile",
+            "Quantiles of forward latency since start (from the HdrHistogram).",
+            Some(&Unit::Seconds),
+            MetricType::Gauge,
+        )?;
+        for quantile in QUANTILES {
+            let label = format!("{quantile}");
+            let v = h.value_at_quantile(quantile) as f64 / 1e6;
+            q.encode_family(&[("quantile", label.as_str())])?
+                .encode_gauge(&v)?;
+        }
+        Ok(())
+    }
+}
+
+/// Sum (s), count and per-bucket counts (upper bound in s) of a µs HdrHistogram.
+fn prometheus_buckets(h: &Histogram<u64>) -> (f64, u64, Vec<(f64, u64)>) {
+    let mut counts = [0u64; LATENCY_BUCKETS_US.len() + 1];
+    let mut sum_us = 0f64;
+    for v in h.iter_recorded() {
+        let value = h.highest_equivalent(v.value_iterated_to());
+        let n = v.count_at_value();
+        sum_us += h.median_equivalent(v.value_iterated_to()) as f64 * n as f64;
+        let i = LATENCY_BUCKETS_US.partition_point(|&b| b < value);
+        counts[i] += n;
+    }
+    let buckets = LATENCY_BUCKETS_US
+        .iter()
+        .map(|&b| b as f64 / 1e6)
+        .chain(std::iter::once(f64::INFINITY))
+        .zip(counts)
+        .collect();
+    (sum_us / 1e6, h.len(), buckets)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters_drops_and_latency_histogram() {
+        let m = RelayMetrics::new("portable");
+        let mut stats = RelayStats {
+            pieces_accepted: 7,
+            piece_sends: 70,
+            subscribers: 10,
+            ..Default::default()
+        };
+        stats.record_drops(DropReason::BadSignature, 2);
+        let mut h = latency_histogram();
+        for us in [3, 40, 40, 700, 2_000_000] {
+            h.record(us).unwrap();
+        }
+        m.publish(&stats, &mut h);
+        assert!(h.is_empty());
+        let text = m.render();
+        for line in [
+            "clubcast_relay_pieces_accepted_total 7",
+            "clubcast_relay_pieces_forwarded_total 70",
+            "clubcast_relay_dropped_total{reason=\"bad_signature\"} 2",
+            "clubcast_relay_dropped_total{reason=\"malformed\"} 0",
+            "clubcast_relay_subscribers 10",
+            "clubcast_relay_forward_latency_seconds_count 5",
+            "clubcast_relay_forward_latency_seconds_bucket{le=\"0.000005\"} 1",
+            "clubcast_relay_forward_latency_seconds_bucket{le=\"0.00005\"} 3",
+            "clubcast_relay_forward_latency_seconds_bucket{le=\"0.001\"} 4",
+            "clubcast_relay_forward_latency_seconds_bucket{le=\"1.0\"} 4",
+            "clubcast_relay_forward_latency_seconds_bucket{le=\"+Inf\"} 5",
+            "clubcast_build_info{version=\"0.1.0\",backend=\"portable\"} 1",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in\n{text}");
+        }
+        assert!(text.ends_with("# EOF\n"));
+    }
+}

@@ -129,6 +129,8 @@ pub struct RelayStats {
     pub datagrams_in: u64,
     /// Bytes of those datagrams.
     pub bytes_in: u64,
+    /// Datagrams that parsed as data pieces, before any other check.
+    pub pieces_in: u64,
     /// Pieces verified and accepted for forwarding.
     pub pieces_accepted: u64,
     /// Piece copies handed to the engine to send (one per subscriber).
@@ -270,7 +272,10 @@ impl RelayCore {
         self.stats.bytes_in += datagram.len() as u64;
         let verdict = match Message::parse(datagram) {
             Err(_) => Inbound::Dropped(DropReason::Malformed),
-            Ok(Message::Piece(piece)) => self.precheck_piece(&piece),
+            Ok(Message::Piece(piece)) => {
+                self.stats.pieces_in += 1;
+                self.precheck_piece(&piece)
+            }
             Ok(Message::Hello(hello)) => self.reply_cookie(now, from, hello.nonce, reply),
             Ok(Message::Subscribe(s)) => self.on_subscribe(now, from, &s, reply),
             Ok(Message::Keepalive(s)) => self.on_keepalive(now, from, &s, reply),

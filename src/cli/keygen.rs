@@ -1,0 +1,28 @@
+//! `clubcast keygen`: create a channel key.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clubcast::crypto::ChannelKey;
+
+/// Create a channel key. The secret key goes to --out with mode 0600 (keep it: whoever holds it
+/// can publish on the channel). The public key, printed on stdout, is the channel id that
+/// viewers pass to `clubcast watch --channel`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct Args {
+    /// File to write the secret key to; must not exist yet.
+    #[arg(long, value_name = "FILE")]
+    out: PathBuf,
+}
+
+pub(crate) fn run(args: Args) -> anyhow::Result<()> {
+    let key = ChannelKey::generate();
+    key.write_new_file(&args.out)
+        .context("cannot write the channel key")?;
+    eprintln!(
+        "wrote secret key to {} (mode 0600); channel id (public key):",
+        args.out.display()
+    );
+    println!("{}", key.public());
+    Ok(())
+}

@@ -1,0 +1,74 @@
+//! `clubcast publish`: publish an MPEG-TS stream.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clubcast::client::publish::{run_publish, Input, PublishConfig};
+use clubcast::crypto::ChannelKey;
+
+use super::args;
+
+/// Publish an MPEG-TS stream to a relay. The stream is cut into pieces of six 188-byte TS
+/// packets, each signed with the channel key. Live input (stdin, udp://) is sent as it arrives;
+/// a file is sent as fast as --max-bitrate allows, or at its own bitrate with --realtime. When
+/// the input ends, end-of-stream pieces tell viewers to finish.
+#[derive(Debug, clap::Args)]
+pub(crate) struct Args {
+    /// Secret channel key written by `clubcast keygen`.
+    #[arg(long, value_name = "FILE")]
+    key: PathBuf,
+
+    /// MPEG-TS source: `-` for stdin, `udp://IP:PORT` to listen for datagrams, or a file.
+    #[arg(long, default_value = "-", value_name = "SOURCE")]
+    input: String,
+
+    /// Relay to push pieces to.
+    #[arg(long, value_name = "ADDR", value_parser = args::socket_addr)]
+    to: SocketAddr,
+
+    /// Send a file at its real bitrate, paced by its PCR timestamps.
+    #[arg(long)]
+    realtime: bool,
+
+    /// Never send faster than this (e.g. 20mbit, 500kbit).
+    #[arg(long, default_value = "20mbit", value_name = "RATE", value_parser = args::bitrate)]
+    max_bitrate: u64,
+
+    /// Number of clubs the stream's pieces are split into.
+    #[arg(long, default_value_t = 1, value_name = "K", value_parser = clap::value_parser!(u8).range(1..))]
+    clubs: u8,
+
+    /// How long to wait for the relay to acknowledge the channel.
+    #[arg(long, default_value = "5s", value_name = "DURATION", value_parser = args::duration)]
+    announce_timeout: Duration,
+}
+
+pub(crate) fn run(args: Args) -> anyhow::Result<()> {
+    let key = ChannelKey::read_file(&args.key).context("cannot load the channel key")?;
+    let config = PublishConfig {
+        input: Input::parse(&args.input)?,
+        relay: args.to,
+        realtime: args.realtime,
+        max_bitrate_bps: args.max_bitrate,
+        clubs: args.clubs,
+        announce_timeout: args.announce_timeout,
+    };
+    eprintln!("publishing channel {} to {}", key.public(), args.to);
+    let report = run_publish(key, &config, Arc::new(AtomicBool::new(false)))?;
+    eprintln!(
+        "published {} pieces ({} bytes of MPEG-TS) in {:.2} s{}",
+        report.pieces,
+        report.payload_bytes,
+        report.elapsed.as_secs_f64(),
+        if report.skipped_bytes > 0 {
+            format!("; skipped {} bytes that were not whole TS packets", report.skipped_bytes)
+        } else {
+            String::new()
+        }
+    );
+    Ok(())
+}

@@ -1,0 +1,68 @@
+//! `clubcast relay`: run a relay until killed.
+
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use anyhow::Context;
+use clubcast::engine::{EngineConfig, RelayEngine, BACKEND};
+use clubcast::metrics::{MetricsServer, RelayMetrics};
+use clubcast::relay::RelayConfig;
+
+use super::args;
+
+/// Run a relay. Publishers announce their channel and push signed pieces; the relay verifies
+/// every piece and forwards it to each subscriber of its channel. Subscribers prove their
+/// address with a stateless cookie (HELLO → COOKIE → SUBSCRIBE) and must send a KEEPALIVE at
+/// least every --subscriber-timeout. Metrics in Prometheus text on http://METRICS/metrics.
+#[derive(Debug, clap::Args)]
+pub(crate) struct Args {
+    /// UDP address to receive pieces and subscriptions on.
+    #[arg(long, default_value = "0.0.0.0:7000", value_name = "ADDR", value_parser = args::socket_addr)]
+    listen: SocketAddr,
+
+    /// TCP address for /metrics and /healthz.
+    #[arg(long, default_value = "127.0.0.1:9700", value_name = "ADDR", value_parser = args::socket_addr)]
+    metrics: SocketAddr,
+
+    /// Drop a subscriber after this long without SUBSCRIBE or KEEPALIVE (e.g. 5s).
+    #[arg(long, default_value = "5s", value_name = "DURATION", value_parser = args::duration)]
+    subscriber_timeout: Duration,
+
+    /// Most channels tracked at once; more are refused and counted.
+    #[arg(long, default_value_t = 1024, value_name = "N")]
+    max_channels: usize,
+
+    /// Most subscribers per channel; more are refused and counted.
+    #[arg(long, default_value_t = 4096, value_name = "N")]
+    max_subscribers: usize,
+
+    /// UDP socket send/receive buffer size (e.g. 8m).
+    #[arg(long, default_value = "8m", value_name = "BYTES", value_parser = args::bytes)]
+    socket_buffer: usize,
+}
+
+pub(crate) fn run(args: Args) -> anyhow::Result<()> {
+    let config = EngineConfig {
+        listen: args.listen,
+        relay: RelayConfig {
+            subscriber_timeout: args.subscriber_timeout,
+            max_channels: args.max_channels,
+            max_subscribers_per_channel: args.max_subscribers,
+            ..RelayConfig::default()
+        },
+        socket_buffer: args.socket_buffer,
+    };
+    let metrics = RelayMetrics::new(BACKEND);
+    let engine = RelayEngine::bind(&config, metrics.clone())
+        .with_context(|| format!("cannot listen on udp {}", args.listen))?;
+    let server = MetricsServer::start(args.metrics, metrics)
+        .with_context(|| format!("cannot serve metrics on tcp {}", args.metrics))?;
+    tracing::info!(
+        "relay listening on {} (backend {BACKEND}); metrics on http://{}/metrics",
+        engine.local_addr()?,
+        server.local_addr()
+    );
+    let stop = AtomicBool::new(false);
+    engine.run(&stop).context("relay worker failed")
+}

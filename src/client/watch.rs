@@ -1,0 +1,155 @@
+//! `clubcast watch`: subscribe at a relay, verify and reorder pieces, write the MPEG-TS out.
+//!
+//! The loop sends what the [`Viewer`] asks for, feeds it every datagram from the relay, writes
+//! each piece it releases in order, and flushes after every round so a player downstream sees
+//! data with no added delay. It ends when the stream's end-of-stream piece is played (after an
+//! UNSUBSCRIBE), when `stop` is set, or after `idle_timeout` without a piece.
+
+use std::io::{self, Write};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::backend::RecvBatch;
+use crate::crypto::ChannelPublicKey;
+use crate::time::{wall_clock_us, MonotonicClock};
+use crate::viewer::{Received, Viewer, ViewerConfig, ViewerStats};
+use crate::wire::MAX_DATAGRAM;
+
+/// How to watch.
+#[derive(Debug, Clone)]
+pub struct WatchConfig {
+    /// The relay.
+    pub relay: SocketAddr,
+    /// The channel (its public key).
+    pub channel: ChannelPublicKey,
+    /// Viewer tunables.
+    pub viewer: ViewerConfig,
+    /// Give up after this long without a piece (`None`: wait forever).
+    pub idle_timeout: Option<Duration>,
+}
+
+/// How a watch ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WatchEnd {
+    /// The publisher ended the stream.
+    EndOfStream,
+    /// Stopped from outside.
+    Stopped,
+}
+
+/// What a watch did.
+#[derive(Debug, Clone)]
+pub struct WatchReport {
+    /// How it ended.
+    pub end: WatchEnd,
+    /// The viewer's counters.
+    pub stats: ViewerStats,
+    /// Datagrams from addresses other than the relay, ignored.
+    pub foreign_datagrams: u64,
+}
+
+/// Why watching failed.
+#[derive(Debug, thiserror::Error)]
+pub enum WatchError {
+    /// The output could not be written (e.g. the player downstream exited).
+    #[error("writing output: {0}")]
+    Output(io::Error),
+    /// A socket error.
+    #[error("socket: {0}")]
+    Socket(#[from] io::Error),
+    /// Nothing arrived for too long.
+    #[error("no piece from relay {relay} for {waited:?} (subscribed: {subscribed}, publisher seen: {live})")]
+    Idle {
+        /// The relay.
+        relay: SocketAddr,
+        /// The idle time.
+        waited: Duration,
+        /// Whether the relay confirmed the subscription.
+        subscribed: bool,
+        /// Whether the relay had seen the publisher.
+        live: bool,
+    },
+}
+
+/// Longest wait between rounds (bounds how late `stop` is noticed).
+const MAX_WAIT: Duration = Duration::from_millis(50);
+
+/// Watches until the stream ends, `stop` is set, or the idle timeout passes. `on_piece` is
+/// called for each verified piece with its delay behind the publisher in µs (wall clocks).
+pub fn run_watch(
+    config: &WatchConfig,
+    output: &mut dyn Write,
+    stop: &AtomicBool,
+    on_piece: &mut dyn FnMut(u64),
+) -> Result<WatchReport, WatchError> {
+    let socket = super::socket_towards(config.relay)?;
+    let clock = MonotonicClock::new();
+    let mut viewer = Viewer::new(config.channel, config.viewer.clone());
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    let mut recv = RecvBatch::new();
+    let mut foreign = 0u64;
+    let mut last_piece = Instant::now();
+
+    let end = loop {
+        if stop.load(Ordering::Relaxed) {
+            break WatchEnd::Stopped;
+        }
+        while let Some(n) = viewer.poll_transmit(clock.now(), &mut buf) {
+            // Lost control messages are retried by the viewer's timers.
+            let _ = socket.send_to(&buf[..n], config.relay);
+        }
+        let wait = viewer
+            .poll_timeout()
+            .saturating_since(clock.now())
+            .min(MAX_WAIT);
+        if socket.wait_readable(wait)? {
+            while socket.recv_batch(&mut recv)? > 0 {
+                let now = clock.now();
+                for i in 0..recv.len() {
+                    let (from, data) = recv.get(i);
+                    if from != Some(config.relay) {
+                        foreign += 1;
+                        continue;
+                    }
+                    if let Ok(Received::Piece { publish_time_us, .. }) =
+                        viewer.handle_datagram(now, data)
+                    {
+                        last_piece = Instant::now();
+                        on_piece(wall_clock_us().saturating_sub(publish_time_us));
+                    }
+                }
+            }
+        }
+        let mut wrote = false;
+        while let Some(piece) = viewer.poll_piece(clock.now()) {
+            output.write_all(&piece.payload).map_err(WatchError::Output)?;
+            wrote = true;
+        }
+        if wrote {
+            output.flush().map_err(WatchError::Output)?;
+        }
+        if viewer.is_finished() {
+            break WatchEnd::EndOfStream;
+        }
+        if let Some(idle) = config.idle_timeout {
+            if last_piece.elapsed() >= idle {
+                return Err(WatchError::Idle {
+                    relay: config.relay,
+                    waited: idle,
+                    subscribed: viewer.is_subscribed(),
+                    live: viewer.is_live(),
+                });
+            }
+        }
+    };
+    if let Some(n) = viewer.encode_unsubscribe(&mut buf) {
+        let _ = socket.send_to(&buf[..n], config.relay);
+    }
+    output.flush().map_err(WatchError::Output)?;
+    Ok(WatchReport {
+        end,
+        stats: viewer.stats().clone(),
+        foreign_datagrams: foreign,
+    })
+}

@@ -1,0 +1,102 @@
+//! A minimal HTTP/1.1 server for `/metrics` and `/healthz` on the operations address.
+//!
+//! One thread, one request per connection, bounded reads with timeouts: enough for Prometheus
+//! and curl, and nothing a slow or malicious client can wedge for long.
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
+
+use super::RelayMetrics;
+
+const MAX_REQUEST_HEAD: u64 = 8 * 1024;
+const IO_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A running metrics endpoint.
+#[derive(Debug)]
+pub struct MetricsServer {
+    local_addr: SocketAddr,
+}
+
+impl MetricsServer {
+    /// Binds `addr` and serves `metrics` from a background thread for the life of the process.
+    pub fn start(addr: SocketAddr, metrics: Arc<RelayMetrics>) -> io::Result<Self> {
+        let listener = TcpListener::bind(addr)?;
+        let local_addr = listener.local_addr()?;
+        thread::Builder::new()
+            .name("metrics-http".into())
+            .spawn(move || {
+                for stream in listener.incoming().flatten() {
+                    // A broken client is its own problem; the next one is served.
+                    let _ = serve(stream, &metrics);
+                }
+            })?;
+        Ok(MetricsServer { local_addr })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+}
+
+fn serve(stream: TcpStream, metrics: &Arc<RelayMetrics>) -> io::Result<()> {
+    stream.set_read_timeout(Some(IO_TIMEOUT))?;
+    stream.set_write_timeout(Some(IO_TIMEOUT))?;
+    let mut reader = BufReader::new((&stream).take(MAX_REQUEST_HEAD));
+    let mut request_line = String::new();
+    reader.read_line(&mut request_line)?;
+    // Drain the headers so the client sees a clean close.
+    let mut line = String::new();
+    while reader.read_line(&mut line)? > 2 {
+        line.clear();
+    }
+    let mut parts = request_line.split_whitespace();
+    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let path = path.split('?').next().unwrap_or("");
+    let (status, content_type, body) = match (method, path) {
+        ("GET", "/metrics") => (
+            "200 OK",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            metrics.render(),
+        ),
+        ("GET", "/healthz") => ("200 OK", "text/plain", "ok\n".to_string()),
+        ("GET", _) => ("404 Not Found", "text/plain", "not found\n".to_string()),
+        _ => ("405 Method Not Allowed", "text/plain", "method not allowed\n".to_string()),
+    };
+    let mut out = &stream;
+    write!(
+        out,
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    out.flush()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn get(addr: SocketAddr, request: &str) -> String {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.write_all(request.as_bytes()).unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    }
+
+    #[test]
+    fn serves_metrics_health_and_errors() {
+        let server = MetricsServer::start("127.0.0.1:0".parse().unwrap(), RelayMetrics::new("portable")).unwrap();
+        let a = server.local_addr();
+        let r = get(a, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+        assert!(r.starts_with("HTTP/1.1 200 OK"), "{r}");
+        assert!(r.contains("clubcast_relay_pieces_forwarded_total 0"));
+        assert!(get(a, "GET /healthz HTTP/1.1\r\n\r\n").ends_with("ok\n"));
+        assert!(get(a, "GET /nope HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 404"));
+        assert!(get(a, "POST /metrics HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 405"));
+        assert!(get(a, "\x00\x01garbage\r\n\r\n").starts_with("HTTP/1.1 405"));
+    }
+}
