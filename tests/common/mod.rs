@@ -1,0 +1,199 @@
+//! Helpers shared by the whole-program tests: run the real `clubcast` binary, find the
+//! addresses it bound, scrape its metrics, and clean up processes on every exit path.
+
+#![allow(dead_code)] // each test file uses a different subset
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// The binary under test.
+pub fn clubcast() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_clubcast"));
+    c.env("NO_COLOR", "1");
+    c
+}
+
+/// A child process killed when dropped.
+pub struct Proc {
+    pub child: Child,
+    pub name: String,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, cmd: &mut Command) -> Proc {
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        Proc {
+            child,
+            name: name.into(),
+        }
+    }
+
+    /// Waits for exit, failing the test after `limit`.
+    pub fn wait(&mut self, limit: Duration) -> ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not exit within {limit:?}",
+                self.name
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A relay process and the addresses it reported.
+pub struct Relay {
+    pub proc: Proc,
+    pub addr: SocketAddr,
+    pub metrics: SocketAddr,
+    pub log: mpsc::Receiver<String>,
+}
+
+impl Relay {
+    /// Starts `clubcast relay` on ephemeral loopback ports with `extra` flags.
+    pub fn start(extra: &[&str]) -> Relay {
+        let mut cmd = clubcast();
+        cmd.args(["relay", "--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0"])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut proc = Proc::spawn("relay", &mut cmd);
+        let stderr = proc.child.stderr.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let line = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("relay printed no startup line");
+        let addr = between(&line, "relay listening on ", " (backend");
+        let metrics = between(&line, "metrics on http://", "/metrics");
+        Relay {
+            proc,
+            addr: addr.parse().unwrap(),
+            metrics: metrics.parse().unwrap(),
+            log: rx,
+        }
+    }
+
+    /// The relay's /metrics text.
+    pub fn scrape(&self) -> String {
+        http_get(self.metrics, "/metrics")
+    }
+
+    /// One sample's value, e.g. `clubcast_relay_dropped_total{reason="malformed"}`.
+    pub fn metric(&self, sample: &str) -> f64 {
+        metric(&self.scrape(), sample)
+    }
+
+    /// Waits until `sample` reaches at least `value`.
+    pub fn wait_metric(&self, sample: &str, value: f64, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        loop {
+            let v = self.metric(sample);
+            if v >= value {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{sample} stayed at {v}, wanted {value}");
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+fn between<'a>(s: &'a str, start: &str, end: &str) -> &'a str {
+    let i = s
+        .find(start)
+        .unwrap_or_else(|| panic!("no {start:?} in {s:?}"))
+        + start.len();
+    let j = s[i..].find(end).unwrap_or_else(|| panic!("no {end:?} in {s:?}")) + i;
+    &s[i..j]
+}
+
+/// GET `path` over HTTP/1.1; the body.
+pub fn http_get(addr: SocketAddr, path: &str) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    out.split_once("\r\n\r\n").unwrap().1.to_string()
+}
+
+/// The value of one sample in Prometheus text; panics if absent.
+pub fn metric(text: &str, sample: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no sample {sample} in\n{text}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// Runs `clubcast keygen` in `dir`; the key path and the public key.
+pub fn keygen(dir: &Path) -> (PathBuf, String) {
+    let path = dir.join("channel.key");
+    let out = clubcast()
+        .args(["keygen", "--out"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let public = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    assert_eq!(public.len(), 64, "{public}");
+    (path, public)
+}
+
+/// Starts a watcher writing to `output`.
+pub fn watcher(relay: SocketAddr, channel: &str, output: &Path) -> Proc {
+    let mut cmd = clubcast();
+    cmd.args(["watch", "--relay", &relay.to_string(), "--channel", channel, "--idle-timeout", "30s", "--output"])
+        .arg(output)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    Proc::spawn("watcher", &mut cmd)
+}
+
+/// Everything a finished child wrote to stderr.
+pub fn stderr_of(proc: &mut Proc) -> String {
+    let mut s = String::new();
+    if let Some(mut e) = proc.child.stderr.take() {
+        let _ = e.read_to_string(&mut s);
+    }
+    s
+}
+
+/// Fails with a clear message when a required external tool is missing. Never skips: the
+/// README's setup and CI install it.
+pub fn require_tool(tool: &str) {
+    let found = Command::new(tool)
+        .arg("-version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok();
+    assert!(
+        found,
+        "{tool} is required by this test but was not found: run scripts/setup (CI installs it)"
+    );
+}
