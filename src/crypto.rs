@@ -234,10 +234,12 @@ impl ChannelKey {
 /// Lowercase hex of `bytes`.
 pub fn encode_hex(bytes: &[u8]) -> String {
     use std::fmt::Write as _;
-    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
 }
 
 /// Exactly `N` bytes from `2N` hex digits.
@@ -292,7 +294,10 @@ mod tests {
             let mut t = bytes.clone();
             t[i] ^= 0x10;
             if let Ok(p) = Piece::parse(&t) {
-                assert!(key.public().verify_piece(&p).is_err(), "flip at {i} verified");
+                assert!(
+                    key.public().verify_piece(&p).is_err(),
+                    "flip at {i} verified"
+                );
             }
         }
     }
@@ -341,7 +346,10 @@ mod tests {
         let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
         assert_eq!(ChannelKey::read_file(&path).unwrap().public(), key.public());
-        assert!(matches!(key.write_new_file(&path), Err(CryptoError::Io { .. })));
+        assert!(matches!(
+            key.write_new_file(&path),
+            Err(CryptoError::Io { .. })
+        ));
 
         fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
         assert!(matches!(

@@ -120,7 +120,9 @@ mod tests {
         let mut p = Publisher::new(ChannelKey::from_seed(&[1; 32]), 77, 4);
         let mut buf = [0u8; MAX_DATAGRAM];
         for seq in 0..9 {
-            let n = p.encode_piece(b"ts", PieceFlags::empty(), 1000 + seq, &mut buf).unwrap();
+            let n = p
+                .encode_piece(b"ts", PieceFlags::empty(), 1000 + seq, &mut buf)
+                .unwrap();
             let piece = Piece::parse(&buf[..n]).unwrap();
             assert_eq!(piece.seq(), seq);
             assert_eq!(piece.header().club, (seq % 4) as u8);
@@ -140,10 +142,16 @@ mod tests {
         assert_eq!(p.poll_timeout(), t0 + Publisher::ANNOUNCE_RETRY);
 
         let mut ack = [0u8; Announced::LEN];
-        let wrong_epoch = Announced { channel: p.public_key().channel_id(), epoch_us: 1 };
+        let wrong_epoch = Announced {
+            channel: p.public_key().channel_id(),
+            epoch_us: 1,
+        };
         wrong_epoch.encode(&mut ack).unwrap();
         assert!(!p.handle_datagram(&ack));
-        let right = Announced { channel: p.public_key().channel_id(), epoch_us: 77 };
+        let right = Announced {
+            channel: p.public_key().channel_id(),
+            epoch_us: 77,
+        };
         right.encode(&mut ack).unwrap();
         assert!(p.handle_datagram(&ack));
         assert!(p.is_announced());

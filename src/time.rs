@@ -92,7 +92,10 @@ mod tests {
     fn arithmetic_saturates() {
         let t = Timestamp::from_micros(10);
         assert_eq!((t + Duration::from_micros(5)).as_micros(), 15);
-        assert_eq!(t.saturating_since(Timestamp::from_micros(20)), Duration::ZERO);
+        assert_eq!(
+            t.saturating_since(Timestamp::from_micros(20)),
+            Duration::ZERO
+        );
         assert_eq!(
             Timestamp::from_micros(u64::MAX - 1) + Duration::from_secs(1),
             Timestamp::from_micros(u64::MAX)

@@ -11,6 +11,7 @@ pub const PACKET_LEN: usize = 188;
 pub const PACKETS_PER_PIECE: usize = 6;
 /// Payload bytes of a full piece.
 pub const PIECE_PAYLOAD: usize = PACKET_LEN * PACKETS_PER_PIECE;
+const _: () = assert!(PIECE_PAYLOAD <= crate::wire::PieceHeader::MAX_PAYLOAD);
 /// The sync byte that opens every TS packet.
 pub const SYNC: u8 = 0x47;
 /// PCR ticks per second.
@@ -67,10 +68,7 @@ impl PacketChunker {
         let mut start = 0;
         while start < self.buf.len() {
             let here = self.buf[start] == SYNC;
-            let next_ok = self
-                .buf
-                .get(start + PACKET_LEN)
-                .is_none_or(|&b| b == SYNC);
+            let next_ok = self.buf.get(start + PACKET_LEN).is_none_or(|&b| b == SYNC);
             if here && next_ok {
                 break;
             }
@@ -170,7 +168,9 @@ impl SyntheticTs {
 
     /// Stream time at which packet `n` is due.
     pub fn due(&self, n: u64) -> Duration {
-        Duration::from_nanos(n.saturating_mul(PACKET_LEN as u64 * 8 * 1_000_000_000) / self.bitrate_bps)
+        Duration::from_nanos(
+            n.saturating_mul(PACKET_LEN as u64 * 8 * 1_000_000_000) / self.bitrate_bps,
+        )
     }
 
     /// Packets generated so far.
@@ -291,10 +291,17 @@ mod tests {
         assert_eq!(packets, 1330);
         assert!(out.chunks(PACKET_LEN).all(|p| p[0] == SYNC));
         let mut clock = PcrClock::new();
-        let offsets: Vec<Duration> = out.chunks(PACKET_LEN).filter_map(pcr).map(|p| clock.offset(p)).collect();
+        let offsets: Vec<Duration> = out
+            .chunks(PACKET_LEN)
+            .filter_map(pcr)
+            .map(|p| clock.offset(p))
+            .collect();
         assert!(offsets.len() >= 20, "{} PCRs", offsets.len());
         let last = *offsets.last().unwrap();
-        assert!(last > Duration::from_millis(900) && last <= Duration::from_secs(1), "{last:?}");
+        assert!(
+            last > Duration::from_millis(900) && last <= Duration::from_secs(1),
+            "{last:?}"
+        );
     }
 
     #[test]

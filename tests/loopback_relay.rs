@@ -24,7 +24,8 @@ const WATCHERS: usize = 20;
 /// A raw client socket on loopback with a receive timeout.
 fn raw_socket() -> UdpSocket {
     let s = UdpSocket::bind("127.0.0.1:0").unwrap();
-    s.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
     s
 }
 
@@ -34,8 +35,13 @@ fn subscribe_and_capture(s: &UdpSocket, relay: SocketAddr, channel: ChannelId) -
     let n = Hello { channel, nonce: 1 }.encode(&mut buf).unwrap();
     s.send_to(&buf[..n], relay).unwrap();
     let (r, _) = s.recv_from(&mut buf).expect("no COOKIE for HELLO");
-    let Ok(Message::Cookie(c)) = Message::parse(&buf[..r]) else { panic!("not a cookie") };
-    let sub = Subscription { channel, cookie: c.cookie };
+    let Ok(Message::Cookie(c)) = Message::parse(&buf[..r]) else {
+        panic!("not a cookie")
+    };
+    let sub = Subscription {
+        channel,
+        cookie: c.cookie,
+    };
     let n = sub.encode(MessageType::Subscribe, &mut buf).unwrap();
     s.send_to(&buf[..n], relay).unwrap();
     for _ in 0..100 {
@@ -52,23 +58,43 @@ fn twenty_watchers_get_every_piece_in_order_while_attacks_are_dropped() {
     let dir = tempfile::tempdir().unwrap();
     let relay = Relay::start(&[]);
     let (key_path, public) = keygen(dir.path());
-    let channel = clubcast::crypto::ChannelPublicKey::from_hex(&public).unwrap().channel_id();
+    let channel = clubcast::crypto::ChannelPublicKey::from_hex(&public)
+        .unwrap()
+        .channel_id();
 
     // 1.5 s of a 2 Mbit/s synthetic stream (~375 KB, ~330 pieces), published at 1 Mbit/s so
     // the attacks land mid-stream.
     let mut input = Vec::new();
     SyntheticTs::new(2_000_000).generate_until(Duration::from_millis(1500), &mut input);
 
-    let outputs: Vec<_> = (0..WATCHERS).map(|i| dir.path().join(format!("out{i}.ts"))).collect();
-    let mut watchers: Vec<Proc> = outputs.iter().map(|o| watcher(relay.addr, &public, o)).collect();
-    relay.wait_metric("clubcast_relay_subscribers", WATCHERS as f64, Duration::from_secs(10));
+    let outputs: Vec<_> = (0..WATCHERS)
+        .map(|i| dir.path().join(format!("out{i}.ts")))
+        .collect();
+    let mut watchers: Vec<Proc> = outputs
+        .iter()
+        .map(|o| watcher(relay.addr, &public, o))
+        .collect();
+    relay.wait_metric(
+        "clubcast_relay_subscribers",
+        WATCHERS as f64,
+        Duration::from_secs(10),
+    );
 
     let mut cmd = clubcast();
-    cmd.args(["publish", "--input", "-", "--max-bitrate", "1mbit", "--to", &relay.addr.to_string(), "--key"])
-        .arg(&key_path)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
+    cmd.args([
+        "publish",
+        "--input",
+        "-",
+        "--max-bitrate",
+        "1mbit",
+        "--to",
+        &relay.addr.to_string(),
+        "--key",
+    ])
+    .arg(&key_path)
+    .stdin(Stdio::piped())
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped());
     let mut publisher = Proc::spawn("publisher", &mut cmd);
     let mut stdin = publisher.child.stdin.take().unwrap();
     let feed = {
@@ -88,24 +114,34 @@ fn twenty_watchers_get_every_piece_in_order_while_attacks_are_dropped() {
     send(&forged);
     let mut stranger = Publisher::new(ChannelKey::from_seed(&[42; 32]), 1, 1);
     let mut buf = [0u8; MAX_DATAGRAM];
-    let n = stranger.encode_piece(&[0x47; 188], PieceFlags::empty(), 0, &mut buf).unwrap();
+    let n = stranger
+        .encode_piece(&[0x47; 188], PieceFlags::empty(), 0, &mut buf)
+        .unwrap();
     send(&buf[..n]); // unknown channel
     send(&captured[..100]); // truncated
     send(&[0x5a; 500]); // garbage
 
     // An unvalidated SUBSCRIBE (made-up cookie) gets one small COOKIE and no stream.
     let spoofer = raw_socket();
-    let sub = Subscription { channel, cookie: CookieBytes([9; 20]) };
+    let sub = Subscription {
+        channel,
+        cookie: CookieBytes([9; 20]),
+    };
     let n = sub.encode(MessageType::Subscribe, &mut buf).unwrap();
     spoofer.send_to(&buf[..n], relay.addr).unwrap();
-    let (r, _) = spoofer.recv_from(&mut buf).expect("no reply to unvalidated SUBSCRIBE");
+    let (r, _) = spoofer
+        .recv_from(&mut buf)
+        .expect("no reply to unvalidated SUBSCRIBE");
     assert!(r <= n, "reply of {r} bytes to a {n}-byte request");
     assert!(matches!(Message::parse(&buf[..r]), Ok(Message::Cookie(_))));
     let mut received_after = 0;
     while let Ok((r, _)) = spoofer.recv_from(&mut buf) {
         received_after += r;
     }
-    assert_eq!(received_after, 0, "stream data reached an unvalidated address");
+    assert_eq!(
+        received_after, 0,
+        "stream data reached an unvalidated address"
+    );
 
     feed.join().unwrap();
     let status = publisher.wait(Duration::from_secs(30));
@@ -119,19 +155,44 @@ fn twenty_watchers_get_every_piece_in_order_while_attacks_are_dropped() {
         .unwrap_or_else(|| panic!("no piece count in {publisher_log:?}"));
     for (i, w) in watchers.iter_mut().enumerate() {
         let status = w.wait(Duration::from_secs(30));
-        assert!(status.success(), "watcher {i} failed: {}", common::stderr_of(w));
+        assert!(
+            status.success(),
+            "watcher {i} failed: {}",
+            common::stderr_of(w)
+        );
     }
     for (i, o) in outputs.iter().enumerate() {
         let got = std::fs::read(o).unwrap();
-        assert!(got == input, "watcher {i}: {} bytes, expected {} identical bytes", got.len(), input.len());
+        assert!(
+            got == input,
+            "watcher {i}: {} bytes, expected {} identical bytes",
+            got.len(),
+            input.len()
+        );
     }
 
     // Metrics are published every 100 ms: wait for the last pieces to show.
-    relay.wait_metric("clubcast_relay_pieces_accepted_total", published, Duration::from_secs(5));
+    relay.wait_metric(
+        "clubcast_relay_pieces_accepted_total",
+        published,
+        Duration::from_secs(5),
+    );
     let text = relay.scrape();
     let m = |s: &str| common::metric(&text, s);
-    for (reason, n) in [("bad_signature", 1.0), ("replayed", 1.0), ("unknown_channel", 1.0), ("malformed", 2.0), ("invalid_cookie", 1.0)] {
-        assert_eq!(m(&format!("clubcast_relay_dropped_total{{reason=\"{reason}\"}}")), n, "{reason}\n{text}");
+    for (reason, n) in [
+        ("bad_signature", 1.0),
+        ("replayed", 1.0),
+        ("unknown_channel", 1.0),
+        ("malformed", 2.0),
+        ("invalid_cookie", 1.0),
+    ] {
+        assert_eq!(
+            m(&format!(
+                "clubcast_relay_dropped_total{{reason=\"{reason}\"}}"
+            )),
+            n,
+            "{reason}\n{text}"
+        );
     }
     let pieces = published;
     assert!(pieces >= input.len().div_ceil(6 * 188) as f64 + 3.0); // + end-of-stream pieces
@@ -149,13 +210,24 @@ fn udp_input_is_published_as_it_arrives() {
     let mut w = watcher(relay.addr, &public, &out);
     relay.wait_metric("clubcast_relay_subscribers", 1.0, Duration::from_secs(10));
 
-    let port = UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let input_addr = format!("127.0.0.1:{port}");
     let mut cmd = clubcast();
-    cmd.args(["publish", "--input", &format!("udp://{input_addr}"), "--to", &relay.addr.to_string(), "--key"])
-        .arg(&key_path)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
+    cmd.args([
+        "publish",
+        "--input",
+        &format!("udp://{input_addr}"),
+        "--to",
+        &relay.addr.to_string(),
+        "--key",
+    ])
+    .arg(&key_path)
+    .stdout(Stdio::null())
+    .stderr(Stdio::null());
     let _publisher = Proc::spawn("publisher", &mut cmd);
     relay.wait_metric("clubcast_relay_channels", 1.0, Duration::from_secs(10));
 
@@ -175,7 +247,12 @@ fn udp_input_is_published_as_it_arrives() {
             assert_eq!(&got[..], ts);
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "watcher has {} of {} bytes", got.len(), ts.len());
+        assert!(
+            std::time::Instant::now() < deadline,
+            "watcher has {} of {} bytes",
+            got.len(),
+            ts.len()
+        );
         thread::sleep(Duration::from_millis(50));
     }
     drop(w.child.kill());

@@ -349,7 +349,13 @@ mod tests {
         let dests: Vec<SocketAddr> = receivers.iter().map(|r| r.local_addr().unwrap()).collect();
         let mut batch = SendBatch::new();
         let r = sender.send_fanout(b"piece bytes", &dests, &mut batch);
-        assert_eq!(r, FanoutResult { sent: 100, failed: 0 });
+        assert_eq!(
+            r,
+            FanoutResult {
+                sent: 100,
+                failed: 0
+            }
+        );
         let mut rb = RecvBatch::new();
         for r in &receivers {
             assert!(r.wait_readable(Duration::from_secs(2)).unwrap());

@@ -47,7 +47,10 @@ pub(crate) fn read(storage: &libc::sockaddr_storage, len: libc::socklen_t) -> Op
             let sin: &libc::sockaddr_in =
                 unsafe { &*(storage as *const libc::sockaddr_storage).cast() };
             let ip = Ipv4Addr::from(sin.sin_addr.s_addr.to_ne_bytes());
-            Some(SocketAddr::V4(SocketAddrV4::new(ip, u16::from_be(sin.sin_port))))
+            Some(SocketAddr::V4(SocketAddrV4::new(
+                ip,
+                u16::from_be(sin.sin_port),
+            )))
         }
         libc::AF_INET6 if len >= size_of::<libc::sockaddr_in6>() => {
             // SAFETY: as above, for sockaddr_in6.
@@ -76,7 +79,12 @@ mod tests {
 
     #[test]
     fn round_trips_v4_and_v6() {
-        for s in ["127.0.0.1:9", "10.1.2.3:65535", "[::1]:443", "[2001:db8::7]:1"] {
+        for s in [
+            "127.0.0.1:9",
+            "10.1.2.3:65535",
+            "[::1]:443",
+            "[2001:db8::7]:1",
+        ] {
             let addr: SocketAddr = s.parse().unwrap();
             let mut st = zeroed();
             let len = write(&addr, &mut st);

@@ -43,7 +43,10 @@ pub(crate) fn bitrate(s: &str) -> Result<u64, String> {
 /// A duration: a number with an optional unit `ms`, `s`, `m`, `h` (seconds if none).
 pub(crate) fn duration(s: &str) -> Result<Duration, String> {
     let lower = s.trim().to_ascii_lowercase();
-    let (num, mult) = split_unit(&lower, &[("ms", 1e-3), ("s", 1.0), ("m", 60.0), ("h", 3600.0)]);
+    let (num, mult) = split_unit(
+        &lower,
+        &[("ms", 1e-3), ("s", 1.0), ("m", 60.0), ("h", 3600.0)],
+    );
     let v: f64 = num
         .parse()
         .map_err(|_| format!("{s:?} is not a duration (e.g. 10s, 500ms, 2m)"))?;
@@ -56,7 +59,15 @@ pub(crate) fn duration(s: &str) -> Result<Duration, String> {
 /// A byte size: a number with an optional unit `k`, `m` (KiB, MiB).
 pub(crate) fn bytes(s: &str) -> Result<usize, String> {
     let lower = s.trim().to_ascii_lowercase();
-    let (num, mult) = split_unit(&lower, &[("kib", 1024.0), ("mib", 1048576.0), ("k", 1024.0), ("m", 1048576.0)]);
+    let (num, mult) = split_unit(
+        &lower,
+        &[
+            ("kib", 1024.0),
+            ("mib", 1048576.0),
+            ("k", 1024.0),
+            ("m", 1048576.0),
+        ],
+    );
     let v: f64 = num
         .parse()
         .map_err(|_| format!("{s:?} is not a size (e.g. 8m, 512k, 65536)"))?;

@@ -20,8 +20,11 @@ use hdrhistogram::Histogram;
 
 use super::args;
 
-/// Run a publisher of a built-in synthetic MPEG-TS stream, one relay and many viewers on
-/// loopback; show live progress, then a summary of delivery and latency.
+/// Run a publisher, a relay and 50 viewers on loopback, and report what they did.
+///
+/// The publisher sends a built-in synthetic MPEG-TS stream; the relay and viewers are the same
+/// code as `clubcast relay` and `clubcast watch`. A live line shows pieces, delivered share and
+/// latency; a summary table follows. Exits non-zero if a viewer misses the end of the stream.
 #[derive(Debug, clap::Args)]
 pub(crate) struct Args {
     /// Number of viewers.
@@ -75,7 +78,14 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
         idle_timeout: Some(args.duration + Duration::from_secs(10)),
     };
     let viewers: Vec<_> = (0..args.viewers)
-        .map(|i| spawn_viewer(i, watch_config.clone(), Arc::clone(&audience), Arc::clone(&stop)))
+        .map(|i| {
+            spawn_viewer(
+                i,
+                watch_config.clone(),
+                Arc::clone(&audience),
+                Arc::clone(&stop),
+            )
+        })
         .collect::<io::Result<_>>()?;
     wait_for_subscribers(&metrics, u64::from(args.viewers))?;
 
@@ -96,7 +106,11 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
         .spawn(move || run_publish(key, &publish_config, publish_stop))?;
 
     let started = Instant::now();
-    let interval = if io::stderr().is_terminal() { 250 } else { 1000 };
+    let interval = if io::stderr().is_terminal() {
+        250
+    } else {
+        1000
+    };
     while !publisher.is_finished() {
         thread::sleep(Duration::from_millis(interval));
         progress(started, &metrics, &audience);
@@ -106,7 +120,10 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
         .map_err(|_| anyhow::anyhow!("publisher thread panicked"))??;
     let reports: Vec<WatchReport> = viewers
         .into_iter()
-        .map(|v| v.join().map_err(|_| anyhow::anyhow!("viewer thread panicked"))?)
+        .map(|v| {
+            v.join()
+                .map_err(|_| anyhow::anyhow!("viewer thread panicked"))?
+        })
         .collect::<anyhow::Result<_>>()?;
     if io::stderr().is_terminal() {
         eprintln!();
@@ -114,9 +131,16 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
     stop.store(true, Ordering::Relaxed);
     relay.stop()?;
     summary(&published, &reports, &metrics, &audience);
-    let finished = reports.iter().filter(|r| r.end == WatchEnd::EndOfStream).count();
+    let finished = reports
+        .iter()
+        .filter(|r| r.end == WatchEnd::EndOfStream)
+        .count();
     if finished != reports.len() {
-        bail!("{} of {} viewers did not reach the end of the stream", reports.len() - finished, reports.len());
+        bail!(
+            "{} of {} viewers did not reach the end of the stream",
+            reports.len() - finished,
+            reports.len()
+        );
     }
     Ok(())
 }
@@ -145,7 +169,10 @@ fn spawn_viewer(
 }
 
 fn merge(audience: &Audience, local: &mut Histogram<u64>) {
-    let mut shared = audience.latency_us.lock().unwrap_or_else(|e| e.into_inner());
+    let mut shared = audience
+        .latency_us
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
     let _ = shared.add(&*local);
     local.reset();
 }
@@ -154,7 +181,10 @@ fn wait_for_subscribers(metrics: &RelayMetrics, n: u64) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
     while metrics.stats().subscribers < n {
         if Instant::now() > deadline {
-            bail!("only {} of {n} viewers subscribed within 10 s", metrics.stats().subscribers);
+            bail!(
+                "only {} of {n} viewers subscribed within 10 s",
+                metrics.stats().subscribers
+            );
         }
         thread::sleep(Duration::from_millis(20));
     }
@@ -165,10 +195,21 @@ fn progress(started: Instant, metrics: &RelayMetrics, audience: &Audience) {
     let stats = metrics.stats();
     let expected = stats.piece_sends;
     let got = audience.pieces.load(Ordering::Relaxed);
-    let pct = if expected == 0 { 100.0 } else { 100.0 * got as f64 / expected as f64 };
-    let h = audience.latency_us.lock().unwrap_or_else(|e| e.into_inner());
+    let pct = if expected == 0 {
+        100.0
+    } else {
+        100.0 * got as f64 / expected as f64
+    };
+    let h = audience
+        .latency_us
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
     // On a terminal the line redraws in place; in a log it is one line per update.
-    let (start, end) = if io::stderr().is_terminal() { ("\r", "") } else { ("", "\n") };
+    let (start, end) = if io::stderr().is_terminal() {
+        ("\r", "")
+    } else {
+        ("", "\n")
+    };
     eprint!(
         "{start}  {:5.1} s  pieces {:6}  delivered {:7.3} %  latency p50 {}  p99 {}  subscribers {:4}   {end}",
         started.elapsed().as_secs_f64(),
@@ -195,24 +236,83 @@ fn summary(
     let sum = |f: fn(&WatchReport) -> u64| reports.iter().map(f).sum::<u64>();
     let played_bytes = sum(|r| r.stats.bytes_played);
     let expected_bytes = published.payload_bytes * n;
-    let finished = reports.iter().filter(|r| r.end == WatchEnd::EndOfStream).count();
+    let finished = reports
+        .iter()
+        .filter(|r| r.end == WatchEnd::EndOfStream)
+        .count();
     let relay = metrics.stats();
     let dropped: u64 = relay.drops.iter().sum();
-    let h = audience.latency_us.lock().unwrap_or_else(|e| e.into_inner());
+    let h = audience
+        .latency_us
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
     let q = |q: f64| ms(h.value_at_quantile(q));
     let f = |q: f64| ms(metrics.forward_latency_us(q));
     let rows: [(&str, String); 8] = [
-        ("published", format!("{} pieces, {} bytes of MPEG-TS in {:.2} s", published.pieces, published.payload_bytes, published.elapsed.as_secs_f64())),
-        ("relay", format!("{} accepted, {} copies forwarded, {} dropped", relay.pieces_accepted, relay.piece_sends, dropped)),
-        ("viewers finished", format!("{finished} of {n} reached end of stream")),
-        ("delivered", format!("{:.3} % of bytes ({} of {})", pct(played_bytes, expected_bytes), played_bytes, expected_bytes)),
-        ("lost / late / dup", format!("{} / {} / {} pieces over all viewers", sum(|r| r.stats.pieces_lost), sum(|r| r.stats.late), sum(|r| r.stats.duplicates))),
-        ("bad signatures", format!("{}", sum(|r| r.stats.bad_signatures))),
-        ("publish → viewer", format!("p50 {}  p99 {}  p99.9 {}  max {}", q(0.5), q(0.99), q(0.999), ms(h.max()))),
-        ("relay forward", format!("p50 {}  p99 {}  p99.9 {}  (receive → last copy sent)", f(0.5), f(0.99), f(0.999))),
+        (
+            "published",
+            format!(
+                "{} pieces, {} bytes of MPEG-TS in {:.2} s",
+                published.pieces,
+                published.payload_bytes,
+                published.elapsed.as_secs_f64()
+            ),
+        ),
+        (
+            "relay",
+            format!(
+                "{} accepted, {} copies forwarded, {} dropped",
+                relay.pieces_accepted, relay.piece_sends, dropped
+            ),
+        ),
+        (
+            "viewers finished",
+            format!("{finished} of {n} reached end of stream"),
+        ),
+        (
+            "delivered",
+            format!(
+                "{:.3} % of bytes ({} of {})",
+                pct(played_bytes, expected_bytes),
+                played_bytes,
+                expected_bytes
+            ),
+        ),
+        (
+            "lost / late / dup",
+            format!(
+                "{} / {} / {} pieces over all viewers",
+                sum(|r| r.stats.pieces_lost),
+                sum(|r| r.stats.late),
+                sum(|r| r.stats.duplicates)
+            ),
+        ),
+        (
+            "bad signatures",
+            format!("{}", sum(|r| r.stats.bad_signatures)),
+        ),
+        (
+            "publish → viewer",
+            format!(
+                "p50 {}  p99 {}  p99.9 {}  max {}",
+                q(0.5),
+                q(0.99),
+                q(0.999),
+                ms(h.max())
+            ),
+        ),
+        (
+            "relay forward",
+            format!(
+                "p50 {}  p99 {}  p99.9 {}  (receive → last copy sent)",
+                f(0.5),
+                f(0.99),
+                f(0.999)
+            ),
+        ),
     ];
     println!();
-    println!("  {:<18} {}", "clubcast demo", "summary");
+    println!("  {:<18} summary", "clubcast demo");
     println!("  {:-<18} {:-<60}", "", "");
     for (k, v) in rows {
         println!("  {k:<18} {v}");

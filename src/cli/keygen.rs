@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clubcast::crypto::ChannelKey;
 
-/// Create a channel key. The secret key goes to --out with mode 0600 (keep it: whoever holds it
+/// Create a channel key: writes the secret key, prints the public key.
+///
+/// The secret key goes to --out with mode 0600 (keep it: whoever holds it
 /// can publish on the channel). The public key, printed on stdout, is the channel id that
 /// viewers pass to `clubcast watch --channel`.
 #[derive(Debug, clap::Args)]

@@ -29,17 +29,13 @@ struct Cli {
     log_level: tracing::Level,
 }
 
+/// The subcommands; each one's help text is the doc comment of its `Args`.
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run a publisher, a relay and 50 viewers on loopback and report what they did.
     Demo(demo::Args),
-    /// Create a channel key: writes the secret key (mode 0600), prints the public key.
     Keygen(keygen::Args),
-    /// Publish an MPEG-TS stream (stdin, file or UDP) to a relay as signed pieces.
     Publish(publish::Args),
-    /// Run a relay: verify pieces and fan them out to every subscriber of their channel.
     Relay(relay::Args),
-    /// Watch a channel through a relay and write its MPEG-TS to stdout or a file.
     Watch(watch::Args),
 }
 

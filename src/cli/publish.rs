@@ -12,7 +12,9 @@ use clubcast::crypto::ChannelKey;
 
 use super::args;
 
-/// Publish an MPEG-TS stream to a relay. The stream is cut into pieces of six 188-byte TS
+/// Publish an MPEG-TS stream (stdin, file or UDP) to a relay as signed pieces.
+///
+/// The stream is cut into pieces of six 188-byte TS
 /// packets, each signed with the channel key. Live input (stdin, udp://) is sent as it arrives;
 /// a file is sent as fast as --max-bitrate allows, or at its own bitrate with --realtime. When
 /// the input ends, end-of-stream pieces tell viewers to finish.
@@ -65,7 +67,10 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
         report.payload_bytes,
         report.elapsed.as_secs_f64(),
         if report.skipped_bytes > 0 {
-            format!("; skipped {} bytes that were not whole TS packets", report.skipped_bytes)
+            format!(
+                "; skipped {} bytes that were not whole TS packets",
+                report.skipped_bytes
+            )
         } else {
             String::new()
         }

@@ -11,7 +11,9 @@ use clubcast::relay::RelayConfig;
 
 use super::args;
 
-/// Run a relay. Publishers announce their channel and push signed pieces; the relay verifies
+/// Run a relay: verify pieces and fan them out to every subscriber of their channel.
+///
+/// Publishers announce their channel and push signed pieces; the relay verifies
 /// every piece and forwards it to each subscriber of its channel. Subscribers prove their
 /// address with a stateless cookie (HELLO → COOKIE → SUBSCRIBE) and must send a KEEPALIVE at
 /// least every --subscriber-timeout. Metrics in Prometheus text on http://METRICS/metrics.

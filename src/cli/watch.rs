@@ -13,7 +13,9 @@ use clubcast::viewer::ViewerConfig;
 
 use super::args;
 
-/// Watch a channel through a relay. Subscribes, verifies every piece against the channel key,
+/// Watch a channel through a relay and write its MPEG-TS to stdout or a file.
+///
+/// Subscribes, verifies every piece against the channel key,
 /// reorders within the jitter window, and writes the MPEG-TS to stdout or a file, so that
 /// `clubcast watch ... | ffplay -` plays it. Exits 0 when the publisher ends the stream.
 #[derive(Debug, clap::Args)]

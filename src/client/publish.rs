@@ -215,7 +215,10 @@ impl Session {
     }
 
     fn send_announce_if_due(&mut self) {
-        if let Some(n) = self.publisher.poll_announce(self.clock.now(), &mut self.buf) {
+        if let Some(n) = self
+            .publisher
+            .poll_announce(self.clock.now(), &mut self.buf)
+        {
             // A lost or refused announce is retried on the next tick.
             let _ = self.socket.send_to(&self.buf[..n], self.relay);
         }
@@ -319,7 +322,10 @@ fn spawn_reader(input: &Input, stop: Arc<AtomicBool>) -> Result<Receiver<Vec<u8>
         Input::File(path) => {
             let file = File::open(&path).map_err(input_err(path.display().to_string()))?;
             if file.metadata().is_ok_and(|m| m.is_dir()) {
-                return Err(PublishError::BadInput(format!("{} is a directory", path.display())));
+                return Err(PublishError::BadInput(format!(
+                    "{} is a directory",
+                    path.display()
+                )));
             }
             spawn(move || read_stream(file, &tx, &stop))
         }
@@ -374,7 +380,13 @@ fn read_udp(socket: &UdpSocket, tx: &SyncSender<Vec<u8>>, stop: &AtomicBool) {
                     return;
                 }
             }
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                        | io::ErrorKind::Interrupted
+                ) => {}
             Err(e) => {
                 tracing::error!("reading UDP input: {e}");
                 return;
@@ -412,7 +424,10 @@ mod tests {
             Input::parse("udp://127.0.0.1:1234").unwrap(),
             Input::Udp("127.0.0.1:1234".parse().unwrap())
         );
-        assert!(matches!(Input::parse("udp://nope"), Err(PublishError::BadInput(_))));
+        assert!(matches!(
+            Input::parse("udp://nope"),
+            Err(PublishError::BadInput(_))
+        ));
         assert_eq!(Input::parse("a.ts").unwrap(), Input::File("a.ts".into()));
     }
 
@@ -424,12 +439,20 @@ mod tests {
             p.wait(&[0u8; 1128]);
         }
         // 21 pieces: the first goes at once (burst allowance), the rest 5 ms apart.
-        assert!(start.elapsed() >= Duration::from_millis(95), "{:?}", start.elapsed());
+        assert!(
+            start.elapsed() >= Duration::from_millis(95),
+            "{:?}",
+            start.elapsed()
+        );
     }
 
     #[test]
     fn missing_file_is_a_clear_error() {
-        let err = spawn_reader(&Input::File("/nonexistent/x.ts".into()), Arc::new(AtomicBool::new(false))).unwrap_err();
+        let err = spawn_reader(
+            &Input::File("/nonexistent/x.ts".into()),
+            Arc::new(AtomicBool::new(false)),
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("/nonexistent/x.ts"), "{err}");
     }
 }

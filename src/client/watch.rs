@@ -112,8 +112,9 @@ pub fn run_watch(
                         foreign += 1;
                         continue;
                     }
-                    if let Ok(Received::Piece { publish_time_us, .. }) =
-                        viewer.handle_datagram(now, data)
+                    if let Ok(Received::Piece {
+                        publish_time_us, ..
+                    }) = viewer.handle_datagram(now, data)
                     {
                         last_piece = Instant::now();
                         on_piece(wall_clock_us().saturating_sub(publish_time_us));
@@ -123,7 +124,9 @@ pub fn run_watch(
         }
         let mut wrote = false;
         while let Some(piece) = viewer.poll_piece(clock.now()) {
-            output.write_all(&piece.payload).map_err(WatchError::Output)?;
+            output
+                .write_all(&piece.payload)
+                .map_err(WatchError::Output)?;
             wrote = true;
         }
         if wrote {

@@ -136,7 +136,8 @@ impl RelayEngine {
     }
 
     fn publish_metrics(&mut self) {
-        self.metrics.publish(self.core.stats(), &mut self.latency_us);
+        self.metrics
+            .publish(self.core.stats(), &mut self.latency_us);
         self.next_publish = Instant::now() + PUBLISH_INTERVAL;
     }
 

@@ -64,7 +64,11 @@ fn serve(stream: TcpStream, metrics: &Arc<RelayMetrics>) -> io::Result<()> {
         ),
         ("GET", "/healthz") => ("200 OK", "text/plain", "ok\n".to_string()),
         ("GET", _) => ("404 Not Found", "text/plain", "not found\n".to_string()),
-        _ => ("405 Method Not Allowed", "text/plain", "method not allowed\n".to_string()),
+        _ => (
+            "405 Method Not Allowed",
+            "text/plain",
+            "method not allowed\n".to_string(),
+        ),
     };
     let mut out = &stream;
     write!(
@@ -89,7 +93,11 @@ mod tests {
 
     #[test]
     fn serves_metrics_health_and_errors() {
-        let server = MetricsServer::start("127.0.0.1:0".parse().unwrap(), RelayMetrics::new("portable")).unwrap();
+        let server = MetricsServer::start(
+            "127.0.0.1:0".parse().unwrap(),
+            RelayMetrics::new("portable"),
+        )
+        .unwrap();
         let a = server.local_addr();
         let r = get(a, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
         assert!(r.starts_with("HTTP/1.1 200 OK"), "{r}");

@@ -129,17 +129,62 @@ impl Collector for RelayMetrics {
             None,
             MetricType::Info,
         )?
-        .encode_info(&[("version", env!("CARGO_PKG_VERSION")), ("backend", self.backend)])?;
+        .encode_info(&[
+            ("version", env!("CARGO_PKG_VERSION")),
+            ("backend", self.backend),
+        ])?;
 
         let c = |e: &mut DescriptorEncoder<'_>, name, help, v| counter(e, name, help, None, v);
-        c(&mut e, "clubcast_relay_datagrams_received", "Datagrams received.", s.datagrams_in)?;
-        counter(&mut e, "clubcast_relay_received", "Bytes of datagrams received.", Some(&Unit::Bytes), s.bytes_in)?;
-        c(&mut e, "clubcast_relay_pieces_received", "Data pieces received (valid layout), before any check.", s.pieces_in)?;
-        c(&mut e, "clubcast_relay_pieces_accepted", "Pieces verified and accepted for forwarding.", s.pieces_accepted)?;
-        c(&mut e, "clubcast_relay_pieces_forwarded", "Piece copies sent to subscribers.", s.piece_sends)?;
-        counter(&mut e, "clubcast_relay_forwarded", "Bytes of piece copies sent to subscribers.", Some(&Unit::Bytes), s.bytes_forwarded)?;
-        c(&mut e, "clubcast_relay_control_replies", "Control replies sent (COOKIE, SUBSCRIBED, ANNOUNCED).", s.replies)?;
-        c(&mut e, "clubcast_relay_subscribers_expired", "Subscribers dropped for lack of KEEPALIVE.", s.subscribers_expired)?;
+        c(
+            &mut e,
+            "clubcast_relay_datagrams_received",
+            "Datagrams received.",
+            s.datagrams_in,
+        )?;
+        counter(
+            &mut e,
+            "clubcast_relay_received",
+            "Bytes of datagrams received.",
+            Some(&Unit::Bytes),
+            s.bytes_in,
+        )?;
+        c(
+            &mut e,
+            "clubcast_relay_pieces_received",
+            "Data pieces received (valid layout), before any check.",
+            s.pieces_in,
+        )?;
+        c(
+            &mut e,
+            "clubcast_relay_pieces_accepted",
+            "Pieces verified and accepted for forwarding.",
+            s.pieces_accepted,
+        )?;
+        c(
+            &mut e,
+            "clubcast_relay_pieces_forwarded",
+            "Piece copies sent to subscribers.",
+            s.piece_sends,
+        )?;
+        counter(
+            &mut e,
+            "clubcast_relay_forwarded",
+            "Bytes of piece copies sent to subscribers.",
+            Some(&Unit::Bytes),
+            s.bytes_forwarded,
+        )?;
+        c(
+            &mut e,
+            "clubcast_relay_control_replies",
+            "Control replies sent (COOKIE, SUBSCRIBED, ANNOUNCED).",
+            s.replies,
+        )?;
+        c(
+            &mut e,
+            "clubcast_relay_subscribers_expired",
+            "Subscribers dropped for lack of KEEPALIVE.",
+            s.subscribers_expired,
+        )?;
 
         let mut drops = e.encode_descriptor(
             "clubcast_relay_dropped",
@@ -153,8 +198,18 @@ impl Collector for RelayMetrics {
                 .encode_counter::<NoLabelSet, _, u64>(&s.dropped(reason), None)?;
         }
 
-        gauge(&mut e, "clubcast_relay_subscribers", "Subscribers now, over all channels.", s.subscribers)?;
-        gauge(&mut e, "clubcast_relay_channels", "Channels known now.", s.channels)?;
+        gauge(
+            &mut e,
+            "clubcast_relay_subscribers",
+            "Subscribers now, over all channels.",
+            s.subscribers,
+        )?;
+        gauge(
+            &mut e,
+            "clubcast_relay_channels",
+            "Channels known now.",
+            s.channels,
+        )?;
 
         let h = &snap.forward_latency_us;
         let (sum, count, buckets) = prometheus_buckets(h);

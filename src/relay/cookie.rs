@@ -101,11 +101,17 @@ mod tests {
         assert_eq!(jar.check(t0, a, &c), CookieCheck::Fresh);
         assert_eq!(jar.check(t0 + BUCKET, a, &c), CookieCheck::Aging);
         assert_eq!(jar.check(t0 + BUCKET * 2, a, &c), CookieCheck::Invalid);
-        assert_eq!(jar.check(t0, addr("10.0.0.1:5001"), &c), CookieCheck::Invalid);
+        assert_eq!(
+            jar.check(t0, addr("10.0.0.1:5001"), &c),
+            CookieCheck::Invalid
+        );
         assert_eq!(jar.check(t0, addr("[::1]:5000"), &c), CookieCheck::Invalid);
         let other = CookieJar::new([8; 32], BUCKET);
         assert_eq!(other.check(t0, a, &c), CookieCheck::Invalid);
-        assert_eq!(jar.check(t0, a, &CookieBytes::default()), CookieCheck::Invalid);
+        assert_eq!(
+            jar.check(t0, a, &CookieBytes::default()),
+            CookieCheck::Invalid
+        );
     }
 
     #[test]

@@ -52,30 +52,55 @@ impl Harness {
     /// HELLO → COOKIE → SUBSCRIBE → SUBSCRIBED for `from`.
     fn subscribe(&mut self, now: Timestamp, from: SocketAddr) -> CookieBytes {
         let mut buf = [0u8; 64];
-        let n = Hello { channel: self.channel(), nonce: 9 }.encode(&mut buf).unwrap();
-        let Inbound::Reply(r) = self.send(now, from, &buf[..n]) else { panic!("no cookie") };
+        let n = Hello {
+            channel: self.channel(),
+            nonce: 9,
+        }
+        .encode(&mut buf)
+        .unwrap();
+        let Inbound::Reply(r) = self.send(now, from, &buf[..n]) else {
+            panic!("no cookie")
+        };
         assert!(r <= n, "cookie reply larger than hello");
-        let Ok(Message::Cookie(c)) = Message::parse(&self.reply[..r]) else { panic!() };
+        let Ok(Message::Cookie(c)) = Message::parse(&self.reply[..r]) else {
+            panic!()
+        };
         assert_eq!(c.nonce, 9);
-        let s = Subscription { channel: self.channel(), cookie: c.cookie };
+        let s = Subscription {
+            channel: self.channel(),
+            cookie: c.cookie,
+        };
         let n = s.encode(MessageType::Subscribe, &mut buf).unwrap();
-        let Inbound::Reply(r) = self.send(now, from, &buf[..n]) else { panic!("no ack") };
+        let Inbound::Reply(r) = self.send(now, from, &buf[..n]) else {
+            panic!("no ack")
+        };
         assert_eq!(
             Message::parse(&self.reply[..r]),
-            Ok(Message::Subscribed(Subscribed { channel: self.channel(), live: true }))
+            Ok(Message::Subscribed(Subscribed {
+                channel: self.channel(),
+                live: true
+            }))
         );
         c.cookie
     }
 
     fn piece(&mut self, flags: PieceFlags) -> Vec<u8> {
         let mut buf = vec![0u8; MAX_DATAGRAM];
-        let n = self.publisher.encode_piece(&[0x47; 188], flags, 5, &mut buf).unwrap();
+        let n = self
+            .publisher
+            .encode_piece(&[0x47; 188], flags, 5, &mut buf)
+            .unwrap();
         buf.truncate(n);
         buf
     }
 
     /// Runs a piece through both steps, verifying for real.
-    fn forward(&mut self, now: Timestamp, from: SocketAddr, d: &[u8]) -> Result<Vec<SocketAddr>, DropReason> {
+    fn forward(
+        &mut self,
+        now: Timestamp,
+        from: SocketAddr,
+        d: &[u8],
+    ) -> Result<Vec<SocketAddr>, DropReason> {
         match self.send(now, from, d) {
             Inbound::Verify(p) => {
                 let ok = p.key.verify_piece(&Piece::parse(d).unwrap()).is_ok();
@@ -110,22 +135,41 @@ fn forged_replayed_unknown_and_garbage_are_dropped_by_reason() {
     h.forward(secs(1), addr(1), &good).unwrap();
 
     // Replay of a forwarded piece.
-    assert_eq!(h.forward(secs(1), addr(66), &good), Err(DropReason::Replayed));
+    assert_eq!(
+        h.forward(secs(1), addr(66), &good),
+        Err(DropReason::Replayed)
+    );
     // A forged piece: right channel, signed by someone else.
     let mut forger = Publisher::new(ChannelKey::from_seed(&[6; 32]), 1, 1);
     let mut forged = vec![0u8; MAX_DATAGRAM];
-    let n = forger.encode_piece(&[1; 188], PieceFlags::empty(), 5, &mut forged).unwrap();
+    let n = forger
+        .encode_piece(&[1; 188], PieceFlags::empty(), 5, &mut forged)
+        .unwrap();
     forged.truncate(n);
     forged[4..12].copy_from_slice(&h.channel().0);
     forged[12..20].copy_from_slice(&1u64.to_be_bytes());
-    assert_eq!(h.forward(secs(1), addr(66), &forged), Err(DropReason::BadSignature));
+    assert_eq!(
+        h.forward(secs(1), addr(66), &forged),
+        Err(DropReason::BadSignature)
+    );
     // A piece for a channel nobody announced.
     let mut stranger = vec![0u8; MAX_DATAGRAM];
-    let n = forger.encode_piece(&[1; 188], PieceFlags::empty(), 5, &mut stranger).unwrap();
-    assert_eq!(h.forward(secs(1), addr(66), &stranger[..n]), Err(DropReason::UnknownChannel));
+    let n = forger
+        .encode_piece(&[1; 188], PieceFlags::empty(), 5, &mut stranger)
+        .unwrap();
+    assert_eq!(
+        h.forward(secs(1), addr(66), &stranger[..n]),
+        Err(DropReason::UnknownChannel)
+    );
     // Truncated and garbage.
-    assert_eq!(h.forward(secs(1), addr(66), &good[..50]), Err(DropReason::Malformed));
-    assert_eq!(h.forward(secs(1), addr(66), b"\xde\xad\xbe\xef"), Err(DropReason::Malformed));
+    assert_eq!(
+        h.forward(secs(1), addr(66), &good[..50]),
+        Err(DropReason::Malformed)
+    );
+    assert_eq!(
+        h.forward(secs(1), addr(66), b"\xde\xad\xbe\xef"),
+        Err(DropReason::Malformed)
+    );
 
     // The stream goes on: the next real piece (seq 1, the one the forger imitated) is forwarded.
     let next = h.piece(PieceFlags::empty());
@@ -148,34 +192,52 @@ fn duplicate_inside_one_verification_batch_is_sent_once() {
     let mut h = Harness::new();
     h.subscribe(secs(1), addr(10));
     let piece = h.piece(PieceFlags::empty());
-    let (Inbound::Verify(a), Inbound::Verify(b)) =
-        (h.send(secs(1), addr(1), &piece), h.send(secs(1), addr(1), &piece))
-    else {
+    let (Inbound::Verify(a), Inbound::Verify(b)) = (
+        h.send(secs(1), addr(1), &piece),
+        h.send(secs(1), addr(1), &piece),
+    ) else {
         panic!("both copies pass the cheap filters before either is admitted")
     };
     let p = Piece::parse(&piece).unwrap();
     verify_batch(&[(p, a.key), (p, b.key)]).unwrap();
     assert!(h.relay.admit(&a, piece.len(), true).is_ok());
-    assert_eq!(h.relay.admit(&b, piece.len(), true), Err(DropReason::Replayed));
+    assert_eq!(
+        h.relay.admit(&b, piece.len(), true),
+        Err(DropReason::Replayed)
+    );
 }
 
 #[test]
 fn subscribe_without_valid_cookie_gets_only_a_small_cookie() {
     let mut h = Harness::new();
     let mut buf = [0u8; 64];
-    let s = Subscription { channel: h.channel(), cookie: CookieBytes([3; 20]) };
+    let s = Subscription {
+        channel: h.channel(),
+        cookie: CookieBytes([3; 20]),
+    };
     let n = s.encode(MessageType::Subscribe, &mut buf).unwrap();
-    let Inbound::Reply(r) = h.send(secs(1), addr(20), &buf[..n]) else { panic!() };
+    let Inbound::Reply(r) = h.send(secs(1), addr(20), &buf[..n]) else {
+        panic!()
+    };
     assert!(r <= n);
-    assert!(matches!(Message::parse(&h.reply[..r]), Ok(Message::Cookie(_))));
+    assert!(matches!(
+        Message::parse(&h.reply[..r]),
+        Ok(Message::Cookie(_))
+    ));
     assert!(h.relay.subscribers(&h.channel()).is_empty());
     assert_eq!(h.relay.stats().dropped(DropReason::InvalidCookie), 1);
 
     // A cookie issued to another address does not work either.
     let other_cookie = h.relay.cookies.issue(secs(1), addr(21));
-    let s = Subscription { channel: h.channel(), cookie: other_cookie };
+    let s = Subscription {
+        channel: h.channel(),
+        cookie: other_cookie,
+    };
     let n = s.encode(MessageType::Subscribe, &mut buf).unwrap();
-    assert!(matches!(h.send(secs(1), addr(20), &buf[..n]), Inbound::Reply(_)));
+    assert!(matches!(
+        h.send(secs(1), addr(20), &buf[..n]),
+        Inbound::Reply(_)
+    ));
     assert!(h.relay.subscribers(&h.channel()).is_empty());
 }
 
@@ -187,7 +249,10 @@ fn subscribers_without_keepalive_expire_and_keepalive_keeps_them() {
     let timeout = RelayConfig::default().subscriber_timeout.as_secs();
     let mut buf = [0u8; 64];
     for t in 2..=timeout + 2 {
-        let s = Subscription { channel: h.channel(), cookie: kept };
+        let s = Subscription {
+            channel: h.channel(),
+            cookie: kept,
+        };
         let n = s.encode(MessageType::Keepalive, &mut buf).unwrap();
         assert_eq!(h.send(secs(t), addr(10), &buf[..n]), Inbound::Done);
         h.announce(secs(t));
@@ -198,13 +263,24 @@ fn subscribers_without_keepalive_expire_and_keepalive_keeps_them() {
     assert_eq!(h.relay.stats().subscribers, 1);
 
     // An expired subscriber's keepalive is told to resubscribe (a cookie, no stream).
-    let s = Subscription { channel: h.channel(), cookie: h.relay.cookies.issue(secs(9), addr(11)) };
+    let s = Subscription {
+        channel: h.channel(),
+        cookie: h.relay.cookies.issue(secs(9), addr(11)),
+    };
     let n = s.encode(MessageType::Keepalive, &mut buf).unwrap();
-    let Inbound::Reply(r) = h.send(secs(9), addr(11), &buf[..n]) else { panic!() };
-    assert!(matches!(Message::parse(&h.reply[..r]), Ok(Message::Cookie(_))));
+    let Inbound::Reply(r) = h.send(secs(9), addr(11), &buf[..n]) else {
+        panic!()
+    };
+    assert!(matches!(
+        Message::parse(&h.reply[..r]),
+        Ok(Message::Cookie(_))
+    ));
 
     // Unsubscribe removes at once.
-    let s = Subscription { channel: h.channel(), cookie: h.relay.cookies.issue(secs(9), addr(10)) };
+    let s = Subscription {
+        channel: h.channel(),
+        cookie: h.relay.cookies.issue(secs(9), addr(10)),
+    };
     let n = s.encode(MessageType::Unsubscribe, &mut buf).unwrap();
     assert_eq!(h.send(secs(9), addr(10), &buf[..n]), Inbound::Done);
     assert!(h.relay.subscribers(&h.channel()).is_empty());
@@ -224,7 +300,10 @@ fn new_epoch_restarts_sequence_space_and_old_epoch_is_refused() {
         let n = old.poll_announce(secs(2), &mut buf).unwrap();
         buf[..n].to_vec()
     };
-    assert_eq!(h.send(secs(2), addr(1), &old_announce), Inbound::Dropped(DropReason::BadAnnounce));
+    assert_eq!(
+        h.send(secs(2), addr(1), &old_announce),
+        Inbound::Dropped(DropReason::BadAnnounce)
+    );
 
     // The publisher restarts with a later epoch: seq 0 is accepted again.
     h.publisher = Publisher::new(ChannelKey::from_seed(&[1; 32]), 200, 1);
@@ -235,7 +314,11 @@ fn new_epoch_restarts_sequence_space_and_old_epoch_is_refused() {
 
 #[test]
 fn tables_are_bounded() {
-    let config = RelayConfig { max_channels: 2, max_subscribers_per_channel: 1, ..Default::default() };
+    let config = RelayConfig {
+        max_channels: 2,
+        max_subscribers_per_channel: 1,
+        ..Default::default()
+    };
     let mut relay = RelayCore::with_cookie_key(config, [1; 32]);
     let mut reply = [0u8; MAX_DATAGRAM];
     let mut buf = [0u8; 64];
@@ -243,7 +326,10 @@ fn tables_are_bounded() {
     for ch in 0..3u8 {
         for port in [30, 31] {
             let cookie = relay.cookies.issue(secs(0), addr(port));
-            let s = Subscription { channel: ChannelId([ch; 8]), cookie };
+            let s = Subscription {
+                channel: ChannelId([ch; 8]),
+                cookie,
+            };
             let n = s.encode(MessageType::Subscribe, &mut buf).unwrap();
             verdicts.push(relay.handle(secs(0), addr(port), &buf[..n], &mut reply));
         }
@@ -258,6 +344,14 @@ fn tables_are_bounded() {
 fn unexpected_messages_are_counted() {
     let mut h = Harness::new();
     let mut buf = [0u8; 64];
-    let n = Subscribed { channel: h.channel(), live: true }.encode(&mut buf).unwrap();
-    assert_eq!(h.send(secs(1), addr(5), &buf[..n]), Inbound::Dropped(DropReason::UnexpectedMessage));
+    let n = Subscribed {
+        channel: h.channel(),
+        live: true,
+    }
+    .encode(&mut buf)
+    .unwrap();
+    assert_eq!(
+        h.send(secs(1), addr(5), &buf[..n]),
+        Inbound::Dropped(DropReason::UnexpectedMessage)
+    );
 }

@@ -162,7 +162,9 @@ mod tests {
     }
 
     fn drain(j: &mut JitterBuffer, now: Timestamp) -> Vec<(u64, u64)> {
-        std::iter::from_fn(|| j.pop(now)).map(|r| (r.seq, r.skipped)).collect()
+        std::iter::from_fn(|| j.pop(now))
+            .map(|r| (r.seq, r.skipped))
+            .collect()
     }
 
     #[test]

@@ -14,9 +14,7 @@ use std::time::Duration;
 
 use crate::crypto::ChannelPublicKey;
 use crate::time::Timestamp;
-use crate::wire::{
-    CookieBytes, Hello, Message, MessageType, PieceFlags, Subscription, WireError,
-};
+use crate::wire::{CookieBytes, Hello, Message, MessageType, PieceFlags, Subscription, WireError};
 
 /// Tunables of a viewer.
 #[derive(Debug, Clone)]

@@ -39,7 +39,10 @@ impl World {
     fn pump_control(&mut self, now: Timestamp) {
         let from: SocketAddr = VIEWER.parse().unwrap();
         while let Some(n) = self.viewer.poll_transmit(now, &mut self.buf) {
-            if let Inbound::Reply(r) = self.relay.handle(now, from, &self.buf[..n], &mut self.reply) {
+            if let Inbound::Reply(r) = self
+                .relay
+                .handle(now, from, &self.buf[..n], &mut self.reply)
+            {
                 self.viewer.handle_datagram(now, &self.reply[..r]).unwrap();
             }
         }
@@ -48,7 +51,10 @@ impl World {
     fn announce(&mut self, now: Timestamp) {
         let from: SocketAddr = PUBLISHER.parse().unwrap();
         if let Some(n) = self.publisher.poll_announce(now, &mut self.buf) {
-            if let Inbound::Reply(r) = self.relay.handle(now, from, &self.buf[..n], &mut self.reply) {
+            if let Inbound::Reply(r) = self
+                .relay
+                .handle(now, from, &self.buf[..n], &mut self.reply)
+            {
                 self.publisher.handle_datagram(&self.reply[..r]);
             }
         }
@@ -57,13 +63,23 @@ impl World {
     /// Publishes one piece through the relay; returns the bytes the viewer would receive.
     fn publish(&mut self, now: Timestamp, payload: &[u8], flags: PieceFlags) -> Option<Vec<u8>> {
         let from: SocketAddr = PUBLISHER.parse().unwrap();
-        let n = self.publisher.encode_piece(payload, flags, 0, &mut self.buf).unwrap();
-        let Inbound::Verify(p) = self.relay.handle(now, from, &self.buf[..n], &mut self.reply) else {
+        let n = self
+            .publisher
+            .encode_piece(payload, flags, 0, &mut self.buf)
+            .unwrap();
+        let Inbound::Verify(p) = self
+            .relay
+            .handle(now, from, &self.buf[..n], &mut self.reply)
+        else {
             return None;
         };
-        let ok = p.key.verify_piece(&Piece::parse(&self.buf[..n]).unwrap()).is_ok();
+        let ok = p
+            .key
+            .verify_piece(&Piece::parse(&self.buf[..n]).unwrap())
+            .is_ok();
         let subs = self.relay.admit(&p, n, ok).ok()?;
-        subs.contains(&VIEWER.parse().unwrap()).then(|| self.buf[..n].to_vec())
+        subs.contains(&VIEWER.parse().unwrap())
+            .then(|| self.buf[..n].to_vec())
     }
 }
 
@@ -86,7 +102,11 @@ fn stream_plays_in_order_despite_reordering_and_ends_at_end_of_stream() {
     w.pump_control(ms(0));
     let mut delivered: Vec<Vec<u8>> = (0..10u8)
         .map(|i| {
-            let flags = if i == 9 { PieceFlags::END_OF_STREAM } else { PieceFlags::empty() };
+            let flags = if i == 9 {
+                PieceFlags::END_OF_STREAM
+            } else {
+                PieceFlags::empty()
+            };
             w.publish(ms(1), &[i; 100], flags).expect("forwarded")
         })
         .collect();
@@ -113,7 +133,9 @@ fn lost_piece_is_skipped_after_the_jitter_window() {
     let mut w = World::new();
     w.announce(ms(0));
     w.pump_control(ms(0));
-    let pieces: Vec<_> = (0..3u8).map(|i| w.publish(ms(1), &[i], PieceFlags::empty()).unwrap()).collect();
+    let pieces: Vec<_> = (0..3u8)
+        .map(|i| w.publish(ms(1), &[i], PieceFlags::empty()).unwrap())
+        .collect();
     w.viewer.handle_datagram(ms(10), &pieces[0]).unwrap();
     w.viewer.handle_datagram(ms(10), &pieces[2]).unwrap();
     assert_eq!(w.viewer.poll_piece(ms(10)).unwrap().seq, 0);
@@ -122,7 +144,10 @@ fn lost_piece_is_skipped_after_the_jitter_window() {
     assert_eq!(deadline, ms(10) + ViewerConfig::default().jitter_window);
     let r = w.viewer.poll_piece(deadline).unwrap();
     assert_eq!((r.seq, r.skipped), (2, 1));
-    assert_eq!(w.viewer.handle_datagram(ms(300), &pieces[1]), Err(ViewerDrop::Late));
+    assert_eq!(
+        w.viewer.handle_datagram(ms(300), &pieces[1]),
+        Err(ViewerDrop::Late)
+    );
 }
 
 #[test]
@@ -133,12 +158,23 @@ fn forged_and_foreign_pieces_are_refused() {
     let mut piece = w.publish(ms(1), b"real", PieceFlags::empty()).unwrap();
     let last = piece.len() - 1;
     piece[last] ^= 1;
-    assert_eq!(w.viewer.handle_datagram(ms(1), &piece), Err(ViewerDrop::BadSignature));
+    assert_eq!(
+        w.viewer.handle_datagram(ms(1), &piece),
+        Err(ViewerDrop::BadSignature)
+    );
     let mut other = Publisher::new(ChannelKey::from_seed(&[9; 32]), 1, 1);
     let mut buf = [0u8; MAX_DATAGRAM];
-    let n = other.encode_piece(b"x", PieceFlags::empty(), 0, &mut buf).unwrap();
-    assert_eq!(w.viewer.handle_datagram(ms(1), &buf[..n]), Err(ViewerDrop::WrongChannel));
-    assert!(matches!(w.viewer.handle_datagram(ms(1), b"junk"), Err(ViewerDrop::Malformed(_))));
+    let n = other
+        .encode_piece(b"x", PieceFlags::empty(), 0, &mut buf)
+        .unwrap();
+    assert_eq!(
+        w.viewer.handle_datagram(ms(1), &buf[..n]),
+        Err(ViewerDrop::WrongChannel)
+    );
+    assert!(matches!(
+        w.viewer.handle_datagram(ms(1), b"junk"),
+        Err(ViewerDrop::Malformed(_))
+    ));
     assert_eq!(w.viewer.stats().bad_signatures, 1);
     assert!(w.viewer.poll_piece(ms(1000)).is_none());
 }
@@ -152,6 +188,11 @@ fn viewer_resubscribes_after_relay_restart() {
     w.relay = RelayCore::with_cookie_key(RelayConfig::default(), [3; 32]);
     w.announce(ms(1200));
     w.pump_control(ms(1000)); // KEEPALIVE with the old cookie → COOKIE → SUBSCRIBE → SUBSCRIBED
-    assert_eq!(w.relay.subscribers(&w.publisher.public_key().channel_id()).len(), 1);
+    assert_eq!(
+        w.relay
+            .subscribers(&w.publisher.public_key().channel_id())
+            .len(),
+        1
+    );
     assert!(w.publish(ms(1300), b"after", PieceFlags::empty()).is_some());
 }

@@ -4,10 +4,15 @@
 //! fixed length, chosen so that a relay's reply to a not-yet-validated address is never larger
 //! than the request that caused it (HELLO and SUBSCRIBE are 32 bytes; COOKIE is 32).
 
-use super::{array, be_u64, out_slice, ChannelId, MessageType, WireError, MAGIC_V1};
 use super::SIGNATURE_LEN;
+use super::{array, be_u64, out_slice, ChannelId, MessageType, WireError, MAGIC_V1};
 
 const HEADER_LEN: usize = 4;
+
+// Anti-amplification, by construction: what a relay sends to an address it has not validated
+// (COOKIE, SUBSCRIBED, ANNOUNCED) is never larger than the request that caused it.
+const _: () = assert!(Cookie::LEN <= Hello::LEN && Cookie::LEN <= Subscription::LEN);
+const _: () = assert!(Subscribed::LEN <= Subscription::LEN && Announced::LEN <= Announce::LEN);
 
 /// Checks the fixed header and length of a control message, returning its flags byte.
 fn parse_header(datagram: &[u8], kind: MessageType, len: usize) -> Result<u8, WireError> {

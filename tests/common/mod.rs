@@ -71,10 +71,16 @@ impl Relay {
     /// Starts `clubcast relay` on ephemeral loopback ports with `extra` flags.
     pub fn start(extra: &[&str]) -> Relay {
         let mut cmd = clubcast();
-        cmd.args(["relay", "--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0"])
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
+        cmd.args([
+            "relay",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics",
+            "127.0.0.1:0",
+        ])
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
         let mut proc = Proc::spawn("relay", &mut cmd);
         let stderr = proc.child.stderr.take().unwrap();
         let (tx, rx) = mpsc::channel();
@@ -114,7 +120,10 @@ impl Relay {
             if v >= value {
                 return;
             }
-            assert!(Instant::now() < deadline, "{sample} stayed at {v}, wanted {value}");
+            assert!(
+                Instant::now() < deadline,
+                "{sample} stayed at {v}, wanted {value}"
+            );
             thread::sleep(Duration::from_millis(50));
         }
     }
@@ -125,7 +134,10 @@ fn between<'a>(s: &'a str, start: &str, end: &str) -> &'a str {
         .find(start)
         .unwrap_or_else(|| panic!("no {start:?} in {s:?}"))
         + start.len();
-    let j = s[i..].find(end).unwrap_or_else(|| panic!("no {end:?} in {s:?}")) + i;
+    let j = s[i..]
+        .find(end)
+        .unwrap_or_else(|| panic!("no {end:?} in {s:?}"))
+        + i;
     &s[i..j]
 }
 
@@ -158,7 +170,11 @@ pub fn keygen(dir: &Path) -> (PathBuf, String) {
         .arg(&path)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let public = String::from_utf8(out.stdout).unwrap().trim().to_string();
     assert_eq!(public.len(), 64, "{public}");
     (path, public)
@@ -167,10 +183,19 @@ pub fn keygen(dir: &Path) -> (PathBuf, String) {
 /// Starts a watcher writing to `output`.
 pub fn watcher(relay: SocketAddr, channel: &str, output: &Path) -> Proc {
     let mut cmd = clubcast();
-    cmd.args(["watch", "--relay", &relay.to_string(), "--channel", channel, "--idle-timeout", "30s", "--output"])
-        .arg(output)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
+    cmd.args([
+        "watch",
+        "--relay",
+        &relay.to_string(),
+        "--channel",
+        channel,
+        "--idle-timeout",
+        "30s",
+        "--output",
+    ])
+    .arg(output)
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped());
     Proc::spawn("watcher", &mut cmd)
 }
 
