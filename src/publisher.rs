@@ -27,15 +27,17 @@ impl Publisher {
     /// How often it is retried before the relay first acknowledges it.
     pub const ANNOUNCE_RETRY: Duration = Duration::from_millis(200);
 
-    /// A session for `key`, whose epoch (a wall-clock µs value, increasing across restarts)
-    /// tells relays that sequence numbers start again. `clubs` is at least 1.
+    /// A session for `key` whose epoch is a wall-clock µs value that increases across restarts;
+    /// the first piece's sequence number is the epoch. `clubs` is at least 1.
     pub fn new(key: ChannelKey, epoch_us: u64, clubs: u8) -> Self {
         Publisher {
             public: key.public(),
             key,
             epoch_us,
             clubs: clubs.max(1),
-            next_seq: 0,
+            // Sequence numbers start at the epoch, so they keep rising across publisher
+            // restarts: a relay's replay window then refuses every piece of an older session.
+            next_seq: epoch_us,
             announced: false,
             next_announce: Timestamp::ZERO,
         }
@@ -46,8 +48,8 @@ impl Publisher {
         self.public
     }
 
-    /// Pieces produced so far.
-    pub fn pieces(&self) -> u64 {
+    /// The sequence number the next piece gets.
+    pub fn next_seq(&self) -> u64 {
         self.next_seq
     }
 
@@ -119,7 +121,7 @@ mod tests {
     fn pieces_are_numbered_signed_and_clubbed() {
         let mut p = Publisher::new(ChannelKey::from_seed(&[1; 32]), 77, 4);
         let mut buf = [0u8; MAX_DATAGRAM];
-        for seq in 0..9 {
+        for seq in 77..86 {
             let n = p
                 .encode_piece(b"ts", PieceFlags::empty(), 1000 + seq, &mut buf)
                 .unwrap();
@@ -129,7 +131,7 @@ mod tests {
             assert_eq!(piece.publish_time_us(), 1000 + seq);
             p.public_key().verify_piece(&piece).unwrap();
         }
-        assert_eq!(p.pieces(), 9);
+        assert_eq!(p.next_seq(), 86);
     }
 
     #[test]

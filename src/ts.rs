@@ -24,6 +24,8 @@ const PCR_WRAP: u64 = (1 << 33) * 300;
 #[derive(Debug, Default)]
 pub struct PacketChunker {
     buf: Vec<u8>,
+    /// Start of the unconsumed bytes in `buf`; always a sync byte when any remain.
+    pos: usize,
     skipped: u64,
 }
 
@@ -35,21 +37,26 @@ impl PacketChunker {
 
     /// Appends received bytes.
     pub fn push(&mut self, bytes: &[u8]) {
+        self.buf.drain(..self.pos);
+        self.pos = 0;
         self.buf.extend_from_slice(bytes);
         self.realign();
     }
 
-    /// Whole packets buffered.
+    /// Whole packets' worth of bytes buffered (packets found misaligned later are skipped).
     pub fn packets(&self) -> usize {
-        self.buf.len() / PACKET_LEN
+        self.pending().len() / PACKET_LEN
     }
 
     /// Removes up to `max_packets` whole packets, appending them to `out`; returns how many.
     pub fn take(&mut self, max_packets: usize, out: &mut Vec<u8>) -> usize {
-        let n = self.packets().min(max_packets);
-        out.extend_from_slice(&self.buf[..n * PACKET_LEN]);
-        self.buf.drain(..n * PACKET_LEN);
-        self.realign();
+        let mut n = 0;
+        while n < max_packets && self.pending().len() >= PACKET_LEN {
+            out.extend_from_slice(&self.pending()[..PACKET_LEN]);
+            self.pos += PACKET_LEN;
+            self.realign();
+            n += 1;
+        }
         n
     }
 
@@ -60,24 +67,23 @@ impl PacketChunker {
 
     /// Bytes left that do not make a whole packet (dropped at end of stream).
     pub fn partial_bytes(&self) -> usize {
-        self.buf.len() % PACKET_LEN
+        self.pending().len() % PACKET_LEN
     }
 
+    fn pending(&self) -> &[u8] {
+        &self.buf[self.pos..]
+    }
+
+    /// Moves `pos` to the next byte that starts a packet: a sync byte whose following packet,
+    /// if already buffered, starts with a sync byte too.
     fn realign(&mut self) {
-        // Aligned when the buffer starts with SYNC and, if the next packet is buffered, so does it.
-        let mut start = 0;
-        while start < self.buf.len() {
-            let here = self.buf[start] == SYNC;
-            let next_ok = self.buf.get(start + PACKET_LEN).is_none_or(|&b| b == SYNC);
-            if here && next_ok {
-                break;
-            }
-            start += 1;
-        }
-        if start > 0 {
-            self.skipped += start as u64;
-            self.buf.drain(..start);
-        }
+        let pending = self.pending();
+        let aligned_at = (0..pending.len()).find(|&i| {
+            pending[i] == SYNC && pending.get(i + PACKET_LEN).is_none_or(|&b| b == SYNC)
+        });
+        let skip = aligned_at.unwrap_or(pending.len());
+        self.skipped += skip as u64;
+        self.pos += skip;
     }
 }
 
@@ -99,7 +105,8 @@ pub fn pcr(packet: &[u8]) -> Option<u64> {
         | (u64::from(b[3]) << 1)
         | (u64::from(b[4]) >> 7);
     let ext = (u64::from(b[4] & 1) << 8) | u64::from(b[5]);
-    Some(base * 300 + ext)
+    // The extension counts 0..300; anything larger is not a valid PCR.
+    (ext < 300).then_some(base * 300 + ext)
 }
 
 /// Maps PCRs to offsets from the stream's start, so a file can be sent at its real bitrate.
@@ -128,7 +135,8 @@ impl PcrClock {
             self.last = Some((pcr, Duration::ZERO));
             return Duration::ZERO;
         };
-        let step = (pcr + PCR_WRAP - last_pcr) % PCR_WRAP;
+        let pcr = pcr % PCR_WRAP;
+        let step = (pcr + PCR_WRAP - last_pcr % PCR_WRAP) % PCR_WRAP;
         let step = ticks(step);
         let offset = if step > Self::MAX_JUMP {
             last_offset
@@ -168,9 +176,9 @@ impl SyntheticTs {
 
     /// Stream time at which packet `n` is due.
     pub fn due(&self, n: u64) -> Duration {
-        Duration::from_nanos(
-            n.saturating_mul(PACKET_LEN as u64 * 8 * 1_000_000_000) / self.bitrate_bps,
-        )
+        let ns =
+            u128::from(n) * (PACKET_LEN as u128 * 8 * 1_000_000_000) / u128::from(self.bitrate_bps);
+        Duration::from_nanos(u64::try_from(ns).unwrap_or(u64::MAX))
     }
 
     /// Packets generated so far.
@@ -305,6 +313,15 @@ mod tests {
     }
 
     #[test]
+    fn long_streams_keep_their_pace() {
+        // Packet times must keep growing far beyond where a 64-bit product would saturate.
+        let ts = SyntheticTs::new(1_000_000_000);
+        let n = 100_000_000;
+        assert!(ts.due(n + 1) > ts.due(n));
+        assert_eq!(ts.due(n).as_secs(), 150);
+    }
+
+    #[test]
     fn psi_crc_matches_known_value() {
         // The CRC of a section including its own CRC is zero for MPEG-2's CRC-32.
         let pat = SyntheticTs::pat_section();
@@ -359,8 +376,22 @@ mod tests {
         }
 
         #[test]
-        fn pcr_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
-            let _ = pcr(&bytes);
+        fn pcr_never_panics(packets in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..200), 1..8)) {
+            let mut clock = PcrClock::new();
+            for p in &packets {
+                if let Some(v) = pcr(p) {
+                    prop_assert!(v < PCR_WRAP);
+                    clock.offset(v);
+                }
+            }
+        }
+
+        #[test]
+        fn pcr_clock_accepts_any_values(values in proptest::collection::vec(any::<u64>(), 1..20)) {
+            let mut clock = PcrClock::new();
+            for v in values {
+                clock.offset(v);
+            }
         }
     }
 }

@@ -110,7 +110,9 @@ fn twenty_watchers_get_every_piece_in_order_while_attacks_are_dropped() {
     let send = |d: &[u8]| attacker.send_to(d, relay.addr).unwrap();
     send(&captured); // replayed
     let mut forged = captured.clone();
-    forged[12..20].copy_from_slice(&1_000_000u64.to_be_bytes()); // unseen seq, signature now wrong
+    // An unseen sequence number ahead of the stream: the signature no longer matches.
+    let ahead = u64::from_be_bytes(captured[12..20].try_into().unwrap()) + 1_000_000;
+    forged[12..20].copy_from_slice(&ahead.to_be_bytes());
     send(&forged);
     let mut stranger = Publisher::new(ChannelKey::from_seed(&[42; 32]), 1, 1);
     let mut buf = [0u8; MAX_DATAGRAM];
@@ -135,6 +137,9 @@ fn twenty_watchers_get_every_piece_in_order_while_attacks_are_dropped() {
     assert!(r <= n, "reply of {r} bytes to a {n}-byte request");
     assert!(matches!(Message::parse(&buf[..r]), Ok(Message::Cookie(_))));
     let mut received_after = 0;
+    spoofer
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
     while let Ok((r, _)) = spoofer.recv_from(&mut buf) {
         received_after += r;
     }
@@ -227,9 +232,14 @@ fn udp_input_is_published_as_it_arrives() {
     ])
     .arg(&key_path)
     .stdout(Stdio::null())
-    .stderr(Stdio::null());
-    let _publisher = Proc::spawn("publisher", &mut cmd);
-    relay.wait_metric("clubcast_relay_channels", 1.0, Duration::from_secs(10));
+    .stderr(Stdio::piped());
+    let mut publisher = Proc::spawn("publisher", &mut cmd);
+    // The input socket is bound before the announce; once announced, input is read.
+    let log = std::io::BufReader::new(publisher.child.stderr.take().unwrap());
+    let announced = std::io::BufRead::lines(log)
+        .map_while(Result::ok)
+        .any(|l| l.contains("channel announced"));
+    assert!(announced, "publisher never announced");
 
     // ffmpeg's udp output sends 7 TS packets per datagram; do the same.
     let mut ts = Vec::new();

@@ -117,7 +117,14 @@ impl RelayEngine {
         let wait = self.core.poll_timeout().saturating_since(now).min(MAX_WAIT);
         if self.socket.wait_readable(wait)? {
             for _ in 0..BATCHES_PER_ROUND {
-                let n = self.socket.recv_batch(&mut self.recv)?;
+                let n = match self.socket.recv_batch(&mut self.recv) {
+                    Ok(n) => n,
+                    // A transient kernel error (ENOBUFS, ENOMEM) must not end the relay.
+                    Err(e) => {
+                        tracing::debug!("recvmmsg: {e}");
+                        0
+                    }
+                };
                 if n == 0 {
                     break;
                 }

@@ -409,16 +409,11 @@ impl RelayCore {
             self.stats.record_drops(DropReason::InvalidCookie, 1);
             return self.reply_cookie(now, from, 0, reply);
         }
-        if !self.channels.contains_key(&s.channel) {
-            if self.channels.len() >= self.config.max_channels {
-                return Inbound::Dropped(DropReason::ChannelsFull);
-            }
-            self.channels.insert(s.channel, Channel::new(now));
-        }
         let expires = now + self.config.subscriber_timeout;
         let limit = self.config.max_subscribers_per_channel;
-        let Some(channel) = self.channels.get_mut(&s.channel) else {
-            return Inbound::Dropped(DropReason::UnknownChannel);
+        let channel = match self.channel_entry(s.channel, now) {
+            Ok(c) => c,
+            Err(reason) => return Inbound::Dropped(reason),
         };
         let live = channel.key.is_some();
         match channel.subscribers.upsert(from, expires, limit) {
@@ -497,14 +492,9 @@ impl RelayCore {
             return Inbound::Dropped(DropReason::BadAnnounce);
         };
         let id = key.channel_id();
-        if !self.channels.contains_key(&id) {
-            if self.channels.len() >= self.config.max_channels {
-                return Inbound::Dropped(DropReason::ChannelsFull);
-            }
-            self.channels.insert(id, Channel::new(now));
-        }
-        let Some(channel) = self.channels.get_mut(&id) else {
-            return Inbound::Dropped(DropReason::UnknownChannel);
+        let channel = match self.channel_entry(id, now) {
+            Ok(c) => c,
+            Err(reason) => return Inbound::Dropped(reason),
         };
         match channel.key {
             Some(k) if k != key => return Inbound::Dropped(DropReason::BadAnnounce),
@@ -513,10 +503,10 @@ impl RelayCore {
             }
             Some(_) if a.epoch_us() == channel.epoch_us => {}
             _ => {
-                // A new key or a new publisher session: a fresh sequence space.
+                // A new key or a new publisher session. The replay window stays: a new
+                // session's sequence numbers start at its epoch, above every older session's.
                 channel.key = Some(key);
                 channel.epoch_us = a.epoch_us();
-                channel.window = SeqWindow::new();
             }
         }
         channel.last_announce = Some(now);
@@ -528,6 +518,18 @@ impl RelayCore {
             }
             .encode(reply),
         )
+    }
+}
+
+impl RelayCore {
+    /// The channel `id`, created if the table has room.
+    fn channel_entry(&mut self, id: ChannelId, now: Timestamp) -> Result<&mut Channel, DropReason> {
+        let full = self.channels.len() >= self.config.max_channels;
+        match self.channels.entry(id) {
+            std::collections::hash_map::Entry::Occupied(e) => Ok(e.into_mut()),
+            std::collections::hash_map::Entry::Vacant(_) if full => Err(DropReason::ChannelsFull),
+            std::collections::hash_map::Entry::Vacant(e) => Ok(e.insert(Channel::new(now))),
+        }
     }
 }
 

@@ -147,7 +147,7 @@ fn forged_replayed_unknown_and_garbage_are_dropped_by_reason() {
         .unwrap();
     forged.truncate(n);
     forged[4..12].copy_from_slice(&h.channel().0);
-    forged[12..20].copy_from_slice(&1u64.to_be_bytes());
+    forged[12..20].copy_from_slice(&101u64.to_be_bytes());
     assert_eq!(
         h.forward(secs(1), addr(66), &forged),
         Err(DropReason::BadSignature)
@@ -171,7 +171,7 @@ fn forged_replayed_unknown_and_garbage_are_dropped_by_reason() {
         Err(DropReason::Malformed)
     );
 
-    // The stream goes on: the next real piece (seq 1, the one the forger imitated) is forwarded.
+    // The stream goes on: the next real piece (seq 101, the one the forger imitated) is forwarded.
     let next = h.piece(PieceFlags::empty());
     assert_eq!(h.forward(secs(1), addr(1), &next).unwrap(), vec![addr(10)]);
 
@@ -287,12 +287,12 @@ fn subscribers_without_keepalive_expire_and_keepalive_keeps_them() {
 }
 
 #[test]
-fn new_epoch_restarts_sequence_space_and_old_epoch_is_refused() {
+fn restarted_publisher_is_served_and_old_session_replays_are_refused() {
     let mut h = Harness::new();
     h.subscribe(secs(1), addr(10));
-    for _ in 0..3 {
-        let p = h.piece(PieceFlags::empty());
-        h.forward(secs(1), addr(1), &p).unwrap();
+    let old_pieces: Vec<Vec<u8>> = (0..3).map(|_| h.piece(PieceFlags::empty())).collect();
+    for p in &old_pieces {
+        h.forward(secs(1), addr(1), p).unwrap();
     }
     let old_announce = {
         let mut old = Publisher::new(ChannelKey::from_seed(&[1; 32]), 50, 1);
@@ -305,11 +305,19 @@ fn new_epoch_restarts_sequence_space_and_old_epoch_is_refused() {
         Inbound::Dropped(DropReason::BadAnnounce)
     );
 
-    // The publisher restarts with a later epoch: seq 0 is accepted again.
-    h.publisher = Publisher::new(ChannelKey::from_seed(&[1; 32]), 200, 1);
+    // The publisher restarts 10 000 µs later; its sequence numbers start at the new epoch.
+    h.publisher = Publisher::new(ChannelKey::from_seed(&[1; 32]), 10_100, 1);
     h.announce(secs(2));
     let p = h.piece(PieceFlags::empty());
     assert_eq!(h.forward(secs(2), addr(1), &p).unwrap(), vec![addr(10)]);
+    // A captured piece of the old session, replayed now, is refused: it is 10 000 sequence
+    // numbers behind, past the replay window.
+    assert_eq!(
+        h.forward(secs(2), addr(66), &old_pieces[2]),
+        Err(DropReason::Stale)
+    );
+    let after = h.piece(PieceFlags::empty());
+    assert_eq!(h.forward(secs(2), addr(1), &after).unwrap(), vec![addr(10)]);
 }
 
 #[test]

@@ -55,6 +55,9 @@ pub struct JitterBuffer {
 }
 
 impl JitterBuffer {
+    /// Largest gap counted as lost pieces; beyond it a jump is a discontinuity.
+    pub const MAX_COUNTED_GAP: u64 = 1 << 16;
+
     /// A buffer that waits up to `window` for a missing piece and holds at most `capacity`.
     pub fn new(window: Duration, capacity: usize) -> Self {
         JitterBuffer {
@@ -119,7 +122,12 @@ impl JitterBuffer {
         {
             self.arrivals.pop_front();
         }
-        let skipped = self.next.map_or(0, |n| first - n);
+        let skipped = match self.next {
+            Some(n) if first - n <= Self::MAX_COUNTED_GAP => first - n,
+            // A larger jump is a new publisher session (its sequence numbers start at its
+            // epoch in µs), not loss.
+            _ => 0,
+        };
         self.next = Some(first + 1);
         Some(Released {
             seq: first,
@@ -198,6 +206,16 @@ mod tests {
         put(&mut j, t(5), 500);
         assert_eq!(drain(&mut j, t(50)), vec![]);
         assert_eq!(drain(&mut j, t(100)), vec![(500, 0), (501, 0)]);
+    }
+
+    #[test]
+    fn a_new_publisher_session_is_a_discontinuity_not_loss() {
+        let mut j = JitterBuffer::new(W, 100);
+        put(&mut j, t(0), 0);
+        drain(&mut j, t(0));
+        put(&mut j, t(1), 5_000_000);
+        put(&mut j, t(2), 5_000_001);
+        assert_eq!(drain(&mut j, t(101)), vec![(5_000_000, 0), (5_000_001, 0)]);
     }
 
     #[test]
