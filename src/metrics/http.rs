@@ -7,12 +7,31 @@ use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::RelayMetrics;
 
 const MAX_REQUEST_HEAD: u64 = 8 * 1024;
-const IO_TIMEOUT: Duration = Duration::from_secs(2);
+/// Longest a client may take to send its request, however it dribbles the bytes.
+const REQUEST_DEADLINE: Duration = Duration::from_secs(2);
+const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A reader that fails once the request's deadline has passed.
+struct DeadlineReader<'a> {
+    stream: &'a TcpStream,
+    deadline: Instant,
+}
+
+impl Read for DeadlineReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::ErrorKind::TimedOut.into());
+        }
+        self.stream.set_read_timeout(Some(left))?;
+        (&mut &*self.stream).read(buf)
+    }
+}
 
 /// A running metrics endpoint.
 #[derive(Debug)]
@@ -43,9 +62,12 @@ impl MetricsServer {
 }
 
 fn serve(stream: TcpStream, metrics: &Arc<RelayMetrics>) -> io::Result<()> {
-    stream.set_read_timeout(Some(IO_TIMEOUT))?;
-    stream.set_write_timeout(Some(IO_TIMEOUT))?;
-    let mut reader = BufReader::new((&stream).take(MAX_REQUEST_HEAD));
+    stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
+    let request = DeadlineReader {
+        stream: &stream,
+        deadline: Instant::now() + REQUEST_DEADLINE,
+    };
+    let mut reader = BufReader::new(request.take(MAX_REQUEST_HEAD));
     let mut request_line = String::new();
     reader.read_line(&mut request_line)?;
     // Drain the headers so the client sees a clean close.
@@ -106,5 +128,36 @@ mod tests {
         assert!(get(a, "GET /nope HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 404"));
         assert!(get(a, "POST /metrics HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 405"));
         assert!(get(a, "\x00\x01garbage\r\n\r\n").starts_with("HTTP/1.1 405"));
+    }
+
+    #[test]
+    fn a_dribbling_client_cannot_hold_the_server() {
+        let server = MetricsServer::start(
+            "127.0.0.1:0".parse().unwrap(),
+            RelayMetrics::new("portable"),
+        )
+        .unwrap();
+        let a = server.local_addr();
+        let mut slow = TcpStream::connect(a).unwrap();
+        let start = Instant::now();
+        // One byte a second keeps every single read short of a timeout.
+        let dribble = std::thread::spawn(move || {
+            for b in b"GET /metrics HTTP/1.1\r\n" {
+                if slow.write_all(&[*b]).is_err() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        });
+        // The next client is served once the slow one's deadline has passed.
+        let r = get(a, "GET /healthz HTTP/1.1\r\n\r\n");
+        assert!(r.ends_with("ok\n"));
+        // Without the deadline the slow client would hold the server for its whole 11.5 s.
+        assert!(
+            start.elapsed() < Duration::from_secs(8),
+            "{:?}",
+            start.elapsed()
+        );
+        drop(dribble);
     }
 }
