@@ -17,6 +17,7 @@ pub mod backend;
 pub mod client;
 pub mod crypto;
 pub mod engine;
+pub mod loadgen;
 pub mod metrics;
 pub mod publisher;
 pub mod relay;

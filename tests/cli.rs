@@ -39,6 +39,20 @@ fn help_documents_every_flag_of_every_command() {
         ("demo", &["--viewers", "--duration", "--bitrate"]),
         ("keygen", &["--out"]),
         (
+            "loadgen",
+            &[
+                "--relay",
+                "--subscribers",
+                "--rate",
+                "--bitrate",
+                "--payload",
+                "--duration",
+                "--receiver-threads",
+                "--json",
+                "--find-max",
+            ],
+        ),
+        (
             "publish",
             &[
                 "--key",

@@ -4,6 +4,7 @@
 mod args;
 mod demo;
 mod keygen;
+mod loadgen;
 mod publish;
 mod relay;
 mod watch;
@@ -34,6 +35,7 @@ struct Cli {
 enum Command {
     Demo(demo::Args),
     Keygen(keygen::Args),
+    Loadgen(loadgen::Args),
     Publish(publish::Args),
     Relay(relay::Args),
     Watch(watch::Args),
@@ -51,6 +53,7 @@ pub(crate) fn main() -> ExitCode {
     let result = match cli.command {
         Command::Demo(a) => demo::run(a),
         Command::Keygen(a) => keygen::run(a),
+        Command::Loadgen(a) => loadgen::run(a),
         Command::Publish(a) => publish::run(a),
         Command::Relay(a) => relay::run(a),
         Command::Watch(a) => watch::run(a),

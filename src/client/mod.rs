@@ -13,7 +13,7 @@ use crate::backend::PortableSocket;
 const CLIENT_SOCKET_BUFFER: usize = 4 << 20;
 
 /// A socket on an ephemeral port of the same address family as `peer`.
-fn socket_towards(peer: SocketAddr) -> io::Result<PortableSocket> {
+pub(crate) fn socket_towards(peer: SocketAddr) -> io::Result<PortableSocket> {
     let local: SocketAddr = match peer {
         SocketAddr::V4(_) => SocketAddr::from(([0, 0, 0, 0], 0)),
         SocketAddr::V6(_) => SocketAddr::from(([0u16; 8], 0)),
