@@ -218,12 +218,13 @@ impl Receiver {
                     }
                     let sub = &mut self.subs[i];
                     match Message::parse(data) {
-                        Ok(Message::Piece(p)) if p.seq() >= self.first_seq => {
-                            if sub.record(p.seq() - self.first_seq, data.len()) {
-                                new += 1;
-                                if let Some(h) = latency.as_deref_mut() {
-                                    h.saturating_record(now_us.saturating_sub(p.publish_time_us()));
-                                }
+                        Ok(Message::Piece(p))
+                            if p.seq() >= self.first_seq
+                                && sub.record(p.seq() - self.first_seq, data.len()) =>
+                        {
+                            new += 1;
+                            if let Some(h) = latency.as_deref_mut() {
+                                h.saturating_record(now_us.saturating_sub(p.publish_time_us()));
                             }
                         }
                         Ok(Message::Cookie(c)) => {
