@@ -90,7 +90,8 @@ fn main() {
         p[12..20].copy_from_slice(&(fresh + 10_000_000).to_be_bytes());
         fresh += 1;
         if let Inbound::Verify(pending) = relay.handle(now, src, &p, &mut reply) {
-            black_box(relay.admit(&pending, p.len(), true).ok());
+            black_box(relay.admit(&pending, true).ok());
+            relay.record_sends(relay.subscribers(&pending.channel).len(), p.len());
         }
     });
     println!(

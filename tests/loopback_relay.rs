@@ -203,7 +203,13 @@ fn twenty_watchers_get_every_piece_in_order_while_attacks_are_dropped() {
     assert!(pieces >= input.len().div_ceil(6 * 188) as f64 + 3.0); // + end-of-stream pieces
     assert_eq!(m("clubcast_relay_pieces_accepted_total"), pieces);
     assert!(m("clubcast_relay_pieces_forwarded_total") >= pieces * WATCHERS as f64);
-    assert!(m("clubcast_relay_forward_latency_seconds_count") >= pieces);
+    // Every piece sent to a subscriber has its forward latency recorded (the last end-of-stream
+    // pieces may find every watcher gone). Workers publish on their own 100 ms ticks.
+    relay.wait_metric(
+        "clubcast_relay_forward_latency_seconds_count",
+        pieces - 3.0,
+        Duration::from_secs(5),
+    );
 }
 
 #[test]

@@ -31,7 +31,20 @@ pub struct PortableSocket {
 impl PortableSocket {
     /// Binds a socket with send and receive buffers of about `buffer_bytes` each.
     pub fn bind(addr: SocketAddr, buffer_bytes: usize) -> io::Result<Self> {
+        Self::bind_with(addr, buffer_bytes, false)
+    }
+
+    /// Binds one of several sockets sharing `addr` with `SO_REUSEPORT`: the kernel spreads
+    /// senders over them by a hash of their address, so each sender stays on one socket.
+    pub fn bind_shared(addr: SocketAddr, buffer_bytes: usize) -> io::Result<Self> {
+        Self::bind_with(addr, buffer_bytes, true)
+    }
+
+    fn bind_with(addr: SocketAddr, buffer_bytes: usize, reuse_port: bool) -> io::Result<Self> {
         let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+        if reuse_port {
+            socket.set_reuse_port(true)?;
+        }
         socket.bind(&addr.into())?;
         let socket: UdpSocket = socket.into();
         let s = PortableSocket { socket };
@@ -63,7 +76,8 @@ impl PortableSocket {
         &self.socket
     }
 
-    fn fd(&self) -> RawFd {
+    /// The file descriptor, for `poll` sets.
+    pub fn fd(&self) -> RawFd {
         self.socket.as_raw_fd()
     }
 
@@ -100,7 +114,7 @@ impl PortableSocket {
             libc::recvmmsg(
                 self.fd(),
                 batch.hdrs.as_mut_ptr(),
-                RECV_BATCH as libc::c_uint,
+                batch.active as libc::c_uint,
                 libc::MSG_DONTWAIT,
                 std::ptr::null_mut(),
             )
@@ -202,24 +216,36 @@ pub struct FanoutResult {
     pub failed: usize,
 }
 
-/// Buffers and kernel headers for one `recvmmsg` call, allocated once.
+/// Buffers and kernel headers for one `recvmmsg` call, allocated once. By default it receives
+/// into its own buffers; an engine can point each slot at memory of its own (a buffer pool) with
+/// [`RecvBatch::set_buffer`] so that datagrams land where they will be sent from.
 pub struct RecvBatch {
-    bufs: Vec<[u8; RECV_BUF_LEN]>,
+    own: Vec<[u8; RECV_BUF_LEN]>,
+    bufs: [(*mut u8, usize); RECV_BATCH],
+    active: usize,
     addrs: Vec<libc::sockaddr_storage>,
     iovs: Vec<libc::iovec>,
     hdrs: Vec<libc::mmsghdr>,
     count: usize,
 }
 
-// SAFETY: the raw pointers inside `iovs` and `hdrs` only ever point into this batch's own
-// buffers and are rebuilt before every use; moving the batch to another thread is sound.
+// SAFETY: the raw pointers point into this batch's own buffers, or into memory the caller
+// promised (set_buffer) stays valid; they are rebuilt before every use. Moving the batch to
+// another thread is sound.
 unsafe impl Send for RecvBatch {}
 
 impl RecvBatch {
-    /// An empty batch of [`RECV_BATCH`] buffers.
+    /// An empty batch of [`RECV_BATCH`] buffers of its own.
     pub fn new() -> Self {
+        let mut own = vec![[0u8; RECV_BUF_LEN]; RECV_BATCH];
+        let mut bufs = [(std::ptr::null_mut(), 0); RECV_BATCH];
+        for (b, o) in bufs.iter_mut().zip(own.iter_mut()) {
+            *b = (o.as_mut_ptr(), RECV_BUF_LEN);
+        }
         RecvBatch {
-            bufs: vec![[0u8; RECV_BUF_LEN]; RECV_BATCH],
+            own,
+            bufs,
+            active: RECV_BATCH,
             addrs: vec![sockaddr::zeroed(); RECV_BATCH],
             iovs: vec![
                 libc::iovec {
@@ -234,17 +260,44 @@ impl RecvBatch {
         }
     }
 
+    /// Points slot `i` at `len` bytes of caller memory for the following receives.
+    ///
+    /// # Safety
+    /// `ptr` must be valid for writes of `len` bytes, and not accessed otherwise, from now until
+    /// the slot is pointed elsewhere or [`RecvBatch::reset_buffers`] is called, and its data is
+    /// read back only through [`RecvBatch::get`] after a receive.
+    pub unsafe fn set_buffer(&mut self, i: usize, ptr: *mut u8, len: usize) {
+        self.bufs[i] = (ptr, len);
+    }
+
+    /// Points every slot back at the batch's own buffers.
+    pub fn reset_buffers(&mut self) {
+        for (b, o) in self.bufs.iter_mut().zip(self.own.iter_mut()) {
+            *b = (o.as_mut_ptr(), RECV_BUF_LEN);
+        }
+    }
+
+    /// Receive into the first `n` slots only (at most [`RECV_BATCH`]).
+    pub fn set_active(&mut self, n: usize) {
+        self.active = n.min(RECV_BATCH);
+    }
+
     fn prepare(&mut self) {
         self.count = 0;
-        for i in 0..RECV_BATCH {
+        for i in 0..self.active {
+            let (ptr, len) = self.bufs[i];
             self.iovs[i] = libc::iovec {
-                iov_base: self.bufs[i].as_mut_ptr().cast(),
-                iov_len: RECV_BUF_LEN,
+                iov_base: ptr.cast(),
+                iov_len: len,
             };
-            let h = &mut self.hdrs[i];
-            h.msg_hdr.msg_name = (&mut self.addrs[i] as *mut libc::sockaddr_storage).cast();
+        }
+        let iovs = self.iovs.as_mut_ptr();
+        let addrs = self.addrs.as_mut_ptr();
+        for (i, h) in self.hdrs.iter_mut().enumerate().take(self.active) {
+            // SAFETY (pointer arithmetic): i < RECV_BATCH, the length of both vectors.
+            h.msg_hdr.msg_name = unsafe { addrs.add(i) }.cast();
             h.msg_hdr.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-            h.msg_hdr.msg_iov = &mut self.iovs[i];
+            h.msg_hdr.msg_iov = unsafe { iovs.add(i) };
             h.msg_hdr.msg_iovlen = 1;
             h.msg_hdr.msg_control = std::ptr::null_mut();
             h.msg_hdr.msg_controllen = 0;
@@ -264,14 +317,15 @@ impl RecvBatch {
     }
 
     /// Datagram `i`: its source (`None` for an unknown address family) and bytes. A datagram
-    /// longer than [`RECV_BUF_LEN`] arrives cut short and fails to parse.
+    /// longer than its buffer arrives cut short and fails to parse.
     pub fn get(&self, i: usize) -> (Option<SocketAddr>, &[u8]) {
         let h = &self.hdrs[i];
-        let len = (h.msg_len as usize).min(RECV_BUF_LEN);
-        (
-            sockaddr::read(&self.addrs[i], h.msg_hdr.msg_namelen),
-            &self.bufs[i][..len],
-        )
+        let (ptr, cap) = self.bufs[i];
+        let len = (h.msg_len as usize).min(cap);
+        // SAFETY: the kernel wrote msg_len (≤ cap) bytes at ptr in the last receive, and ptr is
+        // valid for cap bytes (own buffer, or the set_buffer contract).
+        let data = unsafe { std::slice::from_raw_parts(ptr, len) };
+        (sockaddr::read(&self.addrs[i], h.msg_hdr.msg_namelen), data)
     }
 }
 

@@ -13,7 +13,7 @@ use anyhow::{bail, Context};
 use clubcast::client::publish::{run_publish, Input, PublishConfig, PublishReport};
 use clubcast::client::watch::{run_watch, WatchConfig, WatchEnd, WatchReport};
 use clubcast::crypto::ChannelKey;
-use clubcast::engine::{EngineConfig, RelayEngine, BACKEND};
+use clubcast::engine::{worker_count, EngineConfig, RelayEngine, BACKEND};
 use clubcast::metrics::{latency_histogram, RelayMetrics};
 use clubcast::viewer::ViewerConfig;
 use hdrhistogram::Histogram;
@@ -47,11 +47,12 @@ struct Audience {
 }
 
 pub(crate) fn run(args: Args) -> anyhow::Result<()> {
-    let metrics = RelayMetrics::new(BACKEND);
     let config = EngineConfig {
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        workers: worker_count(0),
         ..EngineConfig::default()
     };
+    let metrics = RelayMetrics::new(BACKEND, config.workers);
     let relay = RelayEngine::bind(&config, metrics.clone())
         .context("cannot bind the demo relay on loopback")?
         .spawn()?;

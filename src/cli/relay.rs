@@ -5,7 +5,7 @@ use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use anyhow::Context;
-use clubcast::engine::{EngineConfig, RelayEngine, BACKEND};
+use clubcast::engine::{worker_count, EngineConfig, PollMode, RelayEngine, BACKEND};
 use clubcast::metrics::{MetricsServer, RelayMetrics};
 use clubcast::relay::RelayConfig;
 
@@ -39,9 +39,26 @@ pub(crate) struct Args {
     #[arg(long, default_value_t = 4096, value_name = "N")]
     max_subscribers: usize,
 
-    /// UDP socket send/receive buffer size (e.g. 8m).
+    /// UDP socket send/receive buffer size per worker (e.g. 8m).
     #[arg(long, default_value = "8m", value_name = "BYTES", value_parser = args::bytes)]
     socket_buffer: usize,
+
+    /// Worker threads, each with its own socket on --listen (default: one per core).
+    #[arg(long, value_name = "N")]
+    workers: Option<usize>,
+
+    /// How idle workers wait: busy (spin, lowest latency, burns a core each), adaptive (spin
+    /// while traffic flows, then block), or block.
+    #[arg(long, default_value = "adaptive", value_name = "MODE")]
+    poll: PollMode,
+
+    /// Do not pin workers to cores.
+    #[arg(long)]
+    no_pin: bool,
+
+    /// Packet buffers shared by the workers; datagrams wait in the socket when all are in use.
+    #[arg(long, default_value_t = 16_384, value_name = "N")]
+    pool_slots: usize,
 }
 
 pub(crate) fn run(args: Args) -> anyhow::Result<()> {
@@ -54,15 +71,21 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
             ..RelayConfig::default()
         },
         socket_buffer: args.socket_buffer,
+        workers: worker_count(args.workers.unwrap_or(0)),
+        pin: !args.no_pin,
+        poll: args.poll,
+        pool_slots: args.pool_slots,
     };
-    let metrics = RelayMetrics::new(BACKEND);
+    let metrics = RelayMetrics::new(BACKEND, config.workers);
     let engine = RelayEngine::bind(&config, metrics.clone())
         .with_context(|| format!("cannot listen on udp {}", args.listen))?;
     let server = MetricsServer::start(args.metrics, metrics)
         .with_context(|| format!("cannot serve metrics on tcp {}", args.metrics))?;
     tracing::info!(
-        "relay listening on {} (backend {BACKEND}); metrics on http://{}/metrics",
-        engine.local_addr()?,
+        "relay listening on {} (backend {BACKEND}, {} workers, poll {:?}); metrics on http://{}/metrics",
+        engine.local_addr(),
+        engine.workers(),
+        args.poll,
         server.local_addr()
     );
     let stop = AtomicBool::new(false);

@@ -1,34 +1,61 @@
-//! The relay engine: drives [`RelayCore`] over a backend socket with a real clock.
+//! The relay engine: thread-per-core workers that drive [`RelayCore`]s over backend sockets.
 //!
-//! Today one worker runs the `portable` backend: wait for the socket, `recvmmsg` a batch, let the
-//! core answer control messages and pre-check pieces, verify the batch's signatures together,
-//! and fan each admitted piece out with `sendmmsg` straight from the receive buffer. Forward
-//! latency (receive → last copy handed to the kernel) goes into a worker-owned HdrHistogram that
-//! is published to [`RelayMetrics`] every [`PUBLISH_INTERVAL`].
+//! Each worker is pinned to a core and owns a `SO_REUSEPORT` socket on the listen address, a
+//! relay core (its shard of the subscriber table: the kernel keeps each subscriber's datagrams
+//! on one socket), and its own latency histograms. A piece is received once into a slot of the
+//! shared [`pool::BufferPool`]; the worker that receives it verifies it, sends it to its own
+//! subscribers, and hands a reference to the slot (not the bytes) to every other worker through
+//! a bounded `crossbeam` channel so they send it to theirs. The slot returns to the pool when the
+//! last worker is done with it. Nothing on the per-packet path takes a lock or allocates (the
+//! counting-allocator test checks it), except Ed25519 batch verification, which allocates a few
+//! vectors per batch, not per piece.
 
+pub mod pool;
+mod wake;
+mod worker;
+
+use std::cell::Cell;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use hdrhistogram::Histogram;
+use crate::backend::PortableSocket;
+use crate::metrics::RelayMetrics;
+use crate::relay::{RelayConfig, RelayCore};
 
-use crate::backend::portable::RECV_BATCH;
-use crate::backend::{PortableSocket, RecvBatch, SendBatch};
-use crate::crypto::verify_batch;
-use crate::metrics::{latency_histogram, RelayMetrics, PUBLISH_INTERVAL};
-use crate::relay::{DropReason, Inbound, PendingPiece, RelayConfig, RelayCore};
-use crate::time::{MonotonicClock, Timestamp};
-use crate::wire::{Piece, MAX_DATAGRAM};
+use pool::BufferPool;
+use wake::Waker;
+use worker::{Handoff, Worker};
 
 /// The name of the backend this engine runs, as shown in logs and `clubcast_build_info`.
 pub const BACKEND: &str = "portable";
-/// Longest the loop sleeps before checking timers and the stop flag.
-const MAX_WAIT: Duration = Duration::from_millis(50);
-/// Receive batches handled per round before timers get a turn.
-const BATCHES_PER_ROUND: usize = 16;
+
+/// How a worker waits when there is nothing to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PollMode {
+    /// Spin on the socket and queues without ever sleeping: lowest latency, one busy core each.
+    Busy,
+    /// Spin while traffic flows; after an idle spell, block until a datagram or a hand-off.
+    #[default]
+    Adaptive,
+    /// Always block until a datagram or a hand-off.
+    Block,
+}
+
+impl std::str::FromStr for PollMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "busy" => Ok(PollMode::Busy),
+            "adaptive" => Ok(PollMode::Adaptive),
+            "block" => Ok(PollMode::Block),
+            _ => Err(format!("{s:?} is not a poll mode (busy, adaptive, block)")),
+        }
+    }
+}
 
 /// How to run a relay.
 #[derive(Debug, Clone)]
@@ -39,6 +66,14 @@ pub struct EngineConfig {
     pub relay: RelayConfig,
     /// Socket send and receive buffer size, bytes.
     pub socket_buffer: usize,
+    /// Worker threads (0: one per available core).
+    pub workers: usize,
+    /// Pin each worker to its own core.
+    pub pin: bool,
+    /// How idle workers wait.
+    pub poll: PollMode,
+    /// Pooled packet buffers shared by all workers.
+    pub pool_slots: usize,
 }
 
 impl Default for EngineConfig {
@@ -47,181 +82,135 @@ impl Default for EngineConfig {
             listen: SocketAddr::from(([0, 0, 0, 0], 7000)),
             relay: RelayConfig::default(),
             socket_buffer: 8 << 20,
+            workers: 0,
+            pin: true,
+            poll: PollMode::Adaptive,
+            pool_slots: 16_384,
         }
     }
 }
 
-/// A bound relay, ready to run.
+/// Workers to run for `requested` (0: one per core the process may use).
+pub fn worker_count(requested: usize) -> usize {
+    if requested > 0 {
+        return requested;
+    }
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+thread_local! {
+    static ON_HOT_PATH: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Whether the calling thread is a relay worker inside its per-packet path (outside batch
+/// verification). Lets a test's counting allocator attribute allocations; cheap and
+/// allocation-free to call.
+pub fn on_hot_path() -> bool {
+    ON_HOT_PATH.with(Cell::get)
+}
+
+fn set_hot_path(on: bool) {
+    ON_HOT_PATH.with(|c| c.set(on));
+}
+
+/// A bound relay, ready to run: one socket per worker on the same address.
 pub struct RelayEngine {
-    core: RelayCore,
-    socket: PortableSocket,
-    metrics: Arc<RelayMetrics>,
-    clock: MonotonicClock,
-    recv: RecvBatch,
-    send: SendBatch,
-    reply: Vec<u8>,
-    pending: Vec<(usize, PendingPiece)>,
-    verified: Vec<bool>,
-    latency_us: Histogram<u64>,
-    next_publish: Instant,
+    workers: Vec<Worker>,
+    addr: SocketAddr,
 }
 
 impl RelayEngine {
-    /// Binds the listen socket.
+    /// Binds one `SO_REUSEPORT` socket per worker on `config.listen`.
     pub fn bind(config: &EngineConfig, metrics: Arc<RelayMetrics>) -> io::Result<Self> {
-        let socket = PortableSocket::bind(config.listen, config.socket_buffer)?;
-        Ok(RelayEngine {
-            core: RelayCore::new(config.relay.clone()),
-            socket,
-            metrics,
-            clock: MonotonicClock::new(),
-            recv: RecvBatch::new(),
-            send: SendBatch::new(),
-            reply: vec![0; MAX_DATAGRAM],
-            pending: Vec::with_capacity(RECV_BATCH),
-            verified: Vec::with_capacity(RECV_BATCH),
-            latency_us: latency_histogram(),
-            next_publish: Instant::now(),
-        })
+        let n = worker_count(config.workers);
+        let first = PortableSocket::bind_shared(config.listen, config.socket_buffer)?;
+        let addr = first.local_addr()?; // the real port when asked for port 0
+        let mut sockets = vec![first];
+        for _ in 1..n {
+            sockets.push(PortableSocket::bind_shared(addr, config.socket_buffer)?);
+        }
+        let pool = Arc::new(BufferPool::new(config.pool_slots));
+        let wakers: Arc<Vec<Waker>> =
+            Arc::new((0..n).map(|_| Waker::new()).collect::<io::Result<_>>()?);
+        let (senders, receivers): (Vec<_>, Vec<_>) = (0..n)
+            .map(|_| crossbeam::channel::bounded::<Handoff>(worker::HANDOFF_QUEUE))
+            .unzip();
+        let cookie_key: [u8; 32] = rand::random();
+        let cores = if config.pin {
+            core_affinity::get_core_ids().unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        let workers = sockets
+            .into_iter()
+            .zip(receivers)
+            .enumerate()
+            .map(|(id, (socket, inbox))| Worker {
+                id,
+                core: RelayCore::with_cookie_key(config.relay.clone(), cookie_key),
+                socket,
+                pool: Arc::clone(&pool),
+                inbox,
+                peers: senders
+                    .iter()
+                    .enumerate()
+                    .filter(|(j, _)| *j != id)
+                    .map(|(j, s)| (j, s.clone()))
+                    .collect(),
+                wakers: Arc::clone(&wakers),
+                metrics: Arc::clone(&metrics),
+                poll: config.poll,
+                pin: (!cores.is_empty()).then(|| cores[id % cores.len()]),
+            })
+            .collect();
+        Ok(RelayEngine { workers, addr })
     }
 
     /// The bound UDP address.
-    pub fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.socket.local_addr()
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
     }
 
-    /// Runs until `stop` is set, then publishes final metrics.
-    pub fn run(mut self, stop: &AtomicBool) -> io::Result<()> {
-        while !stop.load(Ordering::Relaxed) {
-            self.poll_once()?;
-        }
-        self.publish_metrics();
-        Ok(())
+    /// Number of workers.
+    pub fn workers(&self) -> usize {
+        self.workers.len()
     }
 
-    /// Starts the engine on its own thread.
+    /// Starts every worker on its own thread.
     pub fn spawn(self) -> io::Result<RelayHandle> {
-        let addr = self.local_addr()?;
         let stop = Arc::new(AtomicBool::new(false));
-        let flag = Arc::clone(&stop);
-        let thread = std::thread::Builder::new()
-            .name("relay-worker".into())
-            .spawn(move || self.run(&flag))?;
-        Ok(RelayHandle { addr, stop, thread })
+        let threads = self
+            .workers
+            .into_iter()
+            .map(|w| {
+                let stop = Arc::clone(&stop);
+                std::thread::Builder::new()
+                    .name(format!("relay-worker-{}", w.id))
+                    .spawn(move || w.run(&stop))
+            })
+            .collect::<io::Result<_>>()?;
+        Ok(RelayHandle {
+            addr: self.addr,
+            stop,
+            threads,
+        })
     }
 
-    /// One round: wait for input (bounded by the core's next timer), drain up to
-    /// [`BATCHES_PER_ROUND`] batches, run timers, publish metrics when due.
-    fn poll_once(&mut self) -> io::Result<()> {
-        let now = self.clock.now();
-        let wait = self.core.poll_timeout().saturating_since(now).min(MAX_WAIT);
-        if self.socket.wait_readable(wait)? {
-            for _ in 0..BATCHES_PER_ROUND {
-                let n = match self.socket.recv_batch(&mut self.recv) {
-                    Ok(n) => n,
-                    // A transient kernel error (ENOBUFS, ENOMEM) must not end the relay.
-                    Err(e) => {
-                        tracing::debug!("recvmmsg: {e}");
-                        0
-                    }
-                };
-                if n == 0 {
-                    break;
-                }
-                let received_at = self.clock.now();
-                self.process_batch(received_at);
-                if n < RECV_BATCH {
-                    break;
-                }
-            }
+    /// Runs until `stop` is set.
+    pub fn run(self, stop: &AtomicBool) -> io::Result<()> {
+        let handle = self.spawn()?;
+        while !stop.load(Ordering::Relaxed) && !handle.any_finished() {
+            std::thread::sleep(Duration::from_millis(50));
         }
-        self.core.handle_timeout(self.clock.now());
-        if Instant::now() >= self.next_publish {
-            self.publish_metrics();
-        }
-        Ok(())
-    }
-
-    fn publish_metrics(&mut self) {
-        self.metrics
-            .publish(self.core.stats(), &mut self.latency_us);
-        self.next_publish = Instant::now() + PUBLISH_INTERVAL;
-    }
-
-    /// Handles every datagram of the last receive. Must not block: sends use MSG_DONTWAIT and
-    /// a refused copy is a counted drop.
-    fn process_batch(&mut self, received_at: Timestamp) {
-        let RelayEngine {
-            core,
-            socket,
-            recv,
-            send,
-            reply,
-            pending,
-            verified,
-            latency_us,
-            clock,
-            ..
-        } = self;
-        pending.clear();
-        for i in 0..recv.len() {
-            let (from, data) = recv.get(i);
-            let Some(from) = from else {
-                core.record_drops(DropReason::Malformed, 1);
-                continue;
-            };
-            match core.handle(received_at, from, data, reply) {
-                Inbound::Reply(n) => {
-                    if socket.send_to(&reply[..n], from).is_err() {
-                        core.record_drops(DropReason::SendFailed, 1);
-                    }
-                }
-                Inbound::Verify(p) => pending.push((i, p)),
-                Inbound::Dropped(_) | Inbound::Done => {}
-            }
-        }
-        if pending.is_empty() {
-            return;
-        }
-        verify_pending(recv, pending, verified);
-        for (&(i, p), &ok) in pending.iter().zip(verified.iter()) {
-            let (_, data) = recv.get(i);
-            if let Ok(subscribers) = core.admit(&p, data.len(), ok) {
-                let result = socket.send_fanout(data, subscribers, send);
-                if result.failed > 0 {
-                    core.record_drops(DropReason::SendFailed, result.failed as u64);
-                }
-                let us = clock.now().saturating_since(received_at).as_micros();
-                latency_us.saturating_record(u64::try_from(us).unwrap_or(u64::MAX));
-            }
-        }
+        handle.stop()
     }
 }
 
-/// Verifies the pending pieces of a batch: all together first, one by one if that fails.
-fn verify_pending(recv: &RecvBatch, pending: &[(usize, PendingPiece)], verified: &mut Vec<bool>) {
-    verified.clear();
-    let piece = |i: usize| Piece::parse(recv.get(i).1).ok();
-    let batch: Vec<(Piece<'_>, _)> = pending
-        .iter()
-        .filter_map(|&(i, p)| piece(i).map(|pc| (pc, p.key)))
-        .collect();
-    if batch.len() == pending.len() && batch.len() > 1 && verify_batch(&batch).is_ok() {
-        verified.resize(pending.len(), true);
-        return;
-    }
-    verified.extend(
-        pending
-            .iter()
-            .map(|&(i, p)| piece(i).is_some_and(|pc| p.key.verify_piece(&pc).is_ok())),
-    );
-}
-
-/// A relay engine running on its own thread.
+/// A relay running on its worker threads.
 pub struct RelayHandle {
     addr: SocketAddr,
     stop: Arc<AtomicBool>,
-    thread: JoinHandle<io::Result<()>>,
+    threads: Vec<JoinHandle<io::Result<()>>>,
 }
 
 impl RelayHandle {
@@ -230,11 +219,23 @@ impl RelayHandle {
         self.addr
     }
 
-    /// Stops the engine and waits for it.
+    fn any_finished(&self) -> bool {
+        self.threads.iter().any(JoinHandle::is_finished)
+    }
+
+    /// Stops every worker and waits for them; the first worker error, if any.
     pub fn stop(self) -> io::Result<()> {
         self.stop.store(true, Ordering::Relaxed);
-        self.thread
-            .join()
-            .map_err(|_| io::Error::other("relay worker panicked"))?
+        let mut result = Ok(());
+        for t in self.threads {
+            let r = t
+                .join()
+                .map_err(|_| io::Error::other("relay worker panicked"))
+                .and_then(|r| r);
+            if result.is_ok() {
+                result = r;
+            }
+        }
+        result
     }
 }

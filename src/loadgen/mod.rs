@@ -302,9 +302,10 @@ mod tests {
     fn measures_full_delivery_through_a_relay() {
         let config = EngineConfig {
             listen: "127.0.0.1:0".parse().unwrap(),
+            workers: 2,
             ..EngineConfig::default()
         };
-        let relay = RelayEngine::bind(&config, RelayMetrics::new("portable"))
+        let relay = RelayEngine::bind(&config, RelayMetrics::new("portable", 2))
             .unwrap()
             .spawn()
             .unwrap();

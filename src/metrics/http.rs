@@ -117,7 +117,7 @@ mod tests {
     fn serves_metrics_health_and_errors() {
         let server = MetricsServer::start(
             "127.0.0.1:0".parse().unwrap(),
-            RelayMetrics::new("portable"),
+            RelayMetrics::new("portable", 1),
         )
         .unwrap();
         let a = server.local_addr();
@@ -134,7 +134,7 @@ mod tests {
     fn a_dribbling_client_cannot_hold_the_server() {
         let server = MetricsServer::start(
             "127.0.0.1:0".parse().unwrap(),
-            RelayMetrics::new("portable"),
+            RelayMetrics::new("portable", 1),
         )
         .unwrap();
         let a = server.local_addr();

@@ -1,10 +1,10 @@
-//! Relay metrics: the engine publishes its core's counters and its HdrHistogram of forward
-//! latency here, and `/metrics` renders them as Prometheus (OpenMetrics) text.
+//! Relay metrics: each worker publishes its core's counters, its HdrHistograms of latency and
+//! its busy ratio here, and `/metrics` renders the sum as Prometheus (OpenMetrics) text.
 //!
-//! The per-packet path never touches this module: the engine records latency into a histogram
-//! it owns and publishes a snapshot every [`PUBLISH_INTERVAL`] under a short lock. At scrape
-//! time the HdrHistogram becomes a Prometheus histogram (fixed `le` buckets) plus quantile
-//! gauges.
+//! The per-packet path never touches this module: a worker records latency into histograms it
+//! owns and publishes a snapshot every [`PUBLISH_INTERVAL`] under a short lock of its own slot.
+//! At scrape time the HdrHistograms become Prometheus histograms (fixed `le` buckets) plus
+//! quantile gauges.
 
 mod http;
 
@@ -40,51 +40,107 @@ pub fn latency_histogram() -> Histogram<u64> {
 #[derive(Debug)]
 struct Snapshot {
     stats: RelayStats,
-    forward_latency_us: Histogram<u64>,
+    first_send_us: Histogram<u64>,
+    forward_us: Histogram<u64>,
+    busy_ratio: f64,
 }
 
-/// The relay's metrics, shared between the engine (writer) and the HTTP server (reader).
+/// One worker's latency samples since its last publish (the worker owns and fills these).
+#[derive(Debug)]
+pub struct WorkerLatency {
+    /// Receive → first copy handed to the kernel, µs.
+    pub first_send_us: Histogram<u64>,
+    /// Receive → last copy handed to the kernel (over all workers), µs.
+    pub forward_us: Histogram<u64>,
+}
+
+impl WorkerLatency {
+    /// Empty histograms.
+    pub fn new() -> Self {
+        WorkerLatency {
+            first_send_us: latency_histogram(),
+            forward_us: latency_histogram(),
+        }
+    }
+}
+
+impl Default for WorkerLatency {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The relay's metrics, shared between the workers (writers) and the HTTP server (reader).
 #[derive(Debug)]
 pub struct RelayMetrics {
     backend: &'static str,
-    snapshot: Mutex<Snapshot>,
+    workers: Vec<Mutex<Snapshot>>,
 }
 
 impl RelayMetrics {
-    /// Metrics of a relay running `backend`.
-    pub fn new(backend: &'static str) -> Arc<Self> {
+    /// Metrics of a relay running `backend` with `workers` workers.
+    pub fn new(backend: &'static str, workers: usize) -> Arc<Self> {
         Arc::new(RelayMetrics {
             backend,
-            snapshot: Mutex::new(Snapshot {
-                stats: RelayStats::default(),
-                forward_latency_us: latency_histogram(),
-            }),
+            workers: (0..workers.max(1))
+                .map(|_| {
+                    Mutex::new(Snapshot {
+                        stats: RelayStats::default(),
+                        first_send_us: latency_histogram(),
+                        forward_us: latency_histogram(),
+                        busy_ratio: 0.0,
+                    })
+                })
+                .collect(),
         })
     }
 
-    fn lock(&self) -> MutexGuard<'_, Snapshot> {
+    fn lock(&self, worker: usize) -> MutexGuard<'_, Snapshot> {
         // A panic elsewhere while holding the lock leaves plain counters; keep serving them.
-        self.snapshot.lock().unwrap_or_else(|e| e.into_inner())
+        self.workers[worker % self.workers.len()]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Publishes the core's totals and moves the samples of `latency_us` into the shared
-    /// histogram (leaving `latency_us` empty).
-    pub fn publish(&self, stats: &RelayStats, latency_us: &mut Histogram<u64>) {
-        let mut s = self.lock();
+    /// Publishes worker `worker`'s totals and busy ratio, and moves its latency samples into
+    /// the shared histograms (leaving `latency` empty).
+    pub fn publish(
+        &self,
+        worker: usize,
+        stats: &RelayStats,
+        latency: &mut WorkerLatency,
+        busy_ratio: f64,
+    ) {
+        let mut s = self.lock(worker);
         s.stats.clone_from(stats);
-        // Both histograms share bounds, so adding cannot fail.
-        let _ = s.forward_latency_us.add(&*latency_us);
-        latency_us.reset();
+        s.busy_ratio = busy_ratio;
+        // All histograms share bounds, so adding cannot fail.
+        let _ = s.first_send_us.add(&latency.first_send_us);
+        let _ = s.forward_us.add(&latency.forward_us);
+        latency.first_send_us.reset();
+        latency.forward_us.reset();
     }
 
-    /// The last published totals.
+    /// The last published totals, summed over workers.
     pub fn stats(&self) -> RelayStats {
-        self.lock().stats.clone()
+        let mut total = RelayStats::default();
+        for w in 0..self.workers.len() {
+            total.add(&self.lock(w).stats);
+        }
+        total
     }
 
-    /// Forward latency at quantile `q` (0..=1) since start, µs.
+    fn merged(&self, pick: fn(&Snapshot) -> &Histogram<u64>) -> Histogram<u64> {
+        let mut h = latency_histogram();
+        for w in 0..self.workers.len() {
+            let _ = h.add(pick(&self.lock(w)));
+        }
+        h
+    }
+
+    /// Forward latency (receive → last copy sent) at quantile `q` since start, µs.
     pub fn forward_latency_us(&self, q: f64) -> u64 {
-        self.lock().forward_latency_us.value_at_quantile(q)
+        self.merged(|s| &s.forward_us).value_at_quantile(q)
     }
 
     /// A registry that renders these metrics.
@@ -119,10 +175,34 @@ fn gauge(e: &mut DescriptorEncoder<'_>, name: &str, help: &str, v: u64) -> std::
         .encode_gauge(&(v as i64))
 }
 
+fn latency(
+    e: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    h: &Histogram<u64>,
+) -> std::fmt::Result {
+    let (sum, count, buckets) = prometheus_buckets(h);
+    e.encode_descriptor(name, help, Some(&Unit::Seconds), MetricType::Histogram)?
+        .encode_histogram::<NoLabelSet>(sum, count, &buckets, None)?;
+    let quantile_name = format!("{name}_quantile");
+    let mut q = e.encode_descriptor(
+        &quantile_name,
+        "Quantiles of the histogram of the same name since start (from the HdrHistogram).",
+        Some(&Unit::Seconds),
+        MetricType::Gauge,
+    )?;
+    for quantile in QUANTILES {
+        let label = format!("{quantile}");
+        let v = h.value_at_quantile(quantile) as f64 / 1e6;
+        q.encode_family(&[("quantile", label.as_str())])?
+            .encode_gauge(&v)?;
+    }
+    Ok(())
+}
+
 impl Collector for RelayMetrics {
     fn encode(&self, mut e: DescriptorEncoder<'_>) -> std::fmt::Result {
-        let snap = self.lock();
-        let s = &snap.stats;
+        let s = self.stats();
         e.encode_descriptor(
             "clubcast_build",
             "Version and IO backend of this relay.",
@@ -188,7 +268,7 @@ impl Collector for RelayMetrics {
 
         let mut drops = e.encode_descriptor(
             "clubcast_relay_dropped",
-            "Datagrams (or piece copies, for send_failed) dropped, by reason.",
+            "Datagrams (or piece copies, for send_failed and worker_behind) dropped, by reason.",
             None,
             MetricType::Counter,
         )?;
@@ -207,33 +287,35 @@ impl Collector for RelayMetrics {
         gauge(
             &mut e,
             "clubcast_relay_channels",
-            "Channels known now.",
+            "Channels with an announced publisher now.",
             s.channels,
         )?;
 
-        let h = &snap.forward_latency_us;
-        let (sum, count, buckets) = prometheus_buckets(h);
-        e.encode_descriptor(
-            "clubcast_relay_forward_latency",
-            "Time from receiving a piece to handing its last copy to the kernel.",
-            Some(&Unit::Seconds),
-            MetricType::Histogram,
-        )?
-        .encode_histogram::<NoLabelSet>(sum, count, &buckets, None)?;
-
-        let mut q = e.encode_descriptor(
-            "clubcast_relay_forward_latency_quantile",
-            "Quantiles of forward latency since start (from the HdrHistogram).",
-            Some(&Unit::Seconds),
+        let mut busy = e.encode_descriptor(
+            "clubcast_relay_worker_busy_ratio",
+            "Share of the last publish interval each worker spent working rather than waiting.",
+            None,
             MetricType::Gauge,
         )?;
-        for quantile in QUANTILES {
-            let label = format!("{quantile}");
-            let v = h.value_at_quantile(quantile) as f64 / 1e6;
-            q.encode_family(&[("quantile", label.as_str())])?
-                .encode_gauge(&v)?;
+        for w in 0..self.workers.len() {
+            let id = w.to_string();
+            let ratio = self.lock(w).busy_ratio;
+            busy.encode_family(&[("worker", id.as_str())])?
+                .encode_gauge(&ratio)?;
         }
-        Ok(())
+
+        latency(
+            &mut e,
+            "clubcast_relay_first_send_latency",
+            "Time from receiving a piece to handing its first copy to the kernel.",
+            &self.merged(|s| &s.first_send_us),
+        )?;
+        latency(
+            &mut e,
+            "clubcast_relay_forward_latency",
+            "Time from receiving a piece to handing its last copy (over all workers) to the kernel.",
+            &self.merged(|s| &s.forward_us),
+        )
     }
 }
 
@@ -263,7 +345,7 @@ mod tests {
 
     #[test]
     fn renders_counters_drops_and_latency_histogram() {
-        let m = RelayMetrics::new("portable");
+        let m = RelayMetrics::new("portable", 2);
         let mut stats = RelayStats {
             pieces_accepted: 7,
             piece_sends: 70,
@@ -271,19 +353,23 @@ mod tests {
             ..Default::default()
         };
         stats.record_drops(DropReason::BadSignature, 2);
-        let mut h = latency_histogram();
+        let mut lat = WorkerLatency::new();
         for us in [3, 40, 40, 700, 2_000_000] {
-            h.record(us).unwrap();
+            lat.forward_us.record(us).unwrap();
         }
-        m.publish(&stats, &mut h);
-        assert!(h.is_empty());
+        lat.first_send_us.record(3).unwrap();
+        m.publish(0, &stats, &mut lat, 0.25);
+        m.publish(1, &stats, &mut WorkerLatency::new(), 0.5);
+        assert!(lat.forward_us.is_empty());
         let text = m.render();
         for line in [
-            "clubcast_relay_pieces_accepted_total 7",
-            "clubcast_relay_pieces_forwarded_total 70",
-            "clubcast_relay_dropped_total{reason=\"bad_signature\"} 2",
+            "clubcast_relay_pieces_accepted_total 14",
+            "clubcast_relay_pieces_forwarded_total 140",
+            "clubcast_relay_dropped_total{reason=\"bad_signature\"} 4",
             "clubcast_relay_dropped_total{reason=\"malformed\"} 0",
-            "clubcast_relay_subscribers 10",
+            "clubcast_relay_subscribers 20",
+            "clubcast_relay_worker_busy_ratio{worker=\"1\"} 0.5",
+            "clubcast_relay_first_send_latency_seconds_count 1",
             "clubcast_relay_forward_latency_seconds_count 5",
             "clubcast_relay_forward_latency_seconds_bucket{le=\"0.000005\"} 1",
             "clubcast_relay_forward_latency_seconds_bucket{le=\"0.00005\"} 3",

@@ -5,8 +5,8 @@
 //! drive the very same code. Pieces go through two steps so the engine can verify signatures in
 //! batches: [`RelayCore::handle`] applies the cheap filters (layout, known channel, replay
 //! window) and hands back a [`PendingPiece`]; after verification [`RelayCore::admit`] marks it
-//! seen and returns the subscribers to send the unchanged datagram to. Nothing unverified is
-//! ever forwarded.
+//! seen, and the engine sends the unchanged datagram to [`RelayCore::subscribers`]. Nothing
+//! unverified is ever forwarded.
 
 mod cookie;
 mod subscribers;
@@ -80,11 +80,15 @@ pub enum DropReason {
     UnexpectedMessage,
     /// A send the socket refused (buffer full): counted per subscriber copy.
     SendFailed,
+    /// A piece not handed to another worker because its queue was full (counted per worker).
+    WorkerBehind,
+    /// A datagram not received because every pooled buffer was in use.
+    PoolExhausted,
 }
 
 impl DropReason {
     /// Every reason, in label order.
-    pub const ALL: [DropReason; 12] = [
+    pub const ALL: [DropReason; 14] = [
         DropReason::Malformed,
         DropReason::UnknownChannel,
         DropReason::BadSignature,
@@ -97,6 +101,8 @@ impl DropReason {
         DropReason::BadAnnounce,
         DropReason::UnexpectedMessage,
         DropReason::SendFailed,
+        DropReason::WorkerBehind,
+        DropReason::PoolExhausted,
     ];
 
     /// The metrics label.
@@ -114,6 +120,8 @@ impl DropReason {
             DropReason::BadAnnounce => "bad_announce",
             DropReason::UnexpectedMessage => "unexpected_message",
             DropReason::SendFailed => "send_failed",
+            DropReason::WorkerBehind => "worker_behind",
+            DropReason::PoolExhausted => "pool_exhausted",
         }
     }
 
@@ -143,7 +151,7 @@ pub struct RelayStats {
     pub drops: [u64; DropReason::ALL.len()],
     /// Subscribers now, over all channels.
     pub subscribers: u64,
-    /// Channels now.
+    /// Channels with an announced key now.
     pub channels: u64,
     /// Subscribers removed for lack of keepalives.
     pub subscribers_expired: u64,
@@ -158,6 +166,23 @@ impl RelayStats {
     /// Counts `n` drops for `reason`.
     pub fn record_drops(&mut self, reason: DropReason, n: u64) {
         self.drops[reason.index()] += n;
+    }
+
+    /// Adds another shard's totals (counters and gauges alike) to these.
+    pub fn add(&mut self, o: &RelayStats) {
+        self.datagrams_in += o.datagrams_in;
+        self.bytes_in += o.bytes_in;
+        self.pieces_in += o.pieces_in;
+        self.pieces_accepted += o.pieces_accepted;
+        self.piece_sends += o.piece_sends;
+        self.bytes_forwarded += o.bytes_forwarded;
+        self.replies += o.replies;
+        for (a, b) in self.drops.iter_mut().zip(o.drops) {
+            *a += b;
+        }
+        self.subscribers += o.subscribers;
+        self.channels += o.channels;
+        self.subscribers_expired += o.subscribers_expired;
     }
 }
 
@@ -298,20 +323,13 @@ impl RelayCore {
     }
 
     /// Completes a piece from [`Inbound::Verify`]: `verified` says whether its signature held.
-    /// Returns the subscribers to send it to, or the reason it is dropped (counted).
-    pub fn admit(
-        &mut self,
-        pending: &PendingPiece,
-        piece_len: usize,
-        verified: bool,
-    ) -> Result<&[SocketAddr], DropReason> {
-        let result = self.admit_inner(pending, verified);
-        match result {
-            Ok(n) => {
+    /// On `Ok` the piece is accepted (marked seen) and should go to [`RelayCore::subscribers`];
+    /// on `Err` it is dropped and counted.
+    pub fn admit(&mut self, pending: &PendingPiece, verified: bool) -> Result<(), DropReason> {
+        match self.admit_inner(pending, verified) {
+            Ok(()) => {
                 self.stats.pieces_accepted += 1;
-                self.stats.piece_sends += n as u64;
-                self.stats.bytes_forwarded += (n * piece_len) as u64;
-                Ok(self.subscribers(&pending.channel))
+                Ok(())
             }
             Err(reason) => {
                 self.stats.record_drops(reason, 1);
@@ -320,7 +338,13 @@ impl RelayCore {
         }
     }
 
-    fn admit_inner(&mut self, pending: &PendingPiece, verified: bool) -> Result<usize, DropReason> {
+    /// Counts `copies` copies of a `piece_len`-byte piece handed to the kernel.
+    pub fn record_sends(&mut self, copies: usize, piece_len: usize) {
+        self.stats.piece_sends += copies as u64;
+        self.stats.bytes_forwarded += (copies * piece_len) as u64;
+    }
+
+    fn admit_inner(&mut self, pending: &PendingPiece, verified: bool) -> Result<(), DropReason> {
         if !verified {
             return Err(DropReason::BadSignature);
         }
@@ -332,7 +356,7 @@ impl RelayCore {
         // Checked again: a batch may hold two copies of one piece.
         channel.window.check(pending.seq).map_err(seq_drop)?;
         channel.window.mark(pending.seq);
-        Ok(channel.subscribers.len())
+        Ok(())
     }
 
     /// When [`RelayCore::handle_timeout`] next has work.
@@ -357,7 +381,7 @@ impl RelayCore {
     }
 
     fn refresh_gauges(&mut self) {
-        self.stats.channels = self.channels.len() as u64;
+        self.stats.channels = self.channels.values().filter(|c| c.key.is_some()).count() as u64;
         self.stats.subscribers = self
             .channels
             .values()

@@ -104,7 +104,10 @@ impl Harness {
         match self.send(now, from, d) {
             Inbound::Verify(p) => {
                 let ok = p.key.verify_piece(&Piece::parse(d).unwrap()).is_ok();
-                self.relay.admit(&p, d.len(), ok).map(|s| s.to_vec())
+                self.relay.admit(&p, ok)?;
+                let subs = self.relay.subscribers(&p.channel).to_vec();
+                self.relay.record_sends(subs.len(), d.len());
+                Ok(subs)
             }
             Inbound::Dropped(r) => Err(r),
             other => panic!("unexpected {other:?}"),
@@ -200,11 +203,8 @@ fn duplicate_inside_one_verification_batch_is_sent_once() {
     };
     let p = Piece::parse(&piece).unwrap();
     verify_batch(&[(p, a.key), (p, b.key)]).unwrap();
-    assert!(h.relay.admit(&a, piece.len(), true).is_ok());
-    assert_eq!(
-        h.relay.admit(&b, piece.len(), true),
-        Err(DropReason::Replayed)
-    );
+    assert!(h.relay.admit(&a, true).is_ok());
+    assert_eq!(h.relay.admit(&b, true), Err(DropReason::Replayed));
 }
 
 #[test]

@@ -77,7 +77,8 @@ impl World {
             .key
             .verify_piece(&Piece::parse(&self.buf[..n]).unwrap())
             .is_ok();
-        let subs = self.relay.admit(&p, n, ok).ok()?;
+        self.relay.admit(&p, ok).ok()?;
+        let subs = self.relay.subscribers(&p.channel);
         subs.contains(&VIEWER.parse().unwrap())
             .then(|| self.buf[..n].to_vec())
     }

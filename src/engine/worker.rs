@@ -1,0 +1,458 @@
+//! One relay worker: its socket, its core shard, its loop.
+//!
+//! A round: take hand-offs from other workers; receive up to [`BATCHES_PER_ROUND`] batches into
+//! pool slots and process them; run timers; publish metrics when due; then wait as the poll mode
+//! says.
+//!
+//! Every channel has one owner worker (by its id), which alone holds the channel's key, replay
+//! window and epoch: pieces and announces of a channel that arrive on another worker's socket
+//! are handed to the owner before any check, so a replay cannot slip past the window by arriving
+//! on a different socket. Subscriptions stay with the worker whose socket they arrive on. The per-packet path (everything between receive
+//! and the last send) must not allocate, lock or block: sends use `MSG_DONTWAIT`, a full socket
+//! or a full hand-off queue is a counted drop.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam::channel::{Receiver, Sender, TrySendError};
+
+use super::pool::{BufferPool, PieceRef, Release, SlotWriter, SLOT_LEN};
+use super::wake::Waker;
+use super::{set_hot_path, PollMode};
+use crate::backend::portable::RECV_BATCH;
+use crate::backend::{PortableSocket, RecvBatch, SendBatch};
+use crate::crypto::{channel_id, verify_batch};
+use crate::metrics::{RelayMetrics, WorkerLatency, PUBLISH_INTERVAL};
+use crate::relay::{DropReason, Inbound, PendingPiece, RelayCore};
+use crate::time::{MonotonicClock, Timestamp};
+use crate::wire::{peek_type, Announce, ChannelId, MessageType, Piece, MAX_DATAGRAM};
+
+/// Pieces queued from one worker to another at most.
+pub(super) const HANDOFF_QUEUE: usize = 4096;
+/// Receive batches handled per round before hand-offs and timers get a turn.
+const BATCHES_PER_ROUND: usize = 8;
+/// Longest blocking wait, so timers and the stop flag are seen.
+const MAX_WAIT: Duration = Duration::from_millis(50);
+/// Adaptive polling spins this long after the last work before it blocks.
+const SPIN_BEFORE_BLOCK: Duration = Duration::from_micros(200);
+
+/// What one worker passes another: always a pool reference, never bytes.
+pub(super) enum Handoff {
+    /// A verified, accepted piece: send it to your subscribers of `channel`.
+    Forward { piece: PieceRef, channel: ChannelId },
+    /// A piece or announce of a channel you own, received by another worker: handle it as if
+    /// it had arrived on your socket from `from`.
+    Inspect {
+        datagram: PieceRef,
+        from: SocketAddr,
+    },
+}
+
+pub(super) struct Worker {
+    pub(super) id: usize,
+    pub(super) core: RelayCore,
+    pub(super) socket: PortableSocket,
+    pub(super) pool: Arc<BufferPool>,
+    pub(super) inbox: Receiver<Handoff>,
+    pub(super) peers: Vec<(usize, Sender<Handoff>)>,
+    pub(super) wakers: Arc<Vec<Waker>>,
+    pub(super) metrics: Arc<RelayMetrics>,
+    pub(super) poll: PollMode,
+    pub(super) pin: Option<core_affinity::CoreId>,
+}
+
+/// Per-loop state, allocated once when the worker starts.
+struct Buffers {
+    recv: RecvBatch,
+    send: SendBatch,
+    reply: Vec<u8>,
+    writers: Vec<Option<SlotWriter>>,
+    pending: Vec<(usize, PendingPiece)>,
+    verified: Vec<bool>,
+    latency: WorkerLatency,
+}
+
+impl Worker {
+    pub(super) fn run(mut self, stop: &AtomicBool) -> io::Result<()> {
+        if let Some(core) = self.pin {
+            if !core_affinity::set_for_current(core) {
+                tracing::warn!(worker = self.id, "could not pin to core {}", core.id);
+            }
+        }
+        let clock = MonotonicClock::new();
+        let mut b = Buffers {
+            recv: RecvBatch::new(),
+            send: SendBatch::new(),
+            reply: vec![0; MAX_DATAGRAM],
+            writers: (0..RECV_BATCH).map(|_| None).collect(),
+            pending: Vec::with_capacity(RECV_BATCH),
+            verified: Vec::with_capacity(RECV_BATCH),
+            latency: WorkerLatency::new(),
+        };
+        let mut next_publish = Instant::now();
+        let mut interval_start = Instant::now();
+        let mut idle = Duration::ZERO;
+        let mut last_work = Instant::now();
+        while !stop.load(Ordering::Relaxed) {
+            set_hot_path(true);
+            let mut worked = self.drain_inbox(&clock, &mut b);
+            for _ in 0..BATCHES_PER_ROUND {
+                let n = self.receive(&clock, &mut b);
+                worked |= n > 0;
+                if n < RECV_BATCH {
+                    break;
+                }
+            }
+            set_hot_path(false);
+            let now = Instant::now();
+            if worked {
+                last_work = now;
+            }
+            self.core.handle_timeout(clock.now());
+            if now >= next_publish {
+                let elapsed = now - interval_start;
+                let busy = 1.0 - idle.as_secs_f64() / elapsed.as_secs_f64().max(1e-9);
+                self.metrics.publish(
+                    self.id,
+                    self.core.stats(),
+                    &mut b.latency,
+                    busy.clamp(0.0, 1.0),
+                );
+                next_publish = now + PUBLISH_INTERVAL;
+                interval_start = now;
+                idle = Duration::ZERO;
+            }
+            if !worked {
+                let waited = Instant::now();
+                self.wait(&clock, now - last_work)?;
+                idle += waited.elapsed();
+            }
+        }
+        b.recv.reset_buffers();
+        for w in b.writers.iter_mut().filter_map(Option::take) {
+            self.pool.discard(w);
+        }
+        while let Ok(h) = self.inbox.try_recv() {
+            match h {
+                Handoff::Forward { piece, .. } => self.pool.release(piece),
+                Handoff::Inspect { datagram, .. } => self.pool.release(datagram),
+            };
+        }
+        self.metrics
+            .publish(self.id, self.core.stats(), &mut b.latency, 0.0);
+        Ok(())
+    }
+
+    /// Waits for work as the poll mode says; `idle_for` is how long there has been none.
+    fn wait(&self, clock: &MonotonicClock, idle_for: Duration) -> io::Result<()> {
+        let block = match self.poll {
+            PollMode::Busy => false,
+            PollMode::Adaptive => idle_for >= SPIN_BEFORE_BLOCK,
+            PollMode::Block => true,
+        };
+        if !block {
+            std::hint::spin_loop();
+            return Ok(());
+        }
+        let waker = &self.wakers[self.id];
+        waker.set_sleeping(true);
+        if !self.inbox.is_empty() {
+            waker.set_sleeping(false);
+            return Ok(());
+        }
+        let timeout = self
+            .core
+            .poll_timeout()
+            .saturating_since(clock.now())
+            .min(MAX_WAIT);
+        let mut fds = [
+            libc::pollfd {
+                fd: self.socket.fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: waker.fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+        // SAFETY: fds is a live array of two pollfd structs for the whole call.
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, ms) };
+        waker.set_sleeping(false);
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        }
+        if fds[1].revents != 0 {
+            waker.clear();
+        }
+        Ok(())
+    }
+
+    /// Handles everything other workers handed over; true if there was any.
+    fn drain_inbox(&mut self, clock: &MonotonicClock, b: &mut Buffers) -> bool {
+        let mut any = false;
+        while let Ok(h) = self.inbox.try_recv() {
+            any = true;
+            match h {
+                Handoff::Forward { piece, channel } => self.fan_out(piece, &channel, clock, b),
+                Handoff::Inspect { datagram, from } => self.inspect(datagram, from, clock, b),
+            }
+        }
+        any
+    }
+
+    /// Handles a datagram of a channel this worker owns that arrived on another socket.
+    fn inspect(
+        &mut self,
+        datagram: PieceRef,
+        from: SocketAddr,
+        clock: &MonotonicClock,
+        b: &mut Buffers,
+    ) {
+        let received_at = self.pool.received_at(&datagram);
+        let data = self.pool.bytes(&datagram);
+        set_hot_path(is_piece(data));
+        let verdict = self.core.handle(received_at, from, data, &mut b.reply);
+        set_hot_path(true);
+        match verdict {
+            Inbound::Reply(len) => {
+                if self.socket.send_to(&b.reply[..len], from).is_err() {
+                    self.core.record_drops(DropReason::SendFailed, 1);
+                }
+            }
+            Inbound::Verify(p) => {
+                let ok = Piece::parse(data).is_ok_and(|pc| p.key.verify_piece(&pc).is_ok());
+                if self.core.admit(&p, ok).is_ok() {
+                    self.hand_to_peers(&datagram, p.channel);
+                    self.fan_out(datagram, &p.channel, clock, b);
+                    return;
+                }
+            }
+            Inbound::Dropped(_) | Inbound::Done => {}
+        }
+        self.pool.release(datagram);
+    }
+
+    /// The worker that owns the channel of a piece or announce; `None` for other messages.
+    fn owner_of(&self, data: &[u8]) -> Option<usize> {
+        let channel = match peek_type(data) {
+            Ok(MessageType::Data) => Piece::parse(data).ok()?.channel(),
+            Ok(MessageType::Announce) => channel_id(&Announce::parse(data).ok()?.public_key()),
+            _ => return None,
+        };
+        let workers = self.peers.len() + 1;
+        Some((u64::from_le_bytes(channel.0) % workers as u64) as usize)
+    }
+
+    /// Passes datagram `i` of the batch to its channel's owner; false if this worker owns it.
+    fn pass_to_owner(&mut self, i: usize, received_at: Timestamp, b: &mut Buffers) -> bool {
+        if self.peers.is_empty() {
+            return false;
+        }
+        let (from, data) = b.recv.get(i);
+        let (Some(from), Some(owner)) = (from, self.owner_of(data)) else {
+            return false;
+        };
+        if owner == self.id {
+            return false;
+        }
+        let len = data.len();
+        let Some(writer) = b.writers[i].take() else {
+            return false;
+        };
+        let datagram = self.pool.freeze(writer, len, received_at);
+        let Some((_, tx)) = self.peers.iter().find(|(id, _)| *id == owner) else {
+            self.pool.release(datagram);
+            return true;
+        };
+        match tx.try_send(Handoff::Inspect { datagram, from }) {
+            Ok(()) => self.wakers[owner].wake(),
+            Err(TrySendError::Full(h) | TrySendError::Disconnected(h)) => {
+                if let Handoff::Inspect { datagram, .. } = h {
+                    self.pool.release(datagram);
+                }
+                self.core.record_drops(DropReason::WorkerBehind, 1);
+            }
+        }
+        true
+    }
+
+    /// Receives one batch into pool slots and handles it; the number of datagrams.
+    fn receive(&mut self, clock: &MonotonicClock, b: &mut Buffers) -> usize {
+        let mut slots = 0;
+        for (i, slot) in b.writers.iter_mut().enumerate() {
+            if slot.is_none() {
+                *slot = self.pool.take();
+            }
+            let Some(w) = slot.as_mut() else { break };
+            // SAFETY: the slot is ours (a SlotWriter) until frozen or discarded, and it is
+            // only read back through RecvBatch::get after the receive.
+            unsafe { b.recv.set_buffer(i, self.pool.as_mut_ptr(w), SLOT_LEN) };
+            slots = i + 1;
+        }
+        if slots == 0 {
+            // Every buffer is in flight: leave datagrams in the socket buffer (the kernel drops
+            // what overflows) and count the stall once per round.
+            self.core.record_drops(DropReason::PoolExhausted, 1);
+            return 0;
+        }
+        b.recv.set_active(slots);
+        let n = match self.socket.recv_batch(&mut b.recv) {
+            Ok(n) => n,
+            Err(e) => {
+                // A transient kernel error (ENOBUFS, ENOMEM) must not end the relay.
+                tracing::debug!(worker = self.id, "recvmmsg: {e}");
+                0
+            }
+        };
+        if n > 0 {
+            let received_at = clock.now();
+            self.handle_batch(n, received_at, clock, b);
+        }
+        n
+    }
+
+    fn handle_batch(
+        &mut self,
+        n: usize,
+        received_at: Timestamp,
+        clock: &MonotonicClock,
+        b: &mut Buffers,
+    ) {
+        b.pending.clear();
+        for i in 0..n {
+            if self.pass_to_owner(i, received_at, b) {
+                continue;
+            }
+            let (from, data) = b.recv.get(i);
+            let Some(from) = from else {
+                self.core.record_drops(DropReason::Malformed, 1);
+                continue;
+            };
+            // Control messages may grow tables (a new subscriber): that is not the hot path.
+            set_hot_path(is_piece(data));
+            let verdict = self.core.handle(received_at, from, data, &mut b.reply);
+            set_hot_path(true);
+            match verdict {
+                Inbound::Reply(len) => {
+                    if self.socket.send_to(&b.reply[..len], from).is_err() {
+                        self.core.record_drops(DropReason::SendFailed, 1);
+                    }
+                }
+                Inbound::Verify(p) => b.pending.push((i, p)),
+                Inbound::Dropped(_) | Inbound::Done => {}
+            }
+        }
+        if b.pending.is_empty() {
+            return;
+        }
+        verify_pending(&b.recv, &b.pending, &mut b.verified);
+        for k in 0..b.pending.len() {
+            let (i, p) = b.pending[k];
+            if self.core.admit(&p, b.verified[k]).is_err() {
+                continue;
+            }
+            let len = b.recv.get(i).1.len();
+            let Some(writer) = b.writers[i].take() else {
+                continue;
+            };
+            let piece = self.pool.freeze(writer, len, received_at);
+            self.hand_to_peers(&piece, p.channel);
+            self.fan_out(piece, &p.channel, clock, b);
+        }
+    }
+
+    fn hand_to_peers(&mut self, piece: &PieceRef, channel: ChannelId) {
+        for (id, tx) in &self.peers {
+            let handoff = Handoff::Forward {
+                piece: self.pool.share(piece),
+                channel,
+            };
+            match tx.try_send(handoff) {
+                Ok(()) => self.wakers[*id].wake(),
+                Err(TrySendError::Full(h) | TrySendError::Disconnected(h)) => {
+                    if let Handoff::Forward { piece, .. } = h {
+                        self.pool.release(piece);
+                    }
+                    self.core.record_drops(DropReason::WorkerBehind, 1);
+                }
+            }
+        }
+    }
+
+    /// Sends `piece` to this worker's subscribers of `channel`, then releases the reference.
+    fn fan_out(
+        &mut self,
+        piece: PieceRef,
+        channel: &ChannelId,
+        clock: &MonotonicClock,
+        b: &mut Buffers,
+    ) {
+        let subscribers = self.core.subscribers(channel);
+        if !subscribers.is_empty() {
+            let bytes = self.pool.bytes(&piece);
+            let result = self.socket.send_fanout(bytes, subscribers, &mut b.send);
+            let len = bytes.len();
+            self.core.record_sends(result.sent, len);
+            if result.failed > 0 {
+                self.core
+                    .record_drops(DropReason::SendFailed, result.failed as u64);
+            }
+            if result.sent > 0 && self.pool.claim_first_send(&piece) {
+                let us = clock.now().saturating_since(self.pool.received_at(&piece));
+                b.latency.first_send_us.saturating_record(micros(us));
+            }
+        }
+        if let Release::Last {
+            sent: true,
+            received_at,
+        } = self.pool.release(piece)
+        {
+            let us = clock.now().saturating_since(received_at);
+            b.latency.forward_us.saturating_record(micros(us));
+        }
+    }
+}
+
+fn is_piece(data: &[u8]) -> bool {
+    matches!(peek_type(data), Ok(MessageType::Data))
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+/// Verifies the pending pieces of a batch: all together first (when more than one), one by one
+/// if that fails. Single verification allocates nothing; batch verification allocates a few
+/// vectors per batch, outside the audited hot path.
+fn verify_pending(recv: &RecvBatch, pending: &[(usize, PendingPiece)], verified: &mut Vec<bool>) {
+    verified.clear();
+    let piece = |i: usize| Piece::parse(recv.get(i).1).ok();
+    if pending.len() > 1 {
+        set_hot_path(false);
+        let batch: Vec<(Piece<'_>, _)> = pending
+            .iter()
+            .filter_map(|&(i, p)| piece(i).map(|pc| (pc, p.key)))
+            .collect();
+        let all_good = batch.len() == pending.len() && verify_batch(&batch).is_ok();
+        drop(batch);
+        set_hot_path(true);
+        if all_good {
+            verified.resize(pending.len(), true);
+            return;
+        }
+    }
+    verified.extend(
+        pending
+            .iter()
+            .map(|&(i, p)| piece(i).is_some_and(|pc| p.key.verify_piece(&pc).is_ok())),
+    );
+}
