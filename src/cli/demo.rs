@@ -50,6 +50,9 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
     let config = EngineConfig {
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         workers: worker_count(0),
+        // The demo's viewers share these cores with the relay: pinned workers would wait for
+        // whichever viewer holds their core.
+        pin: false,
         ..EngineConfig::default()
     };
     let metrics = RelayMetrics::new(BACKEND, config.workers);
