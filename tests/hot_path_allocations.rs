@@ -64,6 +64,7 @@ fn forwarding_ten_thousand_pieces_allocates_nothing_on_the_hot_path() {
         duration: Duration::from_millis(pieces / 2),
         receiver_threads: 1,
         progress: false,
+        key_seed: None,
     };
     // Warm-up: first subscriptions and channels grow tables; that is the control path.
     run_load(&load(400)).unwrap();

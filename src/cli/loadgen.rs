@@ -75,6 +75,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
         duration: args.duration,
         receiver_threads: args.receiver_threads,
         progress: !args.json && !args.find_max,
+        key_seed: None,
     };
     let report = if args.find_max {
         find_max(&config)?

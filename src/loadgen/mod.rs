@@ -43,6 +43,9 @@ pub struct LoadConfig {
     pub receiver_threads: usize,
     /// Print a progress line every second on stderr.
     pub progress: bool,
+    /// Seed of the channel key (a fresh random key when `None`), so other clients can join
+    /// the channel under test.
+    pub key_seed: Option<[u8; 32]>,
 }
 
 /// What the relay delivered.
@@ -137,7 +140,9 @@ pub fn run_load(config: &LoadConfig) -> Result<LoadReport, LoadError> {
         ));
     }
     let clock = MonotonicClock::new();
-    let key = ChannelKey::generate();
+    let key = config
+        .key_seed
+        .map_or_else(ChannelKey::generate, |seed| ChannelKey::from_seed(&seed));
     let channel = key.public().channel_id();
     let epoch = wall_clock_us();
     let mut publisher = Publisher::new(key, epoch, 1);
@@ -317,6 +322,7 @@ mod tests {
             duration: Duration::from_millis(600),
             receiver_threads: 2,
             progress: false,
+            key_seed: None,
         })
         .unwrap();
         relay.stop().unwrap();
@@ -346,6 +352,7 @@ mod tests {
             duration: Duration::from_millis(10),
             receiver_threads: 1,
             progress: false,
+            key_seed: None,
         };
         assert!(matches!(run_load(&base), Err(LoadError::Config(_))));
     }

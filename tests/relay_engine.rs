@@ -1,0 +1,150 @@
+//! The relay engine under load on loopback: every poll mode delivers every piece to every
+//! subscriber across two workers; a subscriber that never reads does not lower the others'
+//! delivery; UNSUBSCRIBE and keepalive expiry free subscriber state.
+
+mod common;
+
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
+
+use clubcast::crypto::ChannelKey;
+use clubcast::loadgen::{run_load, LoadConfig};
+use clubcast::wire::{ChannelId, Hello, Message, MessageType, Subscription, MAX_DATAGRAM};
+use common::Relay;
+
+fn load(relay: SocketAddr, subscribers: usize, rate_pps: u64, ms: u64) -> LoadConfig {
+    LoadConfig {
+        relay,
+        subscribers,
+        rate_pps,
+        payload: 1128,
+        duration: Duration::from_millis(ms),
+        receiver_threads: 1,
+        progress: false,
+        key_seed: None,
+    }
+}
+
+/// A hand-driven subscriber: HELLO → COOKIE → SUBSCRIBE; its socket and subscription.
+fn subscribe(relay: SocketAddr, channel: ChannelId) -> (UdpSocket, Subscription) {
+    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = [0u8; MAX_DATAGRAM];
+    let n = Hello { channel, nonce: 3 }.encode(&mut buf).unwrap();
+    s.send_to(&buf[..n], relay).unwrap();
+    let n = s.recv(&mut buf).unwrap();
+    let Ok(Message::Cookie(c)) = Message::parse(&buf[..n]) else {
+        panic!("no cookie")
+    };
+    let sub = Subscription {
+        channel,
+        cookie: c.cookie,
+    };
+    let n = sub.encode(MessageType::Subscribe, &mut buf).unwrap();
+    s.send_to(&buf[..n], relay).unwrap();
+    let n = s.recv(&mut buf).unwrap();
+    assert!(matches!(
+        Message::parse(&buf[..n]),
+        Ok(Message::Subscribed(_))
+    ));
+    (s, sub)
+}
+
+fn send(s: &UdpSocket, relay: SocketAddr, sub: &Subscription, kind: MessageType) {
+    let mut buf = [0u8; 64];
+    let n = sub.encode(kind, &mut buf).unwrap();
+    s.send_to(&buf[..n], relay).unwrap();
+}
+
+#[test]
+fn every_poll_mode_delivers_everything_on_two_workers() {
+    for mode in ["busy", "adaptive", "block"] {
+        let relay = Relay::start(&["--workers", "2", "--poll", mode]);
+        let report = run_load(&load(relay.addr, 40, 1000, 1500)).unwrap();
+        assert_eq!(
+            report.delivered_ratio,
+            1.0,
+            "--poll {mode}: {}",
+            report.to_json()
+        );
+        assert_eq!(report.duplicates, 0, "--poll {mode}");
+        let text = relay.scrape();
+        assert!(
+            text.contains("clubcast_relay_worker_busy_ratio{worker=\"1\"}"),
+            "{text}"
+        );
+    }
+}
+
+#[test]
+fn a_subscriber_that_never_reads_does_not_hurt_the_others() {
+    let relay = Relay::start(&["--workers", "2"]);
+    let seed = [77u8; 32];
+    let channel = ChannelKey::from_seed(&seed).public().channel_id();
+    // A subscriber with the smallest receive buffer that never reads, kept alive throughout.
+    let (stalled, sub) = subscribe(relay.addr, channel);
+    socket2::SockRef::from(&stalled)
+        .set_recv_buffer_size(1)
+        .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let keepalive = {
+        let stop = Arc::clone(&stop);
+        let relay = relay.addr;
+        thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                send(&stalled, relay, &sub, MessageType::Keepalive);
+                thread::sleep(Duration::from_millis(500));
+            }
+        })
+    };
+    let report = run_load(&LoadConfig {
+        key_seed: Some(seed),
+        ..load(relay.addr, 50, 2000, 2000)
+    })
+    .unwrap();
+    stop.store(true, Ordering::Relaxed);
+    keepalive.join().unwrap();
+    assert!(report.delivered_ratio >= 0.999, "{}", report.to_json());
+    // The relay did send to the stalled subscriber too: one copy per piece per subscriber.
+    let sent = report.pieces_sent as f64;
+    relay.wait_metric(
+        "clubcast_relay_pieces_forwarded_total",
+        sent * 51.0,
+        Duration::from_secs(5),
+    );
+}
+
+#[test]
+fn unsubscribe_and_keepalive_expiry_free_subscribers() {
+    let relay = Relay::start(&["--workers", "2", "--subscriber-timeout", "1s"]);
+    let channel = ChannelId([5; 8]);
+    let subs: Vec<_> = (0..10).map(|_| subscribe(relay.addr, channel)).collect();
+    relay.wait_metric("clubcast_relay_subscribers", 10.0, Duration::from_secs(5));
+    for (s, sub) in &subs[..4] {
+        send(s, relay.addr, sub, MessageType::Unsubscribe);
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while relay.metric("clubcast_relay_subscribers") != 6.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "unsubscribes not applied"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    // The rest stop sending KEEPALIVE: gone within the timeout and a sweep.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while relay.metric("clubcast_relay_subscribers") != 0.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "expiry did not free subscribers"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        relay.metric("clubcast_relay_subscribers_expired_total"),
+        6.0
+    );
+}
