@@ -10,13 +10,14 @@ use std::net::SocketAddr;
 use crate::backend::PortableSocket;
 
 /// Socket buffer size for clients: a few hundred milliseconds of a fast stream.
-const CLIENT_SOCKET_BUFFER: usize = 4 << 20;
+pub(crate) const CLIENT_SOCKET_BUFFER: usize = 4 << 20;
 
-/// A socket on an ephemeral port of the same address family as `peer`.
-pub(crate) fn socket_towards(peer: SocketAddr) -> io::Result<PortableSocket> {
+/// A socket on an ephemeral port of the same address family as `peer`, with buffers of about
+/// `buffer` bytes.
+pub(crate) fn socket_towards(peer: SocketAddr, buffer: usize) -> io::Result<PortableSocket> {
     let local: SocketAddr = match peer {
         SocketAddr::V4(_) => SocketAddr::from(([0, 0, 0, 0], 0)),
         SocketAddr::V6(_) => SocketAddr::from(([0u16; 8], 0)),
     };
-    PortableSocket::bind(local, CLIENT_SOCKET_BUFFER)
+    PortableSocket::bind(local, buffer)
 }

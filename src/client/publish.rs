@@ -125,7 +125,7 @@ pub fn run_publish(
     stop: Arc<AtomicBool>,
 ) -> Result<PublishReport, PublishError> {
     let chunks = spawn_reader(&config.input, Arc::clone(&stop))?;
-    let socket = super::socket_towards(config.relay)?;
+    let socket = super::socket_towards(config.relay, super::CLIENT_SOCKET_BUFFER)?;
     let mut session = Session {
         publisher: Publisher::new(key, wall_clock_us(), config.clubs),
         socket,

@@ -83,7 +83,7 @@ pub fn run_watch(
     stop: &AtomicBool,
     on_piece: &mut dyn FnMut(u64),
 ) -> Result<WatchReport, WatchError> {
-    let socket = super::socket_towards(config.relay)?;
+    let socket = super::socket_towards(config.relay, super::CLIENT_SOCKET_BUFFER)?;
     let clock = MonotonicClock::new();
     let mut viewer = Viewer::new(config.channel, config.viewer.clone());
     let mut buf = vec![0u8; MAX_DATAGRAM];

@@ -154,7 +154,13 @@ impl Worker {
             PollMode::Block => true,
         };
         if !block {
-            std::hint::spin_loop();
+            if self.poll == PollMode::Busy {
+                std::hint::spin_loop();
+            } else {
+                // Adaptive yields while it waits: work the kernel deferred to this core (on
+                // loopback, ksoftirqd finishing delivery of our own sends) gets to run.
+                std::thread::yield_now();
+            }
             return Ok(());
         }
         let waker = &self.wakers[self.id];

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 
-use crate::client::socket_towards;
+use crate::client::{socket_towards, CLIENT_SOCKET_BUFFER};
 use crate::crypto::ChannelKey;
 use crate::metrics::latency_histogram;
 use crate::publisher::Publisher;
@@ -146,7 +146,7 @@ pub fn run_load(config: &LoadConfig) -> Result<LoadReport, LoadError> {
     let channel = key.public().channel_id();
     let epoch = wall_clock_us();
     let mut publisher = Publisher::new(key, epoch, 1);
-    let socket = socket_towards(config.relay)?;
+    let socket = socket_towards(config.relay, CLIENT_SOCKET_BUFFER)?;
     announce(&mut publisher, &socket, config.relay, &clock)?;
 
     let threads = config.receiver_threads.clamp(1, config.subscribers);
