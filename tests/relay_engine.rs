@@ -6,7 +6,7 @@ mod common;
 
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
 use std::time::Duration;
 
@@ -14,6 +14,13 @@ use clubcast::crypto::ChannelKey;
 use clubcast::loadgen::{run_load, LoadConfig};
 use clubcast::wire::{ChannelId, Hello, Message, MessageType, Subscription, MAX_DATAGRAM};
 use common::Relay;
+
+/// These tests measure delivery under load on a small machine: run them one at a time (a
+/// busy-polling relay spins every core it has).
+fn one_at_a_time() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 fn load(relay: SocketAddr, subscribers: usize, rate_pps: u64, ms: u64) -> LoadConfig {
     LoadConfig {
@@ -61,6 +68,7 @@ fn send(s: &UdpSocket, relay: SocketAddr, sub: &Subscription, kind: MessageType)
 
 #[test]
 fn every_poll_mode_delivers_everything_on_two_workers() {
+    let _serial = one_at_a_time();
     for mode in ["busy", "adaptive", "block"] {
         let relay = Relay::start(&["--workers", "2", "--poll", mode]);
         let report = run_load(&load(relay.addr, 40, 1000, 1500)).unwrap();
@@ -81,6 +89,7 @@ fn every_poll_mode_delivers_everything_on_two_workers() {
 
 #[test]
 fn a_subscriber_that_never_reads_does_not_hurt_the_others() {
+    let _serial = one_at_a_time();
     let relay = Relay::start(&["--workers", "2"]);
     let seed = [77u8; 32];
     let channel = ChannelKey::from_seed(&seed).public().channel_id();
@@ -119,6 +128,7 @@ fn a_subscriber_that_never_reads_does_not_hurt_the_others() {
 
 #[test]
 fn unsubscribe_and_keepalive_expiry_free_subscribers() {
+    let _serial = one_at_a_time();
     let relay = Relay::start(&["--workers", "2", "--subscriber-timeout", "1s"]);
     let channel = ChannelId([5; 8]);
     let subs: Vec<_> = (0..10).map(|_| subscribe(relay.addr, channel)).collect();
