@@ -225,24 +225,21 @@ impl Worker {
     ) {
         let received_at = self.pool.received_at(&datagram);
         let data = self.pool.bytes(&datagram);
-        set_hot_path(is_piece(data));
-        let verdict = self.core.handle(received_at, from, data, &mut b.reply);
-        set_hot_path(true);
-        match verdict {
-            Inbound::Reply(len) => {
-                if self.socket.send_to(&b.reply[..len], from).is_err() {
-                    self.core.record_drops(DropReason::SendFailed, 1);
-                }
+        let pending = handle_one(
+            &mut self.core,
+            &self.socket,
+            received_at,
+            from,
+            data,
+            &mut b.reply,
+        );
+        if let Some(p) = pending {
+            let ok = Piece::parse(data).is_ok_and(|pc| p.key.verify_piece(&pc).is_ok());
+            if self.core.admit(&p, ok).is_ok() {
+                self.hand_to_peers(&datagram, p.channel);
+                self.fan_out(datagram, &p.channel, clock, b);
+                return;
             }
-            Inbound::Verify(p) => {
-                let ok = Piece::parse(data).is_ok_and(|pc| p.key.verify_piece(&pc).is_ok());
-                if self.core.admit(&p, ok).is_ok() {
-                    self.hand_to_peers(&datagram, p.channel);
-                    self.fan_out(datagram, &p.channel, clock, b);
-                    return;
-                }
-            }
-            Inbound::Dropped(_) | Inbound::Done => {}
         }
         self.pool.release(datagram);
     }
@@ -343,18 +340,15 @@ impl Worker {
                 self.core.record_drops(DropReason::Malformed, 1);
                 continue;
             };
-            // Control messages may grow tables (a new subscriber): that is not the hot path.
-            set_hot_path(is_piece(data));
-            let verdict = self.core.handle(received_at, from, data, &mut b.reply);
-            set_hot_path(true);
-            match verdict {
-                Inbound::Reply(len) => {
-                    if self.socket.send_to(&b.reply[..len], from).is_err() {
-                        self.core.record_drops(DropReason::SendFailed, 1);
-                    }
-                }
-                Inbound::Verify(p) => b.pending.push((i, p)),
-                Inbound::Dropped(_) | Inbound::Done => {}
+            if let Some(p) = handle_one(
+                &mut self.core,
+                &self.socket,
+                received_at,
+                from,
+                data,
+                &mut b.reply,
+            ) {
+                b.pending.push((i, p));
             }
         }
         if b.pending.is_empty() {
@@ -425,6 +419,32 @@ impl Worker {
             let us = clock.now().saturating_since(received_at);
             b.latency.forward_us.saturating_record(micros(us));
         }
+    }
+}
+
+/// Runs one datagram through the core and sends any reply; a piece that passed the cheap
+/// filters comes back for verification.
+fn handle_one(
+    core: &mut RelayCore,
+    socket: &PortableSocket,
+    received_at: Timestamp,
+    from: SocketAddr,
+    data: &[u8],
+    reply: &mut [u8],
+) -> Option<PendingPiece> {
+    // Control messages may grow tables (a new subscriber): that is not the hot path.
+    set_hot_path(is_piece(data));
+    let verdict = core.handle(received_at, from, data, reply);
+    set_hot_path(true);
+    match verdict {
+        Inbound::Reply(len) => {
+            if socket.send_to(&reply[..len], from).is_err() {
+                core.record_drops(DropReason::SendFailed, 1);
+            }
+            None
+        }
+        Inbound::Verify(p) => Some(p),
+        Inbound::Dropped(_) | Inbound::Done => None,
     }
 }
 
