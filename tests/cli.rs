@@ -210,7 +210,25 @@ fn relay_reports_a_busy_port() {
     let addr = busy.local_addr().unwrap().to_string();
     assert_error(
         &["relay", "--listen", &addr, "--metrics", "127.0.0.1:0"],
-        &["cannot listen", &addr],
+        &["cannot start the relay", &addr],
+    );
+}
+
+#[test]
+fn relay_refuses_a_pool_too_small_for_its_workers() {
+    assert_error(
+        &[
+            "relay",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics",
+            "127.0.0.1:0",
+            "--workers",
+            "2",
+            "--pool-slots",
+            "32",
+        ],
+        &["too small", "2 workers"],
     );
 }
 

@@ -270,6 +270,13 @@ impl RecvBatch {
         self.bufs[i] = (ptr, len);
     }
 
+    /// Points slot `i` back at the batch's own buffer and forgets its datagram: call it before
+    /// the caller's memory behind slot `i` is handed on.
+    pub fn detach(&mut self, i: usize) {
+        self.bufs[i] = (self.own[i].as_mut_ptr(), RECV_BUF_LEN);
+        self.hdrs[i].msg_len = 0;
+    }
+
     /// Points every slot back at the batch's own buffers.
     pub fn reset_buffers(&mut self) {
         for (b, o) in self.bufs.iter_mut().zip(self.own.iter_mut()) {
@@ -319,6 +326,7 @@ impl RecvBatch {
     /// Datagram `i`: its source (`None` for an unknown address family) and bytes. A datagram
     /// longer than its buffer arrives cut short and fails to parse.
     pub fn get(&self, i: usize) -> (Option<SocketAddr>, &[u8]) {
+        debug_assert!(i < self.count, "datagram {i} of a batch of {}", self.count);
         let h = &self.hdrs[i];
         let (ptr, cap) = self.bufs[i];
         let len = (h.msg_len as usize).min(cap);

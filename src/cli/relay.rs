@@ -78,7 +78,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
     };
     let metrics = RelayMetrics::new(BACKEND, config.workers);
     let engine = RelayEngine::bind(&config, metrics.clone())
-        .with_context(|| format!("cannot listen on udp {}", args.listen))?;
+        .with_context(|| format!("cannot start the relay on udp {}", args.listen))?;
     let server = MetricsServer::start(args.metrics, metrics)
         .with_context(|| format!("cannot serve metrics on tcp {}", args.metrics))?;
     tracing::info!(

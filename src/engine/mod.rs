@@ -10,7 +10,7 @@
 //! counting-allocator test checks it), except Ed25519 batch verification, which allocates a few
 //! vectors per batch, not per piece.
 
-pub mod pool;
+mod pool;
 mod wake;
 mod worker;
 
@@ -22,9 +22,11 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use crate::backend::portable::RECV_BATCH;
 use crate::backend::PortableSocket;
 use crate::metrics::RelayMetrics;
 use crate::relay::{RelayConfig, RelayCore};
+use crate::time::MonotonicClock;
 
 use pool::BufferPool;
 use wake::Waker;
@@ -123,6 +125,18 @@ impl RelayEngine {
     /// Binds one `SO_REUSEPORT` socket per worker on `config.listen`.
     pub fn bind(config: &EngineConfig, metrics: Arc<RelayMetrics>) -> io::Result<Self> {
         let n = worker_count(config.workers);
+        // Each worker keeps a receive batch of slots lent to the kernel; leave as many again
+        // for pieces in flight.
+        let min_slots = n * RECV_BATCH * 2;
+        if config.pool_slots < min_slots {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "a pool of {} buffers is too small for {n} workers (at least {min_slots})",
+                    config.pool_slots
+                ),
+            ));
+        }
         let first = PortableSocket::bind_shared(config.listen, config.socket_buffer)?;
         let addr = first.local_addr()?; // the real port when asked for port 0
         let mut sockets = vec![first];
@@ -136,6 +150,8 @@ impl RelayEngine {
             .map(|_| crossbeam::channel::bounded::<Handoff>(worker::HANDOFF_QUEUE))
             .unzip();
         let cookie_key: [u8; 32] = rand::random();
+        // One clock for all workers: timestamps cross workers with the pieces.
+        let clock = MonotonicClock::new();
         let cores = if config.pin {
             core_affinity::get_core_ids().unwrap_or_default()
         } else {
@@ -161,6 +177,7 @@ impl RelayEngine {
                 metrics: Arc::clone(&metrics),
                 poll: config.poll,
                 pin: (!cores.is_empty()).then(|| cores[id % cores.len()]),
+                clock,
             })
             .collect();
         Ok(RelayEngine { workers, addr })

@@ -14,7 +14,7 @@ use crate::time::Timestamp;
 
 /// Bytes per slot: more than any valid datagram, so longer ones arrive cut short and fail to
 /// parse.
-pub const SLOT_LEN: usize = 2048;
+pub(crate) const SLOT_LEN: usize = 2048;
 
 struct Slot {
     data: UnsafeCell<[u8; SLOT_LEN]>,
@@ -22,6 +22,8 @@ struct Slot {
     len: AtomicU32,
     received_at: AtomicU64,
     first_sent: AtomicBool,
+    /// Latest time (µs, +1 so that zero means never) any worker handed a copy to the kernel.
+    last_sent: AtomicU64,
 }
 
 // SAFETY: `data` is written only through a `SlotWriter`, which exists only while the slot is
@@ -30,26 +32,26 @@ struct Slot {
 unsafe impl Sync for Slot {}
 
 /// A fixed set of buffers shared by all workers.
-pub struct BufferPool {
+pub(crate) struct BufferPool {
     slots: Box<[Slot]>,
     free: ArrayQueue<u32>,
 }
 
 /// Exclusive access to a slot being filled.
-pub struct SlotWriter {
+pub(crate) struct SlotWriter {
     index: u32,
 }
 
 /// A shared, read-only reference to a filled slot. Not `Clone`: share with
 /// [`BufferPool::share`], and give every reference back with [`BufferPool::release`].
 #[derive(Debug, PartialEq, Eq)]
-pub struct PieceRef {
+pub(crate) struct PieceRef {
     index: u32,
 }
 
 impl BufferPool {
     /// A pool of `slots` buffers (at least one).
-    pub fn new(slots: usize) -> Self {
+    pub(crate) fn new(slots: usize) -> Self {
         let slots = slots.max(1);
         let free = ArrayQueue::new(slots);
         for i in 0..slots {
@@ -64,45 +66,44 @@ impl BufferPool {
                     len: AtomicU32::new(0),
                     received_at: AtomicU64::new(0),
                     first_sent: AtomicBool::new(false),
+                    last_sent: AtomicU64::new(0),
                 })
                 .collect(),
             free,
         }
     }
 
-    /// Slots in the pool.
-    pub fn capacity(&self) -> usize {
-        self.slots.len()
-    }
-
     /// Slots free now.
-    pub fn available(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn available(&self) -> usize {
         self.free.len()
     }
 
     /// Takes a free slot to fill; `None` when every slot is in use (the caller drops input).
-    pub fn take(&self) -> Option<SlotWriter> {
+    pub(crate) fn take(&self) -> Option<SlotWriter> {
         let index = self.free.pop()?;
         let slot = &self.slots[index as usize];
         slot.refs.store(1, Ordering::Relaxed);
         slot.first_sent.store(false, Ordering::Relaxed);
+        slot.last_sent.store(0, Ordering::Relaxed);
         Some(SlotWriter { index })
     }
 
     /// The writable bytes of a slot being filled.
-    pub fn buf_mut<'a>(&'a self, w: &'a mut SlotWriter) -> &'a mut [u8; SLOT_LEN] {
+    #[cfg(test)]
+    pub(crate) fn buf_mut<'a>(&'a self, w: &'a mut SlotWriter) -> &'a mut [u8; SLOT_LEN] {
         // SAFETY: a SlotWriter is the only handle to its slot (taken off the free list, not
         // yet frozen), and the returned borrow is tied to the writer's unique borrow.
         unsafe { &mut *self.slots[w.index as usize].data.get() }
     }
 
     /// A raw pointer to the slot's bytes, for kernel interfaces that fill it (recvmmsg).
-    pub fn as_mut_ptr(&self, w: &mut SlotWriter) -> *mut u8 {
+    pub(crate) fn as_mut_ptr(&self, w: &mut SlotWriter) -> *mut u8 {
         self.slots[w.index as usize].data.get().cast()
     }
 
     /// Ends writing: the first `len` bytes are the datagram, received at `received_at`.
-    pub fn freeze(&self, w: SlotWriter, len: usize, received_at: Timestamp) -> PieceRef {
+    pub(crate) fn freeze(&self, w: SlotWriter, len: usize, received_at: Timestamp) -> PieceRef {
         let slot = &self.slots[w.index as usize];
         slot.len.store(len.min(SLOT_LEN) as u32, Ordering::Relaxed);
         slot.received_at
@@ -111,7 +112,7 @@ impl BufferPool {
     }
 
     /// Returns an unused writer's slot.
-    pub fn discard(&self, w: SlotWriter) {
+    pub(crate) fn discard(&self, w: SlotWriter) {
         self.slots[w.index as usize]
             .refs
             .store(0, Ordering::Relaxed);
@@ -119,7 +120,7 @@ impl BufferPool {
     }
 
     /// The datagram in a slot.
-    pub fn bytes(&self, r: &PieceRef) -> &[u8] {
+    pub(crate) fn bytes(&self, r: &PieceRef) -> &[u8] {
         let slot = &self.slots[r.index as usize];
         let len = slot.len.load(Ordering::Relaxed) as usize;
         // SAFETY: a PieceRef exists only for a frozen slot, which nobody writes until every
@@ -129,7 +130,7 @@ impl BufferPool {
     }
 
     /// When the datagram in a slot was received.
-    pub fn received_at(&self, r: &PieceRef) -> Timestamp {
+    pub(crate) fn received_at(&self, r: &PieceRef) -> Timestamp {
         Timestamp::from_micros(
             self.slots[r.index as usize]
                 .received_at
@@ -138,14 +139,21 @@ impl BufferPool {
     }
 
     /// True for exactly one caller per filling of the slot: the first to send it.
-    pub fn claim_first_send(&self, r: &PieceRef) -> bool {
+    pub(crate) fn claim_first_send(&self, r: &PieceRef) -> bool {
         !self.slots[r.index as usize]
             .first_sent
             .swap(true, Ordering::Relaxed)
     }
 
+    /// Records that copies of the slot were handed to the kernel at `at`.
+    pub(crate) fn note_sent(&self, r: &PieceRef, at: Timestamp) {
+        self.slots[r.index as usize]
+            .last_sent
+            .fetch_max(at.as_micros() + 1, Ordering::Relaxed);
+    }
+
     /// One more reference to the same slot.
-    pub fn share(&self, r: &PieceRef) -> PieceRef {
+    pub(crate) fn share(&self, r: &PieceRef) -> PieceRef {
         self.slots[r.index as usize]
             .refs
             .fetch_add(1, Ordering::Relaxed);
@@ -154,14 +162,15 @@ impl BufferPool {
 
     /// Gives a reference back. For the last one, the slot is free again and the answer says
     /// whether any copy was sent and when the datagram was received.
-    pub fn release(&self, r: PieceRef) -> Release {
+    pub(crate) fn release(&self, r: PieceRef) -> Release {
         let slot = &self.slots[r.index as usize];
         // AcqRel: every reader's use happens before the slot is reused for writing.
         if slot.refs.fetch_sub(1, Ordering::AcqRel) != 1 {
             return Release::Shared;
         }
+        let last_sent = slot.last_sent.load(Ordering::Relaxed);
         let last = Release::Last {
-            sent: slot.first_sent.load(Ordering::Relaxed),
+            last_sent: last_sent.checked_sub(1).map(Timestamp::from_micros),
             received_at: Timestamp::from_micros(slot.received_at.load(Ordering::Relaxed)),
         };
         let _ = self.free.push(r.index);
@@ -171,13 +180,13 @@ impl BufferPool {
 
 /// What releasing a reference did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Release {
+pub(crate) enum Release {
     /// Other references remain.
     Shared,
     /// That was the last; the slot is free.
     Last {
-        /// Whether any worker sent a copy.
-        sent: bool,
+        /// When the last copy was handed to the kernel, by any worker (`None`: never sent).
+        last_sent: Option<Timestamp>,
         /// When the datagram was received.
         received_at: Timestamp,
     },
@@ -201,10 +210,12 @@ mod tests {
         assert_eq!(pool.available(), 1);
         assert!(pool.claim_first_send(&a));
         assert!(!pool.claim_first_send(&r));
+        pool.note_sent(&a, Timestamp::from_micros(20));
+        pool.note_sent(&r, Timestamp::from_micros(10));
         assert_eq!(pool.release(r), Release::Shared);
         assert_eq!(pool.release(a), Release::Shared);
         let last = Release::Last {
-            sent: true,
+            last_sent: Some(Timestamp::from_micros(20)),
             received_at: Timestamp::from_micros(7),
         };
         assert_eq!(pool.release(b), last);

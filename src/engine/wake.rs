@@ -39,6 +39,8 @@ impl Waker {
 
     /// Called by a sender after queueing work: rings the bell if the owner may be asleep.
     pub(super) fn wake(&self) {
+        // Pairs with the fence in the sleeper: the queued hand-off is visible before we look.
+        std::sync::atomic::fence(Ordering::SeqCst);
         if self.sleeping.load(Ordering::SeqCst) {
             let one: u64 = 1;
             // SAFETY: writes 8 bytes from a live u64 to an eventfd we own. A failure (counter

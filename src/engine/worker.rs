@@ -62,6 +62,7 @@ pub(super) struct Worker {
     pub(super) metrics: Arc<RelayMetrics>,
     pub(super) poll: PollMode,
     pub(super) pin: Option<core_affinity::CoreId>,
+    pub(super) clock: MonotonicClock,
 }
 
 /// Per-loop state, allocated once when the worker starts.
@@ -73,6 +74,8 @@ struct Buffers {
     pending: Vec<(usize, PendingPiece)>,
     verified: Vec<bool>,
     latency: WorkerLatency,
+    /// Whether the last receive found no free buffer (the stall is counted once).
+    starved: bool,
 }
 
 impl Worker {
@@ -82,7 +85,7 @@ impl Worker {
                 tracing::warn!(worker = self.id, "could not pin to core {}", core.id);
             }
         }
-        let clock = MonotonicClock::new();
+        let clock = self.clock;
         let mut b = Buffers {
             recv: RecvBatch::new(),
             send: SendBatch::new(),
@@ -91,6 +94,7 @@ impl Worker {
             pending: Vec::with_capacity(RECV_BATCH),
             verified: Vec::with_capacity(RECV_BATCH),
             latency: WorkerLatency::new(),
+            starved: false,
         };
         let mut next_publish = Instant::now();
         let mut interval_start = Instant::now();
@@ -165,6 +169,8 @@ impl Worker {
         }
         let waker = &self.wakers[self.id];
         waker.set_sleeping(true);
+        // Pairs with the fence in Waker::wake: either we see the hand-off, or it sees us asleep.
+        std::sync::atomic::fence(Ordering::SeqCst);
         if !self.inbox.is_empty() {
             waker.set_sleeping(false);
             return Ok(());
@@ -268,10 +274,9 @@ impl Worker {
             return false;
         }
         let len = data.len();
-        let Some(writer) = b.writers[i].take() else {
+        let Some(datagram) = self.freeze(i, len, received_at, b) else {
             return false;
         };
-        let datagram = self.pool.freeze(writer, len, received_at);
         let Some((_, tx)) = self.peers.iter().find(|(id, _)| *id == owner) else {
             self.pool.release(datagram);
             return true;
@@ -290,6 +295,8 @@ impl Worker {
 
     /// Receives one batch into pool slots and handles it; the number of datagrams.
     fn receive(&mut self, clock: &MonotonicClock, b: &mut Buffers) -> usize {
+        // Keep the slots this worker already holds at the front, then top up from the pool.
+        b.writers.sort_unstable_by_key(Option::is_none);
         let mut slots = 0;
         for (i, slot) in b.writers.iter_mut().enumerate() {
             if slot.is_none() {
@@ -297,16 +304,21 @@ impl Worker {
             }
             let Some(w) = slot.as_mut() else { break };
             // SAFETY: the slot is ours (a SlotWriter) until frozen or discarded, and it is
-            // only read back through RecvBatch::get after the receive.
+            // only read back through RecvBatch::get after the receive; detach() unhooks it
+            // before it is frozen and handed on.
             unsafe { b.recv.set_buffer(i, self.pool.as_mut_ptr(w), SLOT_LEN) };
             slots = i + 1;
         }
         if slots == 0 {
             // Every buffer is in flight: leave datagrams in the socket buffer (the kernel drops
-            // what overflows) and count the stall once per round.
-            self.core.record_drops(DropReason::PoolExhausted, 1);
+            // what overflows) and count the stall once, not once per spin.
+            if !b.starved {
+                self.core.record_drops(DropReason::PoolExhausted, 1);
+                b.starved = true;
+            }
             return 0;
         }
+        b.starved = false;
         b.recv.set_active(slots);
         let n = match self.socket.recv_batch(&mut b.recv) {
             Ok(n) => n,
@@ -321,6 +333,19 @@ impl Worker {
             self.handle_batch(n, received_at, clock, b);
         }
         n
+    }
+
+    /// Takes the filled slot of datagram `i` out of the batch, frozen for sharing.
+    fn freeze(
+        &self,
+        i: usize,
+        len: usize,
+        received_at: Timestamp,
+        b: &mut Buffers,
+    ) -> Option<PieceRef> {
+        let writer = b.writers[i].take()?;
+        b.recv.detach(i);
+        Some(self.pool.freeze(writer, len, received_at))
     }
 
     fn handle_batch(
@@ -361,10 +386,9 @@ impl Worker {
                 continue;
             }
             let len = b.recv.get(i).1.len();
-            let Some(writer) = b.writers[i].take() else {
+            let Some(piece) = self.freeze(i, len, received_at, b) else {
                 continue;
             };
-            let piece = self.pool.freeze(writer, len, received_at);
             self.hand_to_peers(&piece, p.channel);
             self.fan_out(piece, &p.channel, clock, b);
         }
@@ -406,17 +430,21 @@ impl Worker {
                 self.core
                     .record_drops(DropReason::SendFailed, result.failed as u64);
             }
-            if result.sent > 0 && self.pool.claim_first_send(&piece) {
-                let us = clock.now().saturating_since(self.pool.received_at(&piece));
-                b.latency.first_send_us.saturating_record(micros(us));
+            if result.sent > 0 {
+                let now = clock.now();
+                self.pool.note_sent(&piece, now);
+                if self.pool.claim_first_send(&piece) {
+                    let us = now.saturating_since(self.pool.received_at(&piece));
+                    b.latency.first_send_us.saturating_record(micros(us));
+                }
             }
         }
         if let Release::Last {
-            sent: true,
+            last_sent: Some(last_sent),
             received_at,
         } = self.pool.release(piece)
         {
-            let us = clock.now().saturating_since(received_at);
+            let us = last_sent.saturating_since(received_at);
             b.latency.forward_us.saturating_record(micros(us));
         }
     }

@@ -4,7 +4,9 @@
 //! Subscribers do the real handshake (HELLO → COOKIE → SUBSCRIBE, KEEPALIVE every second) but do
 //! not verify signatures: they count, so that the generator is not the bottleneck. Receiver
 //! threads drain many sockets each with `recvmmsg`. The publish-time field carries µs of one
-//! monotonic clock shared by publisher and subscribers, so latency is exact within the process.
+//! monotonic clock shared by publisher and subscribers, so latency is exact within the process;
+//! it is stamped just before the piece is signed, so it includes the publisher's Ed25519
+//! signing (about 15 µs).
 
 mod receiver;
 
