@@ -6,7 +6,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use clubcast::engine::{on_hot_path, EngineConfig, PollMode, RelayEngine};
+use clubcast::engine::{on_hot_path, Backend, EngineConfig, PollMode, RelayEngine, ZeroCopy};
 use clubcast::loadgen::{run_load, LoadConfig};
 use clubcast::metrics::RelayMetrics;
 
@@ -44,14 +44,23 @@ static GLOBAL: Counting = Counting;
 
 #[test]
 fn forwarding_ten_thousand_pieces_allocates_nothing_on_the_hot_path() {
+    // One backend after the other: the counter is global.
+    forward_and_count(Backend::Portable);
+    forward_and_count(Backend::Uring {
+        zerocopy: ZeroCopy::Auto,
+    });
+}
+
+fn forward_and_count(backend: Backend) {
     let config = EngineConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
+        backend,
         workers: 2,
         pin: false,
         poll: PollMode::Adaptive,
         ..EngineConfig::default()
     };
-    let metrics = RelayMetrics::new("portable", 2);
+    let metrics = RelayMetrics::new(backend.name(), 2);
     let relay = RelayEngine::bind(&config, metrics.clone())
         .unwrap()
         .spawn()

@@ -13,7 +13,7 @@ use anyhow::{bail, Context};
 use clubcast::client::publish::{run_publish, Input, PublishConfig, PublishReport};
 use clubcast::client::watch::{run_watch, WatchConfig, WatchEnd, WatchReport};
 use clubcast::crypto::ChannelKey;
-use clubcast::engine::{worker_count, EngineConfig, RelayEngine, BACKEND};
+use clubcast::engine::{worker_count, Backend, EngineConfig, RelayEngine, ZeroCopy};
 use clubcast::metrics::{latency_histogram, RelayMetrics};
 use clubcast::viewer::ViewerConfig;
 use hdrhistogram::Histogram;
@@ -47,23 +47,26 @@ struct Audience {
 }
 
 pub(crate) fn run(args: Args) -> anyhow::Result<()> {
+    let (backend, _) = Backend::detect(ZeroCopy::Auto);
     let config = EngineConfig {
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        backend,
         workers: worker_count(0),
         // The demo's viewers share these cores with the relay: pinned workers would wait for
         // whichever viewer holds their core.
         pin: false,
         ..EngineConfig::default()
     };
-    let metrics = RelayMetrics::new(BACKEND, config.workers);
+    let metrics = RelayMetrics::new(backend.name(), config.workers);
     let relay = RelayEngine::bind(&config, metrics.clone())
         .context("cannot bind the demo relay on loopback")?
         .spawn()?;
     let key = ChannelKey::generate();
     let channel = key.public();
     eprintln!(
-        "clubcast demo: 1 publisher → relay {} → {} viewers, {:.1} s of a {:.1} Mbit/s synthetic stream (channel {})",
+        "clubcast demo: 1 publisher → relay {} ({} backend) → {} viewers, {:.1} s of a {:.1} Mbit/s synthetic stream (channel {})",
         relay.addr(),
+        backend.name(),
         args.viewers,
         args.duration.as_secs_f64(),
         args.bitrate as f64 / 1e6,

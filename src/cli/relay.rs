@@ -5,7 +5,7 @@ use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use anyhow::Context;
-use clubcast::engine::{worker_count, EngineConfig, PollMode, RelayEngine, BACKEND};
+use clubcast::engine::{worker_count, Backend, EngineConfig, PollMode, RelayEngine, ZeroCopy};
 use clubcast::metrics::{MetricsServer, RelayMetrics};
 use clubcast::relay::RelayConfig;
 
@@ -59,9 +59,38 @@ pub(crate) struct Args {
     /// Packet buffers shared by the workers; datagrams wait in the socket when all are in use.
     #[arg(long, default_value_t = 16_384, value_name = "N")]
     pool_slots: usize,
+
+    /// Kernel interface: uring (io_uring: multishot receive, one submission per round for all
+    /// sends), portable (recvmmsg/sendmmsg, runs anywhere), or auto (uring where the kernel has
+    /// it, else portable).
+    #[arg(long, default_value = "auto", value_name = "BACKEND", value_parser = ["auto", "uring", "portable"])]
+    backend: String,
+
+    /// Zero-copy sends on the uring backend: on, off, or auto (off for pieces, which measured
+    /// cheaper to copy than to pin).
+    #[arg(long, default_value = "auto", value_name = "MODE")]
+    zerocopy: ZeroCopy,
+}
+
+/// The backend the flags ask for, and a note when auto fell back to portable.
+fn choose_backend(name: &str, zerocopy: ZeroCopy) -> anyhow::Result<(Backend, Option<String>)> {
+    match name {
+        "portable" => Ok((Backend::Portable, None)),
+        "uring" => {
+            clubcast::backend::uring::probe().map_err(|e| {
+                anyhow::anyhow!("io_uring is not available here ({e}); use --backend portable")
+            })?;
+            Ok((Backend::Uring { zerocopy }, None))
+        }
+        _ => Ok(Backend::detect(zerocopy)),
+    }
 }
 
 pub(crate) fn run(args: Args) -> anyhow::Result<()> {
+    let (backend, fallback) = choose_backend(&args.backend, args.zerocopy)?;
+    if let Some(reason) = fallback {
+        tracing::warn!("{reason}: using the portable backend");
+    }
     let config = EngineConfig {
         listen: args.listen,
         relay: RelayConfig {
@@ -75,15 +104,17 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
         pin: !args.no_pin,
         poll: args.poll,
         pool_slots: args.pool_slots,
+        backend,
     };
-    let metrics = RelayMetrics::new(BACKEND, config.workers);
+    let metrics = RelayMetrics::new(backend.name(), config.workers);
     let engine = RelayEngine::bind(&config, metrics.clone())
         .with_context(|| format!("cannot start the relay on udp {}", args.listen))?;
     let server = MetricsServer::start(args.metrics, metrics)
         .with_context(|| format!("cannot serve metrics on tcp {}", args.metrics))?;
     tracing::info!(
-        "relay listening on {} (backend {BACKEND}, {} workers, poll {:?}); metrics on http://{}/metrics",
+        "relay listening on {} (backend {}, {} workers, poll {:?}); metrics on http://{}/metrics",
         engine.local_addr(),
+        backend.name(),
         engine.workers(),
         args.poll,
         server.local_addr()

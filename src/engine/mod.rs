@@ -10,7 +10,7 @@
 //! counting-allocator test checks it), except Ed25519 batch verification, which allocates a few
 //! vectors per batch, not per piece.
 
-mod pool;
+pub(crate) mod pool;
 mod wake;
 mod worker;
 
@@ -32,8 +32,40 @@ use pool::BufferPool;
 use wake::Waker;
 use worker::{Handoff, Worker};
 
-/// The name of the backend this engine runs, as shown in logs and `clubcast_build_info`.
-pub const BACKEND: &str = "portable";
+pub use crate::backend::uring::ZeroCopy;
+
+/// The kernel interface the workers use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// Batched `recvmmsg`/`sendmmsg`: runs anywhere.
+    Portable,
+    /// io_uring: multishot receive into pool slots, one submission per round for all sends.
+    Uring {
+        /// Whether sends use `IORING_OP_SENDMSG_ZC`.
+        zerocopy: ZeroCopy,
+    },
+}
+
+impl Backend {
+    /// The name shown in logs and `clubcast_build_info`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Portable => "portable",
+            Backend::Uring { .. } => "uring",
+        }
+    }
+
+    /// `uring` where the kernel supports it, else `portable`, with the reason it fell back.
+    pub fn detect(zerocopy: ZeroCopy) -> (Backend, Option<String>) {
+        match crate::backend::uring::probe() {
+            Ok(()) => (Backend::Uring { zerocopy }, None),
+            Err(e) => (
+                Backend::Portable,
+                Some(format!("io_uring unavailable ({e})")),
+            ),
+        }
+    }
+}
 
 /// How a worker waits when there is nothing to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -76,6 +108,8 @@ pub struct EngineConfig {
     pub poll: PollMode,
     /// Pooled packet buffers shared by all workers.
     pub pool_slots: usize,
+    /// Kernel interface.
+    pub backend: Backend,
 }
 
 impl Default for EngineConfig {
@@ -88,6 +122,7 @@ impl Default for EngineConfig {
             pin: true,
             poll: PollMode::Adaptive,
             pool_slots: 16_384,
+            backend: Backend::Portable,
         }
     }
 }
@@ -127,7 +162,11 @@ impl RelayEngine {
         let n = worker_count(config.workers);
         // Each worker keeps a receive batch of slots lent to the kernel; leave as many again
         // for pieces in flight.
-        let min_slots = n * RECV_BATCH * 2;
+        let lent = match config.backend {
+            Backend::Portable => RECV_BATCH,
+            Backend::Uring { .. } => 256,
+        };
+        let min_slots = n * lent * 2;
         if config.pool_slots < min_slots {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -178,6 +217,10 @@ impl RelayEngine {
                 poll: config.poll,
                 pin: (!cores.is_empty()).then(|| cores[id % cores.len()]),
                 clock,
+                io: match config.backend {
+                    Backend::Portable => worker::IoKind::Portable,
+                    Backend::Uring { zerocopy } => worker::IoKind::Uring(zerocopy),
+                },
             })
             .collect();
         Ok(RelayEngine { workers, addr })

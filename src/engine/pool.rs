@@ -19,6 +19,7 @@ pub(crate) const SLOT_LEN: usize = 2048;
 struct Slot {
     data: UnsafeCell<[u8; SLOT_LEN]>,
     refs: AtomicU32,
+    offset: AtomicU32,
     len: AtomicU32,
     received_at: AtomicU64,
     first_sent: AtomicBool,
@@ -63,6 +64,7 @@ impl BufferPool {
                 .map(|_| Slot {
                     data: UnsafeCell::new([0; SLOT_LEN]),
                     refs: AtomicU32::new(0),
+                    offset: AtomicU32::new(0),
                     len: AtomicU32::new(0),
                     received_at: AtomicU64::new(0),
                     first_sent: AtomicBool::new(false),
@@ -104,8 +106,22 @@ impl BufferPool {
 
     /// Ends writing: the first `len` bytes are the datagram, received at `received_at`.
     pub(crate) fn freeze(&self, w: SlotWriter, len: usize, received_at: Timestamp) -> PieceRef {
+        self.freeze_at(w, 0, len, received_at)
+    }
+
+    /// Ends writing: `len` bytes from `offset` are the datagram (io_uring puts a header first).
+    pub(crate) fn freeze_at(
+        &self,
+        w: SlotWriter,
+        offset: usize,
+        len: usize,
+        received_at: Timestamp,
+    ) -> PieceRef {
         let slot = &self.slots[w.index as usize];
-        slot.len.store(len.min(SLOT_LEN) as u32, Ordering::Relaxed);
+        let offset = offset.min(SLOT_LEN);
+        slot.offset.store(offset as u32, Ordering::Relaxed);
+        slot.len
+            .store(len.min(SLOT_LEN - offset) as u32, Ordering::Relaxed);
         slot.received_at
             .store(received_at.as_micros(), Ordering::Relaxed);
         PieceRef { index: w.index }
@@ -122,11 +138,21 @@ impl BufferPool {
     /// The datagram in a slot.
     pub(crate) fn bytes(&self, r: &PieceRef) -> &[u8] {
         let slot = &self.slots[r.index as usize];
+        let offset = slot.offset.load(Ordering::Relaxed) as usize;
         let len = slot.len.load(Ordering::Relaxed) as usize;
         // SAFETY: a PieceRef exists only for a frozen slot, which nobody writes until every
         // reference is released; shared reads are fine.
         let data: &[u8; SLOT_LEN] = unsafe { &*slot.data.get() };
-        &data[..len]
+        &data[offset..offset + len]
+    }
+
+    /// Bytes `offset..offset + len` of a slot being filled, once the kernel has written them.
+    pub(crate) fn written<'a>(&'a self, w: &'a SlotWriter, offset: usize, len: usize) -> &'a [u8] {
+        let end = (offset + len).min(SLOT_LEN);
+        // SAFETY: the writer is the only handle to the slot; the kernel's write completed
+        // before its completion entry was read, and nothing writes while this borrow lives.
+        let data: &[u8; SLOT_LEN] = unsafe { &*self.slots[w.index as usize].data.get() };
+        &data[offset.min(end)..end]
     }
 
     /// When the datagram in a slot was received.

@@ -1,15 +1,15 @@
 //! One relay worker: its socket, its core shard, its loop.
 //!
 //! A round: take hand-offs from other workers; receive up to [`BATCHES_PER_ROUND`] batches into
-//! pool slots and process them; run timers; publish metrics when due; then wait as the poll mode
-//! says.
+//! pool slots (portable) or reap the ring's completions (uring) and process them; run timers;
+//! publish metrics when due; then wait as the poll mode says. The per-packet path (everything
+//! between receive and the last send) must not allocate, lock or block: sends never wait, a
+//! full socket or a full hand-off queue is a counted drop.
 //!
 //! Every channel has one owner worker (by its id), which alone holds the channel's key, replay
 //! window and epoch: pieces and announces of a channel that arrive on another worker's socket
 //! are handed to the owner before any check, so a replay cannot slip past the window by arriving
-//! on a different socket. Subscriptions stay with the worker whose socket they arrive on. The per-packet path (everything between receive
-//! and the last send) must not allocate, lock or block: sends use `MSG_DONTWAIT`, a full socket
-//! or a full hand-off queue is a counted drop.
+//! on a different socket. Subscriptions stay with the worker whose socket they arrive on.
 
 use std::io;
 use std::net::SocketAddr;
@@ -23,6 +23,7 @@ use super::pool::{BufferPool, PieceRef, Release, SlotWriter, SLOT_LEN};
 use super::wake::Waker;
 use super::{set_hot_path, PollMode};
 use crate::backend::portable::RECV_BATCH;
+use crate::backend::uring::{Received, SendDone, UringIo, ZeroCopy};
 use crate::backend::{PortableSocket, RecvBatch, SendBatch};
 use crate::crypto::{channel_id, verify_batch};
 use crate::metrics::{RelayMetrics, WorkerLatency, PUBLISH_INTERVAL};
@@ -38,6 +39,13 @@ const BATCHES_PER_ROUND: usize = 8;
 const MAX_WAIT: Duration = Duration::from_millis(50);
 /// Adaptive polling spins this long after the last work before it blocks.
 const SPIN_BEFORE_BLOCK: Duration = Duration::from_micros(200);
+
+/// Which kernel interface a worker uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum IoKind {
+    Portable,
+    Uring(ZeroCopy),
+}
 
 /// What one worker passes another: always a pool reference, never bytes.
 pub(super) enum Handoff {
@@ -63,19 +71,89 @@ pub(super) struct Worker {
     pub(super) poll: PollMode,
     pub(super) pin: Option<core_affinity::CoreId>,
     pub(super) clock: MonotonicClock,
+    pub(super) io: IoKind,
 }
 
 /// Per-loop state, allocated once when the worker starts.
 struct Buffers {
-    recv: RecvBatch,
-    send: SendBatch,
     reply: Vec<u8>,
-    writers: Vec<Option<SlotWriter>>,
     pending: Vec<(usize, PendingPiece)>,
     verified: Vec<bool>,
     latency: WorkerLatency,
     /// Whether the last receive found no free buffer (the stall is counted once).
     starved: bool,
+}
+
+/// The backend's sending side.
+enum Io {
+    Portable {
+        send: SendBatch,
+    },
+    Uring {
+        ring: Box<UringIo>,
+        done: Vec<SendDone>,
+    },
+}
+
+/// Receive-side storage for either backend, kept apart from [`Io`] so a batch can be read
+/// while its pieces are being sent.
+struct Rx {
+    recv: RecvBatch,
+    /// Pool slots lent to the next `recvmmsg`, by batch position.
+    writers: Vec<Option<SlotWriter>>,
+    /// Datagrams reaped from the ring.
+    reaped: Vec<Received>,
+    /// The same, wrapped so each can be taken.
+    received: Vec<Option<Received>>,
+}
+
+/// The datagrams of one receive, whichever backend received them.
+enum Batch<'a> {
+    Portable {
+        recv: &'a mut RecvBatch,
+        writers: &'a mut Vec<Option<SlotWriter>>,
+        len: usize,
+    },
+    Uring(&'a mut Vec<Option<Received>>),
+}
+
+impl Batch<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Batch::Portable { len, .. } => *len,
+            Batch::Uring(r) => r.len(),
+        }
+    }
+
+    /// Datagram `i`'s source and bytes (empty once taken).
+    fn get<'p>(&'p self, pool: &'p BufferPool, i: usize) -> (Option<SocketAddr>, &'p [u8]) {
+        match self {
+            Batch::Portable { recv, writers, .. } => match writers[i] {
+                Some(_) => recv.get(i),
+                None => (None, &[]),
+            },
+            Batch::Uring(r) => match &r[i] {
+                Some(d) => (d.from, pool.written(&d.writer, d.offset, d.len)),
+                None => (None, &[]),
+            },
+        }
+    }
+
+    /// Takes datagram `i` out of the batch as a shareable pool reference.
+    fn take(&mut self, pool: &BufferPool, i: usize, received_at: Timestamp) -> Option<PieceRef> {
+        match self {
+            Batch::Portable { recv, writers, .. } => {
+                let len = recv.get(i).1.len();
+                let writer = writers[i].take()?;
+                recv.detach(i);
+                Some(pool.freeze(writer, len, received_at))
+            }
+            Batch::Uring(r) => {
+                let d = r[i].take()?;
+                Some(pool.freeze_at(d.writer, d.offset, d.len, received_at))
+            }
+        }
+    }
 }
 
 impl Worker {
@@ -86,13 +164,30 @@ impl Worker {
             }
         }
         let clock = self.clock;
-        let mut b = Buffers {
+        let mut io = match self.io {
+            IoKind::Portable => Io::Portable {
+                send: SendBatch::new(),
+            },
+            IoKind::Uring(zc) => Io::Uring {
+                ring: Box::new(UringIo::new(
+                    self.socket.fd(),
+                    self.wakers[self.id].fd(),
+                    &self.pool,
+                    zc,
+                )?),
+                done: Vec::with_capacity(8192),
+            },
+        };
+        let mut rx = Rx {
             recv: RecvBatch::new(),
-            send: SendBatch::new(),
-            reply: vec![0; MAX_DATAGRAM],
             writers: (0..RECV_BATCH).map(|_| None).collect(),
-            pending: Vec::with_capacity(RECV_BATCH),
-            verified: Vec::with_capacity(RECV_BATCH),
+            reaped: Vec::with_capacity(1024),
+            received: Vec::with_capacity(1024),
+        };
+        let mut b = Buffers {
+            reply: vec![0; MAX_DATAGRAM],
+            pending: Vec::with_capacity(1024),
+            verified: Vec::with_capacity(1024),
             latency: WorkerLatency::new(),
             starved: false,
         };
@@ -102,14 +197,11 @@ impl Worker {
         let mut last_work = Instant::now();
         while !stop.load(Ordering::Relaxed) {
             set_hot_path(true);
-            let mut worked = self.drain_inbox(&clock, &mut b);
-            for _ in 0..BATCHES_PER_ROUND {
-                let n = self.receive(&clock, &mut b);
-                worked |= n > 0;
-                if n < RECV_BATCH {
-                    break;
-                }
-            }
+            let mut worked = self.drain_inbox(&clock, &mut b, &mut io);
+            worked |= match io {
+                Io::Portable { .. } => self.receive_portable(&clock, &mut b, &mut rx, &mut io),
+                Io::Uring { .. } => self.receive_uring(&clock, &mut b, &mut rx, &mut io)?,
+            };
             set_hot_path(false);
             let now = Instant::now();
             if worked {
@@ -119,26 +211,24 @@ impl Worker {
             if now >= next_publish {
                 let elapsed = now - interval_start;
                 let busy = 1.0 - idle.as_secs_f64() / elapsed.as_secs_f64().max(1e-9);
-                self.metrics.publish(
-                    self.id,
-                    self.core.stats(),
-                    &mut b.latency,
-                    busy.clamp(0.0, 1.0),
-                );
+                let ratio = busy.clamp(0.0, 1.0);
+                self.metrics
+                    .publish(self.id, self.core.stats(), &mut b.latency, ratio);
                 next_publish = now + PUBLISH_INTERVAL;
                 interval_start = now;
                 idle = Duration::ZERO;
             }
+            let waited = Instant::now();
+            self.wait(&clock, &mut io, worked, now - last_work)?;
             if !worked {
-                let waited = Instant::now();
-                self.wait(&clock, now - last_work)?;
                 idle += waited.elapsed();
             }
         }
-        b.recv.reset_buffers();
-        for w in b.writers.iter_mut().filter_map(Option::take) {
+        rx.recv.reset_buffers();
+        for w in rx.writers.iter_mut().filter_map(Option::take) {
             self.pool.discard(w);
         }
+        // Slots lent to an io_uring ring or in flight leave with it: the engine is stopping.
         while let Ok(h) = self.inbox.try_recv() {
             match h {
                 Handoff::Forward { piece, .. } => self.pool.release(piece),
@@ -150,20 +240,33 @@ impl Worker {
         Ok(())
     }
 
-    /// Waits for work as the poll mode says; `idle_for` is how long there has been none.
-    fn wait(&self, clock: &MonotonicClock, idle_for: Duration) -> io::Result<()> {
-        let block = match self.poll {
-            PollMode::Busy => false,
-            PollMode::Adaptive => idle_for >= SPIN_BEFORE_BLOCK,
-            PollMode::Block => true,
-        };
+    /// Submits queued work and waits as the poll mode says; `idle_for` is how long there has
+    /// been no work.
+    fn wait(
+        &self,
+        clock: &MonotonicClock,
+        io: &mut Io,
+        worked: bool,
+        idle_for: Duration,
+    ) -> io::Result<()> {
+        let block = !worked
+            && match self.poll {
+                PollMode::Busy => false,
+                PollMode::Adaptive => idle_for >= SPIN_BEFORE_BLOCK,
+                PollMode::Block => true,
+            };
         if !block {
-            if self.poll == PollMode::Busy {
-                std::hint::spin_loop();
-            } else {
-                // Adaptive yields while it waits: work the kernel deferred to this core (on
-                // loopback, ksoftirqd finishing delivery of our own sends) gets to run.
-                std::thread::yield_now();
+            if let Io::Uring { ring, .. } = io {
+                ring.submit(None)?;
+            }
+            if !worked {
+                if self.poll == PollMode::Busy {
+                    std::hint::spin_loop();
+                } else {
+                    // Adaptive yields while it waits: work the kernel deferred to this core (on
+                    // loopback, ksoftirqd finishing delivery of our own sends) gets to run.
+                    std::thread::yield_now();
+                }
             }
             return Ok(());
         }
@@ -173,6 +276,9 @@ impl Worker {
         std::sync::atomic::fence(Ordering::SeqCst);
         if !self.inbox.is_empty() {
             waker.set_sleeping(false);
+            if let Io::Uring { ring, .. } = io {
+                ring.submit(None)?;
+            }
             return Ok(());
         }
         let timeout = self
@@ -180,6 +286,17 @@ impl Worker {
             .poll_timeout()
             .saturating_since(clock.now())
             .min(MAX_WAIT);
+        let result = match io {
+            Io::Uring { ring, .. } => ring.submit(Some(timeout)),
+            Io::Portable { .. } => self.poll_socket(timeout),
+        };
+        waker.set_sleeping(false);
+        result
+    }
+
+    /// Sleeps in `poll` on the socket and the doorbell.
+    fn poll_socket(&self, timeout: Duration) -> io::Result<()> {
+        let waker = &self.wakers[self.id];
         let mut fds = [
             libc::pollfd {
                 fd: self.socket.fd(),
@@ -195,7 +312,6 @@ impl Worker {
         let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
         // SAFETY: fds is a live array of two pollfd structs for the whole call.
         let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, ms) };
-        waker.set_sleeping(false);
         if r < 0 {
             let e = io::Error::last_os_error();
             if e.kind() != io::ErrorKind::Interrupted {
@@ -209,13 +325,13 @@ impl Worker {
     }
 
     /// Handles everything other workers handed over; true if there was any.
-    fn drain_inbox(&mut self, clock: &MonotonicClock, b: &mut Buffers) -> bool {
+    fn drain_inbox(&mut self, clock: &MonotonicClock, b: &mut Buffers, io: &mut Io) -> bool {
         let mut any = false;
         while let Ok(h) = self.inbox.try_recv() {
             any = true;
             match h {
-                Handoff::Forward { piece, channel } => self.fan_out(piece, &channel, clock, b),
-                Handoff::Inspect { datagram, from } => self.inspect(datagram, from, clock, b),
+                Handoff::Forward { piece, channel } => self.fan_out(piece, &channel, clock, b, io),
+                Handoff::Inspect { datagram, from } => self.inspect(datagram, from, clock, b, io),
             }
         }
         any
@@ -228,6 +344,7 @@ impl Worker {
         from: SocketAddr,
         clock: &MonotonicClock,
         b: &mut Buffers,
+        io: &mut Io,
     ) {
         let received_at = self.pool.received_at(&datagram);
         let data = self.pool.bytes(&datagram);
@@ -243,7 +360,7 @@ impl Worker {
             let ok = Piece::parse(data).is_ok_and(|pc| p.key.verify_piece(&pc).is_ok());
             if self.core.admit(&p, ok).is_ok() {
                 self.hand_to_peers(&datagram, p.channel);
-                self.fan_out(datagram, &p.channel, clock, b);
+                self.fan_out(datagram, &p.channel, clock, b, io);
                 return;
             }
         }
@@ -262,19 +379,18 @@ impl Worker {
     }
 
     /// Passes datagram `i` of the batch to its channel's owner; false if this worker owns it.
-    fn pass_to_owner(&mut self, i: usize, received_at: Timestamp, b: &mut Buffers) -> bool {
+    fn pass_to_owner(&mut self, batch: &mut Batch<'_>, i: usize, received_at: Timestamp) -> bool {
         if self.peers.is_empty() {
             return false;
         }
-        let (from, data) = b.recv.get(i);
+        let (from, data) = batch.get(&self.pool, i);
         let (Some(from), Some(owner)) = (from, self.owner_of(data)) else {
             return false;
         };
         if owner == self.id {
             return false;
         }
-        let len = data.len();
-        let Some(datagram) = self.freeze(i, len, received_at, b) else {
+        let Some(datagram) = batch.take(&self.pool, i, received_at) else {
             return false;
         };
         let Some((_, tx)) = self.peers.iter().find(|(id, _)| *id == owner) else {
@@ -293,20 +409,50 @@ impl Worker {
         true
     }
 
-    /// Receives one batch into pool slots and handles it; the number of datagrams.
-    fn receive(&mut self, clock: &MonotonicClock, b: &mut Buffers) -> usize {
+    /// Receives up to [`BATCHES_PER_ROUND`] `recvmmsg` batches into pool slots and handles
+    /// them; true if anything arrived.
+    fn receive_portable(
+        &mut self,
+        clock: &MonotonicClock,
+        b: &mut Buffers,
+        rx: &mut Rx,
+        io: &mut Io,
+    ) -> bool {
+        let mut any = false;
+        for _ in 0..BATCHES_PER_ROUND {
+            let n = self.recv_into_pool(rx, b);
+            if n == 0 {
+                break;
+            }
+            any = true;
+            let received_at = clock.now();
+            let mut batch = Batch::Portable {
+                recv: &mut rx.recv,
+                writers: &mut rx.writers,
+                len: n,
+            };
+            self.handle_batch(&mut batch, received_at, clock, b, io);
+            if n < RECV_BATCH {
+                break;
+            }
+        }
+        any
+    }
+
+    /// One `recvmmsg` into pool slots; the number of datagrams.
+    fn recv_into_pool(&mut self, rx: &mut Rx, b: &mut Buffers) -> usize {
         // Keep the slots this worker already holds at the front, then top up from the pool.
-        b.writers.sort_unstable_by_key(Option::is_none);
+        rx.writers.sort_unstable_by_key(Option::is_none);
         let mut slots = 0;
-        for (i, slot) in b.writers.iter_mut().enumerate() {
+        for (i, slot) in rx.writers.iter_mut().enumerate() {
             if slot.is_none() {
                 *slot = self.pool.take();
             }
             let Some(w) = slot.as_mut() else { break };
             // SAFETY: the slot is ours (a SlotWriter) until frozen or discarded, and it is
-            // only read back through RecvBatch::get after the receive; detach() unhooks it
-            // before it is frozen and handed on.
-            unsafe { b.recv.set_buffer(i, self.pool.as_mut_ptr(w), SLOT_LEN) };
+            // only read back through RecvBatch::get after the receive; Batch::take detaches
+            // it before it is frozen and handed on.
+            unsafe { rx.recv.set_buffer(i, self.pool.as_mut_ptr(w), SLOT_LEN) };
             slots = i + 1;
         }
         if slots == 0 {
@@ -319,48 +465,79 @@ impl Worker {
             return 0;
         }
         b.starved = false;
-        b.recv.set_active(slots);
-        let n = match self.socket.recv_batch(&mut b.recv) {
+        rx.recv.set_active(slots);
+        match self.socket.recv_batch(&mut rx.recv) {
             Ok(n) => n,
             Err(e) => {
                 // A transient kernel error (ENOBUFS, ENOMEM) must not end the relay.
                 tracing::debug!(worker = self.id, "recvmmsg: {e}");
                 0
             }
-        };
-        if n > 0 {
-            let received_at = clock.now();
-            self.handle_batch(n, received_at, clock, b);
         }
-        n
     }
 
-    /// Takes the filled slot of datagram `i` out of the batch, frozen for sharing.
-    fn freeze(
-        &self,
-        i: usize,
-        len: usize,
-        received_at: Timestamp,
+    /// Reaps the ring: finished fan-outs are accounted, received datagrams handled, unkept
+    /// slots go back to the ring. True if anything happened.
+    fn receive_uring(
+        &mut self,
+        clock: &MonotonicClock,
         b: &mut Buffers,
-    ) -> Option<PieceRef> {
-        let writer = b.writers[i].take()?;
-        b.recv.detach(i);
-        Some(self.pool.freeze(writer, len, received_at))
+        rx: &mut Rx,
+        io: &mut Io,
+    ) -> io::Result<bool> {
+        let Io::Uring { ring, done } = io else {
+            return Ok(false);
+        };
+        rx.reaped.clear();
+        done.clear();
+        let woke = ring.reap(&self.pool, clock, &mut rx.reaped, done)?;
+        let any = woke || !rx.reaped.is_empty() || !done.is_empty();
+        for d in done.iter() {
+            self.send_done(d, b);
+        }
+        if rx.reaped.is_empty() {
+            return Ok(any);
+        }
+        rx.received.clear();
+        rx.received.extend(rx.reaped.drain(..).map(Some));
+        let received_at = clock.now();
+        let mut batch = Batch::Uring(&mut rx.received);
+        self.handle_batch(&mut batch, received_at, clock, b, io);
+        if let Io::Uring { ring, .. } = io {
+            for d in rx.received.iter_mut().filter_map(Option::take) {
+                ring.give_back(&self.pool, d.writer);
+            }
+        }
+        Ok(any)
+    }
+
+    /// Accounts a finished io_uring fan-out.
+    fn send_done(&mut self, d: &SendDone, b: &mut Buffers) {
+        self.core.record_sends(d.sent as usize, d.bytes);
+        if d.failed > 0 {
+            self.core
+                .record_drops(DropReason::SendFailed, u64::from(d.failed));
+        }
+        if let Some(us) = d.first_send_us {
+            b.latency.first_send_us.saturating_record(us);
+        }
+        record_forward(d.release, b);
     }
 
     fn handle_batch(
         &mut self,
-        n: usize,
+        batch: &mut Batch<'_>,
         received_at: Timestamp,
         clock: &MonotonicClock,
         b: &mut Buffers,
+        io: &mut Io,
     ) {
         b.pending.clear();
-        for i in 0..n {
-            if self.pass_to_owner(i, received_at, b) {
+        for i in 0..batch.len() {
+            if self.pass_to_owner(batch, i, received_at) {
                 continue;
             }
-            let (from, data) = b.recv.get(i);
+            let (from, data) = batch.get(&self.pool, i);
             let Some(from) = from else {
                 self.core.record_drops(DropReason::Malformed, 1);
                 continue;
@@ -379,18 +556,17 @@ impl Worker {
         if b.pending.is_empty() {
             return;
         }
-        verify_pending(&b.recv, &b.pending, &mut b.verified);
+        verify_pending(|i| batch.get(&self.pool, i).1, &b.pending, &mut b.verified);
         for k in 0..b.pending.len() {
             let (i, p) = b.pending[k];
             if self.core.admit(&p, b.verified[k]).is_err() {
                 continue;
             }
-            let len = b.recv.get(i).1.len();
-            let Some(piece) = self.freeze(i, len, received_at, b) else {
+            let Some(piece) = batch.take(&self.pool, i, received_at) else {
                 continue;
             };
             self.hand_to_peers(&piece, p.channel);
-            self.fan_out(piece, &p.channel, clock, b);
+            self.fan_out(piece, &p.channel, clock, b, io);
         }
     }
 
@@ -412,41 +588,67 @@ impl Worker {
         }
     }
 
-    /// Sends `piece` to this worker's subscribers of `channel`, then releases the reference.
+    /// Sends `piece` to this worker's subscribers of `channel` (or queues the copies, on
+    /// io_uring) and gives up this worker's reference once they are handed to the kernel.
     fn fan_out(
         &mut self,
         piece: PieceRef,
         channel: &ChannelId,
         clock: &MonotonicClock,
         b: &mut Buffers,
+        io: &mut Io,
     ) {
         let subscribers = self.core.subscribers(channel);
-        if !subscribers.is_empty() {
-            let bytes = self.pool.bytes(&piece);
-            let result = self.socket.send_fanout(bytes, subscribers, &mut b.send);
-            let len = bytes.len();
-            self.core.record_sends(result.sent, len);
-            if result.failed > 0 {
-                self.core
-                    .record_drops(DropReason::SendFailed, result.failed as u64);
-            }
-            if result.sent > 0 {
-                let now = clock.now();
-                self.pool.note_sent(&piece, now);
-                if self.pool.claim_first_send(&piece) {
-                    let us = now.saturating_since(self.pool.received_at(&piece));
-                    b.latency.first_send_us.saturating_record(micros(us));
+        if subscribers.is_empty() {
+            record_forward(self.pool.release(piece), b);
+            return;
+        }
+        match io {
+            Io::Portable { send } => {
+                let bytes = self.pool.bytes(&piece);
+                let result = self.socket.send_fanout(bytes, subscribers, send);
+                let len = bytes.len();
+                self.core.record_sends(result.sent, len);
+                if result.failed > 0 {
+                    self.core
+                        .record_drops(DropReason::SendFailed, result.failed as u64);
                 }
+                if result.sent > 0 {
+                    let now = clock.now();
+                    self.pool.note_sent(&piece, now);
+                    if self.pool.claim_first_send(&piece) {
+                        let us = now.saturating_since(self.pool.received_at(&piece));
+                        b.latency.first_send_us.saturating_record(micros(us));
+                    }
+                }
+                record_forward(self.pool.release(piece), b);
             }
+            Io::Uring { ring, .. } => match ring.queue_fanout(&self.pool, piece, subscribers) {
+                Ok((unqueued, leftover)) => {
+                    if unqueued > 0 {
+                        self.core
+                            .record_drops(DropReason::SendFailed, unqueued as u64);
+                    }
+                    if let Some(piece) = leftover {
+                        record_forward(self.pool.release(piece), b);
+                    }
+                }
+                Err(e) => tracing::debug!(worker = self.id, "io_uring submit: {e}"),
+            },
         }
-        if let Release::Last {
-            last_sent: Some(last_sent),
-            received_at,
-        } = self.pool.release(piece)
-        {
-            let us = last_sent.saturating_since(received_at);
-            b.latency.forward_us.saturating_record(micros(us));
-        }
+    }
+}
+
+/// Records receive → last copy sent when the last reference to a piece is released.
+fn record_forward(release: Release, b: &mut Buffers) {
+    if let Release::Last {
+        last_sent: Some(last_sent),
+        received_at,
+    } = release
+    {
+        b.latency
+            .forward_us
+            .saturating_record(micros(last_sent.saturating_since(received_at)));
     }
 }
 
@@ -484,12 +686,16 @@ fn micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
-/// Verifies the pending pieces of a batch: all together first (when more than one), one by one
-/// if that fails. Single verification allocates nothing; batch verification allocates a few
-/// vectors per batch, outside the audited hot path.
-fn verify_pending(recv: &RecvBatch, pending: &[(usize, PendingPiece)], verified: &mut Vec<bool>) {
+/// Verifies the pending pieces of a batch (`data(i)` is datagram `i`): all together first
+/// (when more than one), one by one if that fails. Single verification allocates nothing; batch
+/// verification allocates a few vectors per batch, outside the audited hot path.
+fn verify_pending<'a>(
+    data: impl Fn(usize) -> &'a [u8],
+    pending: &[(usize, PendingPiece)],
+    verified: &mut Vec<bool>,
+) {
     verified.clear();
-    let piece = |i: usize| Piece::parse(recv.get(i).1).ok();
+    let piece = |i: usize| Piece::parse(data(i)).ok();
     if pending.len() > 1 {
         set_hot_path(false);
         let batch: Vec<(Piece<'_>, _)> = pending
