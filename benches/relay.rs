@@ -2,7 +2,9 @@
 //!
 //! - `naive`: one thread, std sockets, one `send_to` per subscriber, single verification: the
 //!   baseline every other row is compared with;
-//! - `portable ×1`, `portable ×N`: the engine with one worker and with one per core;
+//! - `portable ×1`, `portable ×N`: the engine on `recvmmsg`/`sendmmsg`, one worker and one per
+//!   core;
+//! - `uring ×1`, `uring ×N`, `uring zero-copy ×N`: the engine on io_uring;
 //! - `raw sendmmsg`: no relay at all, one thread handing copies to the kernel as fast as it can,
 //!   for reference: the kernel's limit on this machine.
 //!
@@ -17,7 +19,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use clubcast::backend::{PortableSocket, SendBatch};
-use clubcast::engine::{worker_count, EngineConfig, PollMode, RelayEngine};
+use clubcast::engine::{worker_count, Backend, EngineConfig, PollMode, RelayEngine, ZeroCopy};
 use clubcast::loadgen::{run_load, LoadConfig, LoadReport};
 use clubcast::metrics::RelayMetrics;
 use clubcast::relay::{Inbound, RelayConfig, RelayCore};
@@ -184,30 +186,34 @@ fn main() {
         cpu_per_gbit: cpu,
     });
 
-    for workers in [1, cores] {
+    let uring = Backend::Uring { zerocopy: ZeroCopy::Off };
+    let uring_zc = Backend::Uring { zerocopy: ZeroCopy::On };
+    let mut engines = vec![(Backend::Portable, 1), (Backend::Portable, cores), (uring, 1), (uring, cores)];
+    engines.push((uring_zc, cores));
+    engines.dedup();
+    for (backend, workers) in engines {
         let config = EngineConfig {
             listen: "127.0.0.1:0".parse().unwrap(),
             workers,
             pin: true,
             poll: PollMode::Adaptive,
             socket_buffer: RELAY_SOCKET_BUFFER,
+            backend,
             ..EngineConfig::default()
         };
-        let relay = RelayEngine::bind(&config, RelayMetrics::new("portable", workers))
+        let relay = RelayEngine::bind(&config, RelayMetrics::new(backend.name(), workers))
             .unwrap()
             .spawn()
             .unwrap();
         let (max_in, report, cpu) = measure(relay.addr(), "relay-worker");
         relay.stop().unwrap();
+        let zc = if backend == uring_zc { " zero-copy" } else { "" };
         rows.push(Row {
-            name: format!("portable ×{workers}"),
+            name: format!("{}{zc} ×{workers}", backend.name()),
             max_in,
             report,
             cpu_per_gbit: cpu,
         });
-        if cores == 1 {
-            break;
-        }
     }
     let raw = raw_sendmmsg();
 
