@@ -186,9 +186,18 @@ fn main() {
         cpu_per_gbit: cpu,
     });
 
-    let uring = Backend::Uring { zerocopy: ZeroCopy::Off };
-    let uring_zc = Backend::Uring { zerocopy: ZeroCopy::On };
-    let mut engines = vec![(Backend::Portable, 1), (Backend::Portable, cores), (uring, 1), (uring, cores)];
+    let uring = Backend::Uring {
+        zerocopy: ZeroCopy::Off,
+    };
+    let uring_zc = Backend::Uring {
+        zerocopy: ZeroCopy::On,
+    };
+    let mut engines = vec![
+        (Backend::Portable, 1),
+        (Backend::Portable, cores),
+        (uring, 1),
+        (uring, cores),
+    ];
     engines.push((uring_zc, cores));
     engines.dedup();
     for (backend, workers) in engines {
@@ -207,7 +216,11 @@ fn main() {
             .unwrap();
         let (max_in, report, cpu) = measure(relay.addr(), "relay-worker");
         relay.stop().unwrap();
-        let zc = if backend == uring_zc { " zero-copy" } else { "" };
+        let zc = if backend == uring_zc {
+            " zero-copy"
+        } else {
+            ""
+        };
         rows.push(Row {
             name: format!("{}{zc} ×{workers}", backend.name()),
             max_in,
