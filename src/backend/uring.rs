@@ -13,7 +13,7 @@ use std::mem::size_of;
 use std::net::SocketAddr;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU16, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 
@@ -29,6 +29,10 @@ const BUF_GROUP: u16 = 0;
 const SQ_ENTRIES: u32 = 2048;
 /// Copies in flight per worker at most.
 const SEND_SLOTS: usize = 8192;
+/// Completion queue entries: room for every copy's two completions (zero-copy) and a full
+/// ring of receives, so the kernel never has to spill into its overflow list.
+const CQ_ENTRIES: u32 =
+    ((2 * SEND_SLOTS + 2 * RING_BUFFERS as usize + 64).next_power_of_two()) as u32;
 
 const TAG_RECV: u64 = 1 << 62;
 const TAG_WAKE: u64 = 2 << 62;
@@ -183,6 +187,7 @@ pub(crate) struct UringIo {
     free_bids: Vec<u16>,
     recv_hdr: Box<libc::msghdr>,
     recv_armed: bool,
+    recv_paused_until: Option<Instant>,
     wake_armed: bool,
     wake_buf: Box<u64>,
     sends: Box<[SendSlot]>,
@@ -191,10 +196,6 @@ pub(crate) struct UringIo {
     free_groups: Vec<u32>,
     completions: Vec<(u64, i32, u32)>,
 }
-
-// SAFETY: the raw pointers (ring memory, msghdr fields) point into memory owned by this value
-// and are only used by the thread that owns it; moving it to another thread is sound.
-unsafe impl Send for UringIo {}
 
 /// What a completed fan-out produced, for the worker's accounting.
 pub(crate) struct SendDone {
@@ -222,6 +223,7 @@ impl UringIo {
         let ring = IoUring::builder()
             .setup_single_issuer()
             .setup_coop_taskrun()
+            .setup_cqsize(CQ_ENTRIES)
             .build(SQ_ENTRIES)?;
         let bufs = BufRing::new()?;
         // SAFETY: the ring memory is mapped for RING_BUFFERS entries and outlives the
@@ -259,17 +261,16 @@ impl UringIo {
             free_bids: (0..RING_BUFFERS).rev().collect(),
             recv_hdr,
             recv_armed: false,
+            recv_paused_until: None,
             wake_armed: false,
             wake_buf: Box::new(0),
             sends,
             free_sends: (0..SEND_SLOTS as u32).rev().collect(),
             groups: Vec::with_capacity(SEND_SLOTS),
             free_groups: Vec::with_capacity(SEND_SLOTS),
-            completions: Vec::with_capacity(SEND_SLOTS),
+            completions: Vec::with_capacity(CQ_ENTRIES as usize),
         };
-        io.refill(pool);
-        io.arm()?;
-        io.ring.submit()?;
+        io.submit(pool, None)?;
         Ok(io)
     }
 
@@ -304,48 +305,59 @@ impl UringIo {
         }
     }
 
-    /// Queues the multishot receive and the doorbell poll if they are not armed.
+    /// Queues the multishot receive and the doorbell poll if they are not armed. A full
+    /// kernel (EAGAIN, EBUSY) leaves them for the next round.
     fn arm(&mut self) -> io::Result<()> {
-        if !self.recv_armed && self.free_bids.len() < usize::from(RING_BUFFERS) {
+        let recv_ready = self.recv_paused_until.is_none_or(|t| Instant::now() >= t);
+        if !self.recv_armed && recv_ready && self.free_bids.len() < usize::from(RING_BUFFERS) {
             let sqe = opcode::RecvMsgMulti::new(types::Fd(self.fd), &*self.recv_hdr, BUF_GROUP)
                 .build()
                 .user_data(TAG_RECV);
-            self.push(&sqe)?;
+            if !self.push(&sqe)? {
+                return Ok(());
+            }
             self.recv_armed = true;
+            self.recv_paused_until = None;
         }
         if !self.wake_armed {
             let sqe = opcode::PollAdd::new(types::Fd(self.waker_fd), libc::POLLIN as u32)
                 .multi(true)
                 .build()
                 .user_data(TAG_WAKE);
-            self.push(&sqe)?;
-            self.wake_armed = true;
+            if self.push(&sqe)? {
+                self.wake_armed = true;
+            }
         }
         Ok(())
     }
 
-    /// Pushes one request, submitting first if the queue is full.
-    fn push(&mut self, sqe: &squeue::Entry) -> io::Result<()> {
+    /// Pushes one request, submitting first if the queue is full. `Ok(false)`: the kernel is
+    /// momentarily out of room (try again next round).
+    fn push(&mut self, sqe: &squeue::Entry) -> io::Result<bool> {
         loop {
             // SAFETY: every request references memory owned by self (boxed headers, send
             // slots, ring buffers lent from the pool) that stays valid until its completion.
             if unsafe { self.ring.submission().push(sqe) }.is_ok() {
-                return Ok(());
+                return Ok(true);
             }
-            self.ring.submit()?;
+            match self.ring.submit() {
+                Ok(_) => {}
+                Err(e) if transient(&e) => return Ok(false),
+                Err(e) => return Err(e),
+            }
         }
     }
 
-    /// Queues one copy of `piece` (held by the caller's reference, which moves in) to every
-    /// address in `dests`. Returns how many copies could not even be queued.
+    /// Queues one copy of `piece` (whose reference moves in) to every address in `dests`.
+    /// Returns how many copies could not be queued, and the reference back if none was.
     pub(crate) fn queue_fanout(
         &mut self,
         pool: &BufferPool,
         piece: PieceRef,
         dests: &[SocketAddr],
     ) -> io::Result<(usize, Option<PieceRef>)> {
-        let queued = dests.len().min(self.free_sends.len());
-        if queued == 0 {
+        let room = dests.len().min(self.free_sends.len());
+        if room == 0 {
             return Ok((dests.len(), Some(piece)));
         }
         let bytes = pool.bytes(&piece);
@@ -363,14 +375,8 @@ impl UringIo {
                 (self.groups.len() - 1) as u32
             }
         };
-        self.groups[group as usize] = Group {
-            piece: Some(piece),
-            queued: queued as u32,
-            remaining: queued as u32,
-            sent: 0,
-            bytes: len,
-        };
-        for dest in &dests[..queued] {
+        let mut queued = 0u32;
+        for dest in &dests[..room] {
             let Some(index) = self.free_sends.pop() else {
                 break;
             };
@@ -395,13 +401,34 @@ impl UringIo {
                     .flags(libc::MSG_DONTWAIT as u32)
                     .build()
             };
-            self.push(&sqe.user_data(TAG_SEND | u64::from(index)))?;
+            match self.push(&sqe.user_data(TAG_SEND | u64::from(index))) {
+                Ok(true) => queued += 1,
+                other => {
+                    self.free_sends.push(index);
+                    if queued == 0 {
+                        self.free_groups.push(group);
+                        other?;
+                        return Ok((dests.len(), Some(piece)));
+                    }
+                    break;
+                }
+            }
         }
-        Ok((dests.len() - queued, None))
+        self.groups[group as usize] = Group {
+            piece: Some(piece),
+            queued,
+            remaining: queued,
+            sent: 0,
+            bytes: len,
+        };
+        Ok((dests.len() - queued as usize, None))
     }
 
-    /// Submits queued requests and, if `wait` is set, sleeps until a completion or `wait`.
-    pub(crate) fn submit(&mut self, wait: Option<Duration>) -> io::Result<()> {
+    /// Lends free slots to the ring, re-arms what ended, submits queued requests and, if
+    /// `wait` is set, sleeps until a completion or `wait`.
+    pub(crate) fn submit(&mut self, pool: &BufferPool, wait: Option<Duration>) -> io::Result<()> {
+        self.refill(pool);
+        self.arm()?;
         let result = match wait {
             None => self.ring.submit(),
             Some(d) => {
@@ -414,14 +441,7 @@ impl UringIo {
         };
         match result {
             Ok(_) => Ok(()),
-            Err(e)
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::ETIME | libc::EINTR | libc::EBUSY)
-                ) =>
-            {
-                Ok(())
-            }
+            Err(e) if e.raw_os_error() == Some(libc::ETIME) || transient(&e) => Ok(()),
             Err(e) => Err(e),
         }
     }
@@ -461,8 +481,6 @@ impl UringIo {
                 _ => {}
             }
         }
-        self.refill(pool);
-        self.arm()?;
         Ok(woke)
     }
 
@@ -477,7 +495,16 @@ impl UringIo {
             self.recv_armed = false;
         }
         let Some(bid) = cqueue::buffer_select(flags) else {
-            return; // e.g. -ENOBUFS: the ring ran dry; refill and re-arm follow.
+            // -ENOBUFS: the ring ran dry; refill and re-arm follow at the next submit. Any other
+            // error pauses the receive briefly so a persistent one cannot become a busy loop.
+            if result < 0 && result != -libc::ENOBUFS {
+                tracing::debug!(
+                    "io_uring recvmsg: {}",
+                    io::Error::from_raw_os_error(-result)
+                );
+                self.recv_paused_until = Some(Instant::now() + Duration::from_millis(10));
+            }
+            return;
         };
         let Some(w) = self.lent.get_mut(usize::from(bid)).and_then(Option::take) else {
             return;
@@ -565,6 +592,15 @@ fn read_name(name: &[u8]) -> Option<SocketAddr> {
         );
     }
     sockaddr::read(&storage, n as libc::socklen_t)
+}
+
+/// Errors after which the kernel just needs a moment (out of request memory, completions to
+/// reap first, a signal).
+fn transient(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EAGAIN | libc::EBUSY | libc::EINTR)
+    )
 }
 
 impl Drop for UringIo {

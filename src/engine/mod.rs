@@ -162,11 +162,13 @@ impl RelayEngine {
         let n = worker_count(config.workers);
         // Each worker keeps a receive batch of slots lent to the kernel; leave as many again
         // for pieces in flight.
+        // Slots each worker lends the kernel for receiving (and may hold once more while it
+        // handles a full receive), plus as many again for pieces in flight.
         let lent = match config.backend {
             Backend::Portable => RECV_BATCH,
             Backend::Uring { .. } => 256,
         };
-        let min_slots = n * lent * 2;
+        let min_slots = n * lent * 3;
         if config.pool_slots < min_slots {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,

@@ -257,7 +257,7 @@ impl Worker {
             };
         if !block {
             if let Io::Uring { ring, .. } = io {
-                ring.submit(None)?;
+                ring.submit(&self.pool, None)?;
             }
             if !worked {
                 if self.poll == PollMode::Busy {
@@ -277,7 +277,7 @@ impl Worker {
         if !self.inbox.is_empty() {
             waker.set_sleeping(false);
             if let Io::Uring { ring, .. } = io {
-                ring.submit(None)?;
+                ring.submit(&self.pool, None)?;
             }
             return Ok(());
         }
@@ -287,7 +287,7 @@ impl Worker {
             .saturating_since(clock.now())
             .min(MAX_WAIT);
         let result = match io {
-            Io::Uring { ring, .. } => ring.submit(Some(timeout)),
+            Io::Uring { ring, .. } => ring.submit(&self.pool, Some(timeout)),
             Io::Portable { .. } => self.poll_socket(timeout),
         };
         waker.set_sleeping(false);
