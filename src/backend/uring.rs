@@ -80,10 +80,24 @@ pub fn probe() -> io::Result<()> {
         )?;
     }
     ring.submitter().unregister_buf_ring(BUF_GROUP)?;
-    if !ring.params().is_feature_fast_poll() {
+    let params = ring.params();
+    if !params.is_feature_fast_poll() || !params.is_feature_ext_arg() {
         return Err(io::Error::other(
-            "io_uring lacks fast poll (kernel too old)",
+            "io_uring lacks fast poll or timed waits (kernel too old)",
         ));
+    }
+    // Multishot recvmsg (Linux 6.0) and zero-copy sendmsg (6.1) are the newest opcodes used.
+    let mut supported = io_uring::Probe::new();
+    ring.submitter().register_probe(&mut supported)?;
+    for (code, name) in [
+        (opcode::RecvMsgMulti::CODE, "recvmsg"),
+        (opcode::SendMsgZc::CODE, "sendmsg zero-copy"),
+    ] {
+        if !supported.is_supported(code) {
+            return Err(io::Error::other(format!(
+                "io_uring lacks {name} (kernel too old)"
+            )));
+        }
     }
     Ok(())
 }
