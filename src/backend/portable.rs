@@ -159,6 +159,18 @@ impl PortableSocket {
         dests: &[SocketAddr],
         batch: &mut SendBatch,
     ) -> FanoutResult {
+        self.send_fanout_with(datagram, dests, batch, |_| {})
+    }
+
+    /// Like [`PortableSocket::send_fanout`], calling `on_fail` with each destination whose copy
+    /// the kernel refused.
+    pub fn send_fanout_with(
+        &self,
+        datagram: &[u8],
+        dests: &[SocketAddr],
+        batch: &mut SendBatch,
+        mut on_fail: impl FnMut(&SocketAddr),
+    ) -> FanoutResult {
         let mut result = FanoutResult::default();
         for chunk in dests.chunks(SEND_BATCH) {
             batch.prepare(datagram, chunk);
@@ -180,6 +192,7 @@ impl PortableSocket {
                     start += r as usize;
                 } else {
                     // The message at `start` failed (full buffer, unreachable): skip it.
+                    on_fail(&chunk[start]);
                     result.failed += 1;
                     start += 1;
                 }

@@ -20,6 +20,7 @@ use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use super::sockaddr;
 use crate::engine::pool::{BufferPool, PieceRef, Release, SlotWriter, SLOT_LEN};
 use crate::time::{MonotonicClock, Timestamp};
+use crate::wire::ChannelId;
 
 /// Provided buffers per worker ring (a power of two).
 const RING_BUFFERS: u16 = 256;
@@ -125,7 +126,7 @@ struct SendSlot {
 /// One fan-out in flight: its pool reference and the copies not yet completed.
 struct Group {
     piece: Option<PieceRef>,
-    queued: u32,
+    channel: ChannelId,
     remaining: u32,
     sent: u32,
     bytes: usize,
@@ -209,6 +210,8 @@ pub(crate) struct UringIo {
     groups: Vec<Group>,
     free_groups: Vec<u32>,
     completions: Vec<(u64, i32, u32)>,
+    /// Copies the kernel refused since the last [`UringIo::drain_failures`].
+    failures: Vec<(ChannelId, SocketAddr)>,
 }
 
 /// What a completed fan-out produced, for the worker's accounting.
@@ -219,8 +222,6 @@ pub(crate) struct SendDone {
     pub(crate) first_send_us: Option<u64>,
     /// Copies the kernel accepted.
     pub(crate) sent: u32,
-    /// Copies refused (full socket buffer and the like).
-    pub(crate) failed: u32,
     /// Bytes per copy.
     pub(crate) bytes: usize,
 }
@@ -283,6 +284,7 @@ impl UringIo {
             groups: Vec::with_capacity(SEND_SLOTS),
             free_groups: Vec::with_capacity(SEND_SLOTS),
             completions: Vec::with_capacity(CQ_ENTRIES as usize),
+            failures: Vec::with_capacity(SEND_SLOTS),
         };
         io.submit(pool, None)?;
         Ok(io)
@@ -368,6 +370,7 @@ impl UringIo {
         &mut self,
         pool: &BufferPool,
         piece: PieceRef,
+        channel: ChannelId,
         dests: &[SocketAddr],
     ) -> io::Result<(usize, Option<PieceRef>)> {
         let room = dests.len().min(self.free_sends.len());
@@ -381,7 +384,7 @@ impl UringIo {
             None => {
                 self.groups.push(Group {
                     piece: None,
-                    queued: 0,
+                    channel: ChannelId::default(),
                     remaining: 0,
                     sent: 0,
                     bytes: 0,
@@ -430,7 +433,7 @@ impl UringIo {
         }
         self.groups[group as usize] = Group {
             piece: Some(piece),
-            queued,
+            channel,
             remaining: queued,
             sent: 0,
             bytes: len,
@@ -559,8 +562,12 @@ impl UringIo {
         let g = slot.group as usize;
         // A zero-copy send completes twice: its result (flagged MORE), then a notification
         // that the buffer is free again. Only the last completion frees the slot.
-        if !cqueue::notif(flags) && result >= 0 {
-            self.groups[g].sent += 1;
+        if !cqueue::notif(flags) {
+            if result >= 0 {
+                self.groups[g].sent += 1;
+            } else if let Some(addr) = sockaddr::read(&slot.addr, slot.hdr.msg_namelen) {
+                self.failures.push((self.groups[g].channel, addr));
+            }
         }
         if cqueue::more(flags) {
             return;
@@ -571,7 +578,7 @@ impl UringIo {
         if group.remaining > 0 {
             return;
         }
-        let (sent, queued) = (group.sent, group.queued);
+        let sent = group.sent;
         if let Some(piece) = group.piece.take() {
             let mut first_send_us = None;
             if sent > 0 {
@@ -585,11 +592,19 @@ impl UringIo {
                 release: pool.release(piece),
                 first_send_us,
                 sent,
-                failed: queued - sent,
                 bytes: group.bytes,
             });
         }
         self.free_groups.push(g as u32);
+    }
+}
+
+impl UringIo {
+    /// Hands every refused copy (its channel and destination) to `f`.
+    pub(crate) fn drain_failures(&mut self, mut f: impl FnMut(&ChannelId, SocketAddr)) {
+        for (channel, addr) in self.failures.drain(..) {
+            f(&channel, addr);
+        }
     }
 }
 

@@ -82,6 +82,8 @@ struct Buffers {
     latency: WorkerLatency,
     /// Whether the last receive found no free buffer (the stall is counted once).
     starved: bool,
+    /// Destinations whose copy the kernel refused in the current fan-out.
+    failed: Vec<SocketAddr>,
 }
 
 /// The backend's sending side.
@@ -190,6 +192,7 @@ impl Worker {
             verified: Vec::with_capacity(1024),
             latency: WorkerLatency::new(),
             starved: false,
+            failed: Vec::with_capacity(4096),
         };
         let mut next_publish = Instant::now();
         let mut interval_start = Instant::now();
@@ -492,6 +495,10 @@ impl Worker {
         done.clear();
         let woke = ring.reap(&self.pool, clock, &mut rx.reaped, done)?;
         let any = woke || !rx.reaped.is_empty() || !done.is_empty();
+        let core = &mut self.core;
+        ring.drain_failures(|channel, addr| {
+            core.record_send_failure(channel, addr);
+        });
         for d in done.iter() {
             self.send_done(d, b);
         }
@@ -511,13 +518,9 @@ impl Worker {
         Ok(any)
     }
 
-    /// Accounts a finished io_uring fan-out.
+    /// Accounts a finished io_uring fan-out (its refused copies are reported separately).
     fn send_done(&mut self, d: &SendDone, b: &mut Buffers) {
         self.core.record_sends(d.sent as usize, d.bytes);
-        if d.failed > 0 {
-            self.core
-                .record_drops(DropReason::SendFailed, u64::from(d.failed));
-        }
         if let Some(us) = d.first_send_us {
             b.latency.first_send_us.saturating_record(us);
         }
@@ -606,12 +609,15 @@ impl Worker {
         match io {
             Io::Portable { send } => {
                 let bytes = self.pool.bytes(&piece);
-                let result = self.socket.send_fanout(bytes, subscribers, send);
+                b.failed.clear();
+                let failed = &mut b.failed;
+                let result = self
+                    .socket
+                    .send_fanout_with(bytes, subscribers, send, |a| failed.push(*a));
                 let len = bytes.len();
                 self.core.record_sends(result.sent, len);
-                if result.failed > 0 {
-                    self.core
-                        .record_drops(DropReason::SendFailed, result.failed as u64);
+                for addr in b.failed.drain(..) {
+                    self.core.record_send_failure(channel, addr);
                 }
                 if result.sent > 0 {
                     let now = clock.now();
@@ -623,18 +629,20 @@ impl Worker {
                 }
                 record_forward(self.pool.release(piece), b);
             }
-            Io::Uring { ring, .. } => match ring.queue_fanout(&self.pool, piece, subscribers) {
-                Ok((unqueued, leftover)) => {
-                    if unqueued > 0 {
-                        self.core
-                            .record_drops(DropReason::SendFailed, unqueued as u64);
+            Io::Uring { ring, .. } => {
+                match ring.queue_fanout(&self.pool, piece, *channel, subscribers) {
+                    Ok((unqueued, leftover)) => {
+                        if unqueued > 0 {
+                            self.core
+                                .record_drops(DropReason::SendFailed, unqueued as u64);
+                        }
+                        if let Some(piece) = leftover {
+                            record_forward(self.pool.release(piece), b);
+                        }
                     }
-                    if let Some(piece) = leftover {
-                        record_forward(self.pool.release(piece), b);
-                    }
+                    Err(e) => tracing::debug!(worker = self.id, "io_uring submit: {e}"),
                 }
-                Err(e) => tracing::debug!(worker = self.id, "io_uring submit: {e}"),
-            },
+            }
         }
     }
 }

@@ -265,6 +265,12 @@ impl Collector for RelayMetrics {
             "Subscribers dropped for lack of KEEPALIVE.",
             s.subscribers_expired,
         )?;
+        c(
+            &mut e,
+            "clubcast_relay_subscribers_cut",
+            "Subscribers cut because copies to them kept being refused.",
+            s.subscribers_cut,
+        )?;
 
         let mut drops = e.encode_descriptor(
             "clubcast_relay_dropped",

@@ -39,6 +39,8 @@ pub struct RelayConfig {
     pub max_channels: usize,
     /// Most subscribers per channel.
     pub max_subscribers_per_channel: usize,
+    /// A subscriber is cut after this many refused copies between two of its keepalives.
+    pub max_send_failures: u32,
 }
 
 impl Default for RelayConfig {
@@ -49,6 +51,7 @@ impl Default for RelayConfig {
             cookie_bucket: Duration::from_secs(60),
             max_channels: 1024,
             max_subscribers_per_channel: 4096,
+            max_send_failures: 256,
         }
     }
 }
@@ -155,6 +158,8 @@ pub struct RelayStats {
     pub channels: u64,
     /// Subscribers removed for lack of keepalives.
     pub subscribers_expired: u64,
+    /// Subscribers cut because copies to them kept being refused.
+    pub subscribers_cut: u64,
 }
 
 impl RelayStats {
@@ -183,6 +188,7 @@ impl RelayStats {
         self.subscribers += o.subscribers;
         self.channels += o.channels;
         self.subscribers_expired += o.subscribers_expired;
+        self.subscribers_cut += o.subscribers_cut;
     }
 }
 
@@ -336,6 +342,22 @@ impl RelayCore {
                 Err(reason)
             }
         }
+    }
+
+    /// Counts a copy to `addr` that the kernel refused (counted as `send_failed`); a subscriber
+    /// that keeps failing is cut. Returns true if it was.
+    pub fn record_send_failure(&mut self, channel: &ChannelId, addr: SocketAddr) -> bool {
+        self.stats.record_drops(DropReason::SendFailed, 1);
+        let limit = self.config.max_send_failures;
+        let cut = self
+            .channels
+            .get_mut(channel)
+            .is_some_and(|c| c.subscribers.fail(addr, limit));
+        if cut {
+            self.stats.subscribers_cut += 1;
+            self.stats.subscribers = self.stats.subscribers.saturating_sub(1);
+        }
+        cut
     }
 
     /// Counts `copies` copies of a `piece_len`-byte piece handed to the kernel.

@@ -22,6 +22,8 @@ pub enum Upsert {
 pub struct Subscribers {
     addrs: Vec<SocketAddr>,
     expires: Vec<Timestamp>,
+    /// Copies the kernel refused since the subscriber's last SUBSCRIBE or KEEPALIVE.
+    failures: Vec<u32>,
     index: HashMap<SocketAddr, usize>,
 }
 
@@ -30,6 +32,7 @@ impl Subscribers {
     pub fn upsert(&mut self, addr: SocketAddr, expires: Timestamp, limit: usize) -> Upsert {
         if let Some(&i) = self.index.get(&addr) {
             self.expires[i] = expires;
+            self.failures[i] = 0;
             return Upsert::Refreshed;
         }
         if self.addrs.len() >= limit {
@@ -38,6 +41,7 @@ impl Subscribers {
         self.index.insert(addr, self.addrs.len());
         self.addrs.push(addr);
         self.expires.push(expires);
+        self.failures.push(0);
         Upsert::Added
     }
 
@@ -46,10 +50,26 @@ impl Subscribers {
         match self.index.get(&addr) {
             Some(&i) => {
                 self.expires[i] = expires;
+                self.failures[i] = 0;
                 true
             }
             None => false,
         }
+    }
+
+    /// Counts a refused copy to `addr`; removes the subscriber and returns true when that makes
+    /// `limit` since its last keepalive.
+    pub fn fail(&mut self, addr: SocketAddr, limit: u32) -> bool {
+        let Some(&i) = self.index.get(&addr) else {
+            return false;
+        };
+        self.failures[i] += 1;
+        if self.failures[i] < limit {
+            return false;
+        }
+        self.index.remove(&addr);
+        self.swap_remove(i);
+        true
     }
 
     /// Removes `addr`; false if it was not subscribed.
@@ -97,6 +117,7 @@ impl Subscribers {
     fn swap_remove(&mut self, i: usize) {
         self.addrs.swap_remove(i);
         self.expires.swap_remove(i);
+        self.failures.swap_remove(i);
         if let Some(moved) = self.addrs.get(i) {
             self.index.insert(*moved, i);
         }
@@ -132,6 +153,21 @@ mod tests {
         assert_eq!(s.addrs(), &[a(2)]);
         assert_eq!(s.expire(t(10)), 1);
         assert!(s.is_empty());
+    }
+
+    #[test]
+    fn a_subscriber_that_keeps_failing_is_cut_and_keepalive_forgives() {
+        let mut s = Subscribers::default();
+        s.upsert(a(1), t(9), 10);
+        s.upsert(a(2), t(9), 10);
+        assert!(!s.fail(a(1), 3));
+        assert!(!s.fail(a(1), 3));
+        assert!(s.refresh(a(1), t(10))); // consent renewed: the count starts again
+        assert!(!s.fail(a(1), 3));
+        assert!(!s.fail(a(1), 3));
+        assert!(s.fail(a(1), 3));
+        assert_eq!(s.addrs(), &[a(2)]);
+        assert!(!s.fail(a(1), 3), "already gone");
     }
 
     #[test]

@@ -349,6 +349,32 @@ fn tables_are_bounded() {
 }
 
 #[test]
+fn a_subscriber_whose_copies_keep_failing_is_cut() {
+    let config = RelayConfig {
+        max_send_failures: 3,
+        ..Default::default()
+    };
+    let mut h = Harness::new();
+    h.relay = RelayCore::with_cookie_key(config, [7; 32]);
+    h.publisher = Publisher::new(ChannelKey::from_seed(&[1; 32]), 100, 1);
+    h.announce(secs(0));
+    h.subscribe(secs(1), addr(10));
+    h.subscribe(secs(1), addr(11));
+    let ch = h.channel();
+    assert!(!h.relay.record_send_failure(&ch, addr(10)));
+    assert!(!h.relay.record_send_failure(&ch, addr(10)));
+    assert!(h.relay.record_send_failure(&ch, addr(10)));
+    assert_eq!(h.relay.subscribers(&ch), &[addr(11)]);
+    let s = h.relay.stats();
+    let got = (
+        s.subscribers_cut,
+        s.subscribers,
+        s.dropped(DropReason::SendFailed),
+    );
+    assert_eq!(got, (1, 1, 3));
+}
+
+#[test]
 fn unexpected_messages_are_counted() {
     let mut h = Harness::new();
     let mut buf = [0u8; 64];
