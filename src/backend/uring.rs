@@ -70,16 +70,7 @@ impl std::str::FromStr for ZeroCopy {
 pub fn probe() -> io::Result<()> {
     let ring: IoUring = IoUring::builder().build(8)?;
     let bufs = BufRing::new()?;
-    // SAFETY: the ring memory is mapped for RING_BUFFERS entries and is unregistered right
-    // below, before it is unmapped.
-    unsafe {
-        ring.submitter().register_buf_ring_with_flags(
-            bufs.base as u64,
-            RING_BUFFERS,
-            BUF_GROUP,
-            0,
-        )?;
-    }
+    bufs.register(&ring)?;
     ring.submitter().unregister_buf_ring(BUF_GROUP)?;
     let params = ring.params();
     if !params.is_feature_fast_poll() || !params.is_feature_ext_arg() {
@@ -163,6 +154,21 @@ impl BufRing {
         })
     }
 
+    /// Registers the ring as buffer group [`BUF_GROUP`] of `ring`. Whoever registers must
+    /// unregister before this `BufRing` is dropped (both callers do).
+    fn register(&self, ring: &IoUring) -> io::Result<()> {
+        // SAFETY: the memory is mapped for RING_BUFFERS entries and, per the contract above,
+        // stays mapped until the group is unregistered.
+        unsafe {
+            ring.submitter().register_buf_ring_with_flags(
+                self.base as u64,
+                RING_BUFFERS,
+                BUF_GROUP,
+                0,
+            )
+        }
+    }
+
     /// Adds a buffer at the tail (visible to the kernel after [`BufRing::publish`]).
     fn push(&mut self, addr: *mut u8, len: u32, bid: u16) {
         let index = usize::from(self.tail & (RING_BUFFERS - 1));
@@ -241,16 +247,7 @@ impl UringIo {
             .setup_cqsize(CQ_ENTRIES)
             .build(SQ_ENTRIES)?;
         let bufs = BufRing::new()?;
-        // SAFETY: the ring memory is mapped for RING_BUFFERS entries and outlives the
-        // registration (unregistered in Drop before the BufRing is unmapped).
-        unsafe {
-            ring.submitter().register_buf_ring_with_flags(
-                bufs.base as u64,
-                RING_BUFFERS,
-                BUF_GROUP,
-                0,
-            )?;
-        }
+        bufs.register(&ring)?;
         // SAFETY: msghdr is plain old data; zero is a valid empty header.
         let mut recv_hdr: Box<libc::msghdr> = Box::new(unsafe { std::mem::zeroed() });
         recv_hdr.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
