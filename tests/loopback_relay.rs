@@ -15,9 +15,9 @@ use clubcast::crypto::ChannelKey;
 use clubcast::publisher::Publisher;
 use clubcast::ts::SyntheticTs;
 use clubcast::wire::{
-    ChannelId, CookieBytes, Hello, Message, MessageType, PieceFlags, Subscription, MAX_DATAGRAM,
+    ChannelId, CookieBytes, Message, MessageType, PieceFlags, Subscription, MAX_DATAGRAM,
 };
-use common::{clubcast, keygen, watcher, Proc, Relay};
+use common::{clubcast, keygen, subscribe_by_hand, watcher, Proc, Relay};
 
 const WATCHERS: usize = 20;
 
@@ -29,25 +29,14 @@ fn raw_socket() -> UdpSocket {
     s
 }
 
-/// Subscribes `s` by hand (HELLO → COOKIE → SUBSCRIBE) and returns the first piece it gets.
-fn subscribe_and_capture(s: &UdpSocket, relay: SocketAddr, channel: ChannelId) -> Vec<u8> {
+/// Subscribes by hand and returns the first piece the relay forwards.
+fn subscribe_and_capture(relay: SocketAddr, channel: ChannelId) -> Vec<u8> {
+    let (s, _) = subscribe_by_hand(relay, channel);
     let mut buf = [0u8; MAX_DATAGRAM];
-    let n = Hello { channel, nonce: 1 }.encode(&mut buf).unwrap();
-    s.send_to(&buf[..n], relay).unwrap();
-    let (r, _) = s.recv_from(&mut buf).expect("no COOKIE for HELLO");
-    let Ok(Message::Cookie(c)) = Message::parse(&buf[..r]) else {
-        panic!("not a cookie")
-    };
-    let sub = Subscription {
-        channel,
-        cookie: c.cookie,
-    };
-    let n = sub.encode(MessageType::Subscribe, &mut buf).unwrap();
-    s.send_to(&buf[..n], relay).unwrap();
     for _ in 0..100 {
-        let (r, _) = s.recv_from(&mut buf).expect("nothing after SUBSCRIBE");
-        if let Ok(Message::Piece(_)) = Message::parse(&buf[..r]) {
-            return buf[..r].to_vec();
+        let n = s.recv(&mut buf).expect("subscribed but no piece arrived");
+        if let Ok(Message::Piece(_)) = Message::parse(&buf[..n]) {
+            return buf[..n].to_vec();
         }
     }
     panic!("subscribed but no piece arrived");
@@ -106,7 +95,7 @@ fn twenty_watchers_get_every_piece_in_order_while_attacks_are_dropped() {
 
     // Attacks, while the stream flows.
     let attacker = raw_socket();
-    let captured = subscribe_and_capture(&attacker, relay.addr, channel);
+    let captured = subscribe_and_capture(relay.addr, channel);
     let send = |d: &[u8]| attacker.send_to(d, relay.addr).unwrap();
     send(&captured); // replayed
     let mut forged = captured.clone();

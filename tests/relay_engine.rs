@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use clubcast::crypto::ChannelKey;
 use clubcast::loadgen::{run_load, LoadConfig};
-use clubcast::wire::{ChannelId, Hello, Message, MessageType, Subscription, MAX_DATAGRAM};
-use common::Relay;
+use clubcast::wire::{ChannelId, MessageType, Subscription};
+use common::{subscribe_by_hand, Relay};
 
 /// These tests measure delivery under load on a small machine: run them one at a time (a
 /// busy-polling relay spins every core it has).
@@ -33,31 +33,6 @@ fn load(relay: SocketAddr, subscribers: usize, rate_pps: u64, ms: u64) -> LoadCo
         progress: false,
         key_seed: None,
     }
-}
-
-/// A hand-driven subscriber: HELLO → COOKIE → SUBSCRIBE; its socket and subscription.
-fn subscribe(relay: SocketAddr, channel: ChannelId) -> (UdpSocket, Subscription) {
-    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let mut buf = [0u8; MAX_DATAGRAM];
-    let n = Hello { channel, nonce: 3 }.encode(&mut buf).unwrap();
-    s.send_to(&buf[..n], relay).unwrap();
-    let n = s.recv(&mut buf).unwrap();
-    let Ok(Message::Cookie(c)) = Message::parse(&buf[..n]) else {
-        panic!("no cookie")
-    };
-    let sub = Subscription {
-        channel,
-        cookie: c.cookie,
-    };
-    let n = sub.encode(MessageType::Subscribe, &mut buf).unwrap();
-    s.send_to(&buf[..n], relay).unwrap();
-    let n = s.recv(&mut buf).unwrap();
-    assert!(matches!(
-        Message::parse(&buf[..n]),
-        Ok(Message::Subscribed(_))
-    ));
-    (s, sub)
 }
 
 fn send(s: &UdpSocket, relay: SocketAddr, sub: &Subscription, kind: MessageType) {
@@ -127,7 +102,7 @@ fn stalled_subscriber(backend: &str) {
     let seed = [77u8; 32];
     let channel = ChannelKey::from_seed(&seed).public().channel_id();
     // A subscriber with the smallest receive buffer that never reads, kept alive throughout.
-    let (stalled, sub) = subscribe(relay.addr, channel);
+    let (stalled, sub) = subscribe_by_hand(relay.addr, channel);
     socket2::SockRef::from(&stalled)
         .set_recv_buffer_size(1)
         .unwrap();
@@ -180,7 +155,9 @@ fn unsubscribe_and_keepalive_expiry_free_subscribers() {
 fn unsubscribe_and_expire(backend: &str) {
     let relay = start(backend, &["--workers", "2", "--subscriber-timeout", "1s"]);
     let channel = ChannelId([5; 8]);
-    let subs: Vec<_> = (0..10).map(|_| subscribe(relay.addr, channel)).collect();
+    let subs: Vec<_> = (0..10)
+        .map(|_| subscribe_by_hand(relay.addr, channel))
+        .collect();
     relay.wait_metric("clubcast_relay_subscribers", 10.0, Duration::from_secs(5));
     for (s, sub) in &subs[..4] {
         send(s, relay.addr, sub, MessageType::Unsubscribe);

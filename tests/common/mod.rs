@@ -4,12 +4,14 @@
 #![allow(dead_code)] // each test file uses a different subset
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
+
+use clubcast::wire::{ChannelId, Hello, Message, MessageType, Subscription, MAX_DATAGRAM};
 
 /// The binary under test.
 pub fn clubcast() -> Command {
@@ -221,4 +223,30 @@ pub fn require_tool(tool: &str) {
         found,
         "{tool} is required by this test but was not found: run scripts/setup (CI installs it)"
     );
+}
+
+/// A subscriber driven by hand on loopback: HELLO → COOKIE → SUBSCRIBE → SUBSCRIBED. Its
+/// socket (5 s read timeout) and subscription, for KEEPALIVE and UNSUBSCRIBE.
+pub fn subscribe_by_hand(relay: SocketAddr, channel: ChannelId) -> (UdpSocket, Subscription) {
+    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = [0u8; MAX_DATAGRAM];
+    let n = Hello { channel, nonce: 3 }.encode(&mut buf).unwrap();
+    s.send_to(&buf[..n], relay).unwrap();
+    let n = s.recv(&mut buf).expect("no COOKIE for HELLO");
+    let Ok(Message::Cookie(c)) = Message::parse(&buf[..n]) else {
+        panic!("not a cookie")
+    };
+    let sub = Subscription {
+        channel,
+        cookie: c.cookie,
+    };
+    let n = sub.encode(MessageType::Subscribe, &mut buf).unwrap();
+    s.send_to(&buf[..n], relay).unwrap();
+    let n = s.recv(&mut buf).expect("nothing after SUBSCRIBE");
+    assert!(
+        matches!(Message::parse(&buf[..n]), Ok(Message::Subscribed(_))),
+        "SUBSCRIBE not confirmed"
+    );
+    (s, sub)
 }
