@@ -15,6 +15,7 @@
 
 pub mod backend;
 pub mod client;
+pub mod config;
 pub mod crypto;
 pub mod engine;
 pub mod loadgen;

@@ -53,6 +53,17 @@ pub enum ZeroCopy {
     Off,
 }
 
+impl ZeroCopy {
+    /// The name used in flags and config files.
+    pub fn name(self) -> &'static str {
+        match self {
+            ZeroCopy::Auto => "auto",
+            ZeroCopy::On => "on",
+            ZeroCopy::Off => "off",
+        }
+    }
+}
+
 impl std::str::FromStr for ZeroCopy {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
@@ -285,6 +296,11 @@ impl UringIo {
         };
         io.submit(pool, None)?;
         Ok(io)
+    }
+
+    /// Sends queued or submitted whose completion has not been reaped yet.
+    pub(crate) fn sends_in_flight(&self) -> usize {
+        SEND_SLOTS - self.free_sends.len()
     }
 
     /// Lends free pool slots to the ring for every buffer id not in it.

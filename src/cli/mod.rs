@@ -5,6 +5,7 @@ mod args;
 mod demo;
 mod keygen;
 mod loadgen;
+mod logging;
 mod publish;
 mod relay;
 mod watch;
@@ -12,6 +13,7 @@ mod watch;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use clubcast::config::LogFormat;
 
 /// clubcast: live video carried by its viewers. A publisher signs every piece of an MPEG-TS
 /// stream, relays verify and fan pieces out over UDP, viewers verify, reorder and play.
@@ -25,9 +27,35 @@ struct Cli {
     #[command(subcommand)]
     command: Command,
 
-    /// Log level on stderr: error, warn, info, debug or trace.
-    #[arg(long, global = true, default_value = "info", value_name = "LEVEL")]
-    log_level: tracing::Level,
+    /// Log level on stderr: error, warn, info, debug or trace [default: info].
+    #[arg(long, global = true, value_name = "LEVEL")]
+    log_level: Option<tracing::Level>,
+
+    /// Log lines as text (for people) or json (one object per line, for collectors)
+    /// [default: text].
+    #[arg(long, global = true, value_name = "FORMAT")]
+    log_format: Option<LogFormat>,
+}
+
+/// The logging flags, which `clubcast relay` also takes from its config file and environment.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LogFlags {
+    level: Option<tracing::Level>,
+    format: Option<LogFormat>,
+}
+
+impl LogFlags {
+    /// The flags given on the command line, as config keys and values.
+    pub(crate) fn as_config(&self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        if let Some(level) = self.level {
+            out.push(("log-level".into(), level.to_string().to_ascii_lowercase()));
+        }
+        if let Some(format) = self.format {
+            out.push(("log-format".into(), format.name().into()));
+        }
+        out
+    }
 }
 
 /// The subcommands; each one's help text is the doc comment of its `Args`.
@@ -44,18 +72,23 @@ enum Command {
 /// Runs the command line; the process exit code.
 pub(crate) fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_max_level(cli.log_level)
-        .with_target(false)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    let log = LogFlags {
+        level: cli.log_level,
+        format: cli.log_format,
+    };
+    if !matches!(cli.command, Command::Relay(_)) {
+        // The relay sets up logging itself, once its config file is read.
+        logging::Logging::init(
+            log.level.unwrap_or(tracing::Level::INFO),
+            log.format.unwrap_or_default(),
+        );
+    }
     let result = match cli.command {
         Command::Demo(a) => demo::run(a),
         Command::Keygen(a) => keygen::run(a),
         Command::Loadgen(a) => loadgen::run(a),
         Command::Publish(a) => publish::run(a),
-        Command::Relay(a) => relay::run(a),
+        Command::Relay(a) => relay::run(a, log),
         Command::Watch(a) => watch::run(a),
     };
     match result {

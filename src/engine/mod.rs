@@ -17,10 +17,10 @@ mod worker;
 use std::cell::Cell;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::backend::portable::RECV_BATCH;
 use crate::backend::PortableSocket;
@@ -77,6 +77,17 @@ pub enum PollMode {
     Adaptive,
     /// Always block until a datagram or a hand-off.
     Block,
+}
+
+impl PollMode {
+    /// The name used in flags and config files.
+    pub fn name(self) -> &'static str {
+        match self {
+            PollMode::Busy => "busy",
+            PollMode::Adaptive => "adaptive",
+            PollMode::Block => "block",
+        }
+    }
 }
 
 impl std::str::FromStr for PollMode {
@@ -154,6 +165,7 @@ fn set_hot_path(on: bool) {
 pub struct RelayEngine {
     workers: Vec<Worker>,
     addr: SocketAddr,
+    relay: RelayConfig,
 }
 
 impl RelayEngine {
@@ -223,9 +235,14 @@ impl RelayEngine {
                     Backend::Portable => worker::IoKind::Portable,
                     Backend::Uring { zerocopy } => worker::IoKind::Uring(zerocopy),
                 },
+                draining: false,
             })
             .collect();
-        Ok(RelayEngine { workers, addr })
+        Ok(RelayEngine {
+            workers,
+            addr,
+            relay: config.relay.clone(),
+        })
     }
 
     /// The bound UDP address.
@@ -240,38 +257,92 @@ impl RelayEngine {
 
     /// Starts every worker on its own thread.
     pub fn spawn(self) -> io::Result<RelayHandle> {
-        let stop = Arc::new(AtomicBool::new(false));
+        let control = Arc::new(Control::new(self.workers.len(), self.relay.clone()));
         let threads = self
             .workers
             .into_iter()
             .map(|w| {
-                let stop = Arc::clone(&stop);
+                let control = Arc::clone(&control);
                 std::thread::Builder::new()
                     .name(format!("relay-worker-{}", w.id))
-                    .spawn(move || w.run(&stop))
+                    .spawn(move || w.run(&control))
             })
             .collect::<io::Result<_>>()?;
         Ok(RelayHandle {
             addr: self.addr,
-            stop,
+            control,
             threads,
         })
     }
+}
 
-    /// Runs until `stop` is set.
-    pub fn run(self, stop: &AtomicBool) -> io::Result<()> {
-        let handle = self.spawn()?;
-        while !stop.load(Ordering::Relaxed) && !handle.any_finished() {
-            std::thread::sleep(Duration::from_millis(50));
+/// Phases of a running engine, in order.
+const RUNNING: u8 = 0;
+const DRAINING: u8 = 1;
+const STOPPING: u8 = 2;
+
+/// What the handle tells the workers: the phase, and live configuration changes. Workers read
+/// it once per round (one atomic load each), never per packet.
+pub(crate) struct Control {
+    phase: AtomicU8,
+    workers: usize,
+    /// Workers that have stopped taking new datagrams while draining.
+    quiesced: AtomicUsize,
+    generation: AtomicU64,
+    relay: Mutex<RelayConfig>,
+}
+
+impl Control {
+    fn new(workers: usize, relay: RelayConfig) -> Self {
+        Control {
+            phase: AtomicU8::new(RUNNING),
+            workers,
+            quiesced: AtomicUsize::new(0),
+            generation: AtomicU64::new(0),
+            relay: Mutex::new(relay),
         }
-        handle.stop()
     }
+
+    pub(crate) fn draining(&self) -> bool {
+        self.phase.load(Ordering::Acquire) >= DRAINING
+    }
+
+    pub(crate) fn stopping(&self) -> bool {
+        self.phase.load(Ordering::Acquire) >= STOPPING
+    }
+
+    /// Records that the calling worker takes no more datagrams.
+    pub(crate) fn quiesce(&self) {
+        self.quiesced.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Whether every worker has stopped taking datagrams, so no new hand-offs can appear.
+    pub(crate) fn all_quiesced(&self) -> bool {
+        self.quiesced.load(Ordering::SeqCst) >= self.workers
+    }
+
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn relay_config(&self) -> RelayConfig {
+        self.relay.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// How a drain ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Drained {
+    /// Every queued send was handed to the kernel and every worker finished.
+    Complete,
+    /// The bound passed first; the workers were stopped with work still queued.
+    TimedOut,
 }
 
 /// A relay running on its worker threads.
 pub struct RelayHandle {
     addr: SocketAddr,
-    stop: Arc<AtomicBool>,
+    control: Arc<Control>,
     threads: Vec<JoinHandle<io::Result<()>>>,
 }
 
@@ -281,13 +352,37 @@ impl RelayHandle {
         self.addr
     }
 
-    fn any_finished(&self) -> bool {
+    /// Whether a worker has ended (it failed: workers run until stopped).
+    pub fn any_finished(&self) -> bool {
         self.threads.iter().any(JoinHandle::is_finished)
     }
 
-    /// Stops every worker and waits for them; the first worker error, if any.
+    /// Applies new relay tunables on every worker within a round (live reload): subscribers
+    /// already admitted stay.
+    pub fn reconfigure(&self, relay: RelayConfig) {
+        *self.control.relay.lock().unwrap_or_else(|e| e.into_inner()) = relay;
+        self.control.generation.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Drains: workers stop taking datagrams (counted as `draining`), finish the pieces already
+    /// accepted and queued, and end. After `bound`, they are stopped whatever is left.
+    pub fn drain(self, bound: Duration) -> (Drained, io::Result<()>) {
+        self.control.phase.store(DRAINING, Ordering::Release);
+        let deadline = Instant::now() + bound;
+        while Instant::now() < deadline && !self.threads.iter().all(JoinHandle::is_finished) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let outcome = if self.threads.iter().all(JoinHandle::is_finished) {
+            Drained::Complete
+        } else {
+            Drained::TimedOut
+        };
+        (outcome, self.stop())
+    }
+
+    /// Stops every worker at once and waits for them; the first worker error, if any.
     pub fn stop(self) -> io::Result<()> {
-        self.stop.store(true, Ordering::Relaxed);
+        self.control.phase.store(STOPPING, Ordering::Release);
         let mut result = Ok(());
         for t in self.threads {
             let r = t

@@ -13,7 +13,7 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,7 +21,7 @@ use crossbeam::channel::{Receiver, Sender, TrySendError};
 
 use super::pool::{BufferPool, PieceRef, Release, SlotWriter, SLOT_LEN};
 use super::wake::Waker;
-use super::{set_hot_path, PollMode};
+use super::{set_hot_path, Control, PollMode};
 use crate::backend::portable::RECV_BATCH;
 use crate::backend::uring::{Received, SendDone, UringIo, ZeroCopy};
 use crate::backend::{PortableSocket, RecvBatch, SendBatch};
@@ -72,6 +72,8 @@ pub(super) struct Worker {
     pub(super) pin: Option<core_affinity::CoreId>,
     pub(super) clock: MonotonicClock,
     pub(super) io: IoKind,
+    /// Set once the engine drains: datagrams are dropped (counted), queued pieces still sent.
+    pub(super) draining: bool,
 }
 
 /// Per-loop state, allocated once when the worker starts.
@@ -95,6 +97,16 @@ enum Io {
         ring: Box<UringIo>,
         done: Vec<SendDone>,
     },
+}
+
+impl Io {
+    /// Whether no send is queued or awaiting its completion.
+    fn idle(&self) -> bool {
+        match self {
+            Io::Portable { .. } => true,
+            Io::Uring { ring, .. } => ring.sends_in_flight() == 0,
+        }
+    }
 }
 
 /// Receive-side storage for either backend, kept apart from [`Io`] so a batch can be read
@@ -159,7 +171,7 @@ impl Batch<'_> {
 }
 
 impl Worker {
-    pub(super) fn run(mut self, stop: &AtomicBool) -> io::Result<()> {
+    pub(super) fn run(mut self, control: &Control) -> io::Result<()> {
         if let Some(core) = self.pin {
             if !core_affinity::set_for_current(core) {
                 tracing::warn!(worker = self.id, "could not pin to core {}", core.id);
@@ -198,7 +210,17 @@ impl Worker {
         let mut interval_start = Instant::now();
         let mut idle = Duration::ZERO;
         let mut last_work = Instant::now();
-        while !stop.load(Ordering::Relaxed) {
+        let mut generation = control.generation();
+        while !control.stopping() {
+            if control.generation() != generation {
+                generation = control.generation();
+                self.core.reconfigure(control.relay_config());
+            }
+            if control.draining() && !self.draining {
+                // From here on this worker makes no new hand-offs (see handle_batch, inspect).
+                self.draining = true;
+                control.quiesce();
+            }
             set_hot_path(true);
             let mut worked = self.drain_inbox(&clock, &mut b, &mut io);
             worked |= match io {
@@ -215,8 +237,13 @@ impl Worker {
                 let elapsed = now - interval_start;
                 let busy = 1.0 - idle.as_secs_f64() / elapsed.as_secs_f64().max(1e-9);
                 let ratio = busy.clamp(0.0, 1.0);
-                self.metrics
-                    .publish(self.id, self.core.stats(), &mut b.latency, ratio);
+                self.metrics.publish(
+                    self.id,
+                    self.core.stats(),
+                    self.core.channel_subscribers(),
+                    &mut b.latency,
+                    ratio,
+                );
                 next_publish = now + PUBLISH_INTERVAL;
                 interval_start = now;
                 idle = Duration::ZERO;
@@ -225,6 +252,9 @@ impl Worker {
             self.wait(&clock, &mut io, worked, now - last_work)?;
             if !worked {
                 idle += waited.elapsed();
+            }
+            if self.draining && control.all_quiesced() && self.inbox.is_empty() && io.idle() {
+                break;
             }
         }
         rx.recv.reset_buffers();
@@ -238,8 +268,13 @@ impl Worker {
                 Handoff::Inspect { datagram, .. } => self.pool.release(datagram),
             };
         }
-        self.metrics
-            .publish(self.id, self.core.stats(), &mut b.latency, 0.0);
+        self.metrics.publish(
+            self.id,
+            self.core.stats(),
+            self.core.channel_subscribers(),
+            &mut b.latency,
+            0.0,
+        );
         Ok(())
     }
 
@@ -349,6 +384,11 @@ impl Worker {
         b: &mut Buffers,
         io: &mut Io,
     ) {
+        if self.draining {
+            self.core.record_drops(DropReason::Draining, 1);
+            self.pool.release(datagram);
+            return;
+        }
         let received_at = self.pool.received_at(&datagram);
         let data = self.pool.bytes(&datagram);
         let pending = handle_one(
@@ -536,6 +576,11 @@ impl Worker {
         io: &mut Io,
     ) {
         b.pending.clear();
+        if self.draining {
+            self.core
+                .record_drops(DropReason::Draining, batch.len() as u64);
+            return;
+        }
         for i in 0..batch.len() {
             if self.pass_to_owner(batch, i, received_at) {
                 continue;

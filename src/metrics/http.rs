@@ -1,4 +1,5 @@
-//! A minimal HTTP/1.1 server for `/metrics` and `/healthz` on the operations address.
+//! A minimal HTTP/1.1 server for `/metrics`, `/healthz` (alive) and `/readyz` (serving) on the
+//! operations address.
 //!
 //! One thread, one request per connection, bounded reads with timeouts: enough for Prometheus
 //! and curl, and nothing a slow or malicious client can wedge for long.
@@ -85,6 +86,12 @@ fn serve(stream: TcpStream, metrics: &Arc<RelayMetrics>) -> io::Result<()> {
             metrics.render(),
         ),
         ("GET", "/healthz") => ("200 OK", "text/plain", "ok\n".to_string()),
+        ("GET", "/readyz") if metrics.ready() => ("200 OK", "text/plain", "ready\n".to_string()),
+        ("GET", "/readyz") => (
+            "503 Service Unavailable",
+            "text/plain",
+            "not ready (starting or draining)\n".to_string(),
+        ),
         ("GET", _) => ("404 Not Found", "text/plain", "not found\n".to_string()),
         _ => (
             "405 Method Not Allowed",
@@ -115,19 +122,20 @@ mod tests {
 
     #[test]
     fn serves_metrics_health_and_errors() {
-        let server = MetricsServer::start(
-            "127.0.0.1:0".parse().unwrap(),
-            RelayMetrics::new("portable", 1),
-        )
-        .unwrap();
+        let metrics = RelayMetrics::new("portable", 1);
+        let server =
+            MetricsServer::start("127.0.0.1:0".parse().unwrap(), Arc::clone(&metrics)).unwrap();
         let a = server.local_addr();
         let r = get(a, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
         assert!(r.starts_with("HTTP/1.1 200 OK"), "{r}");
         assert!(r.contains("clubcast_relay_pieces_forwarded_total 0"));
         assert!(get(a, "GET /healthz HTTP/1.1\r\n\r\n").ends_with("ok\n"));
+        assert!(get(a, "GET /readyz HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 503"));
         assert!(get(a, "GET /nope HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 404"));
         assert!(get(a, "POST /metrics HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 405"));
         assert!(get(a, "\x00\x01garbage\r\n\r\n").starts_with("HTTP/1.1 405"));
+        metrics.set_ready(true);
+        assert!(get(a, "GET /readyz HTTP/1.1\r\n\r\n").ends_with("ready\n"));
     }
 
     #[test]

@@ -7,9 +7,12 @@
 //! quantile gauges.
 
 mod http;
+mod process;
 
 pub use http::MetricsServer;
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -20,6 +23,7 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Registry, Unit};
 
 use crate::relay::{DropReason, RelayStats};
+use crate::wire::ChannelId;
 
 /// How often the engine publishes its counters.
 pub const PUBLISH_INTERVAL: Duration = Duration::from_millis(100);
@@ -29,6 +33,9 @@ const LATENCY_BUCKETS_US: [u64; 16] = [
     5, 10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000,
     1_000_000,
 ];
+/// Channels given their own `clubcast_relay_channel_subscribers` series (the most watched);
+/// the rest are summed under `channel="other"`, so the label's cardinality stays bounded.
+pub const TOP_CHANNELS: usize = 10;
 /// Quantiles exported as gauges.
 const QUANTILES: [f64; 4] = [0.5, 0.9, 0.99, 0.999];
 
@@ -43,6 +50,8 @@ struct Snapshot {
     first_send_us: Histogram<u64>,
     forward_us: Histogram<u64>,
     busy_ratio: f64,
+    /// Subscribers per channel on this worker.
+    channels: Vec<(ChannelId, usize)>,
 }
 
 /// One worker's latency samples since its last publish (the worker owns and fills these).
@@ -75,6 +84,7 @@ impl Default for WorkerLatency {
 pub struct RelayMetrics {
     backend: &'static str,
     workers: Vec<Mutex<Snapshot>>,
+    ready: AtomicBool,
 }
 
 impl RelayMetrics {
@@ -89,10 +99,22 @@ impl RelayMetrics {
                         first_send_us: latency_histogram(),
                         forward_us: latency_histogram(),
                         busy_ratio: 0.0,
+                        channels: Vec::new(),
                     })
                 })
                 .collect(),
+            ready: AtomicBool::new(false),
         })
+    }
+
+    /// Marks the relay ready to serve (or not: starting, draining); `/readyz` answers by it.
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Release);
+    }
+
+    /// Whether the relay is ready to serve.
+    pub fn ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
     }
 
     fn lock(&self, worker: usize) -> MutexGuard<'_, Snapshot> {
@@ -102,17 +124,20 @@ impl RelayMetrics {
             .unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Publishes worker `worker`'s totals and busy ratio, and moves its latency samples into
+    /// Publishes worker `worker`'s totals, subscribers per channel and busy ratio, and moves its latency samples into
     /// the shared histograms (leaving `latency` empty).
     pub fn publish(
         &self,
         worker: usize,
         stats: &RelayStats,
+        channels: impl Iterator<Item = (ChannelId, usize)>,
         latency: &mut WorkerLatency,
         busy_ratio: f64,
     ) {
         let mut s = self.lock(worker);
         s.stats.clone_from(stats);
+        s.channels.clear();
+        s.channels.extend(channels);
         s.busy_ratio = busy_ratio;
         // All histograms share bounds, so adding cannot fail.
         let _ = s.first_send_us.add(&latency.first_send_us);
@@ -128,6 +153,29 @@ impl RelayMetrics {
             total.add(&self.lock(w).stats);
         }
         total
+    }
+
+    /// Subscribers per channel over all workers: the [`TOP_CHANNELS`] largest by id, then
+    /// the sum of the rest (`None`).
+    fn channel_subscribers(&self) -> Vec<(Option<ChannelId>, usize)> {
+        let mut total: HashMap<ChannelId, usize> = HashMap::new();
+        for w in 0..self.workers.len() {
+            for &(id, n) in &self.lock(w).channels {
+                *total.entry(id).or_default() += n;
+            }
+        }
+        let mut all: Vec<(ChannelId, usize)> = total.into_iter().collect();
+        all.sort_unstable_by(|a, b| b.1.cmp(&a.1).then(a.0 .0.cmp(&b.0 .0)));
+        let rest: usize = all.iter().skip(TOP_CHANNELS).map(|c| c.1).sum();
+        let mut top: Vec<(Option<ChannelId>, usize)> = all
+            .into_iter()
+            .take(TOP_CHANNELS)
+            .map(|(id, n)| (Some(id), n))
+            .collect();
+        if rest > 0 {
+            top.push((None, rest));
+        }
+        top
     }
 
     fn merged(&self, pick: fn(&Snapshot) -> &Histogram<u64>) -> Histogram<u64> {
@@ -296,6 +344,24 @@ impl Collector for RelayMetrics {
             "Channels with an announced publisher now.",
             s.channels,
         )?;
+        gauge(
+            &mut e,
+            "clubcast_relay_ready",
+            "1 while the relay serves, 0 while it starts or drains.",
+            u64::from(self.ready()),
+        )?;
+        let mut per_channel = e.encode_descriptor(
+            "clubcast_relay_channel_subscribers",
+            "Subscribers now of the most watched channels (channel id), the rest under \"other\".",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (id, n) in self.channel_subscribers() {
+            let label = id.map_or_else(|| "other".to_string(), |id| id.to_string());
+            per_channel
+                .encode_family(&[("channel", label.as_str())])?
+                .encode_gauge(&(n as i64))?;
+        }
 
         let mut busy = e.encode_descriptor(
             "clubcast_relay_worker_busy_ratio",
@@ -321,7 +387,8 @@ impl Collector for RelayMetrics {
             "clubcast_relay_forward_latency",
             "Time from receiving a piece to handing its last copy (over all workers) to the kernel.",
             &self.merged(|s| &s.forward_us),
-        )
+        )?;
+        process::encode(&mut e)
     }
 }
 
@@ -364,8 +431,11 @@ mod tests {
             lat.forward_us.record(us).unwrap();
         }
         lat.first_send_us.record(3).unwrap();
-        m.publish(0, &stats, &mut lat, 0.25);
-        m.publish(1, &stats, &mut WorkerLatency::new(), 0.5);
+        let channel = |i: u8| ChannelId([i; 8]);
+        let many = (1..=12).map(|i| (channel(i), usize::from(i)));
+        m.publish(0, &stats, many, &mut lat, 0.25);
+        let one = [(channel(12), 8)].into_iter();
+        m.publish(1, &stats, one, &mut WorkerLatency::new(), 0.5);
         assert!(lat.forward_us.is_empty());
         let text = m.render();
         for line in [
@@ -383,9 +453,20 @@ mod tests {
             "clubcast_relay_forward_latency_seconds_bucket{le=\"1.0\"} 4",
             "clubcast_relay_forward_latency_seconds_bucket{le=\"+Inf\"} 5",
             "clubcast_build_info{version=\"0.1.0\",backend=\"portable\"} 1",
+            "clubcast_relay_ready 0",
+            // Summed over workers, the ten largest by name, the rest (1 + 2) as "other".
+            "clubcast_relay_channel_subscribers{channel=\"0c0c0c0c0c0c0c0c\"} 20",
+            "clubcast_relay_channel_subscribers{channel=\"0303030303030303\"} 3",
+            "clubcast_relay_channel_subscribers{channel=\"other\"} 3",
+            "process_resident_memory_bytes ",
+            "process_cpu_seconds_total ",
+            "process_open_fds ",
         ] {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
         }
         assert!(text.ends_with("# EOF\n"));
+        assert!(!text.contains("channel=\"0202020202020202\""), "{text}");
+        m.set_ready(true);
+        assert!(m.render().contains("clubcast_relay_ready 1"));
     }
 }

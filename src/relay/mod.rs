@@ -41,6 +41,8 @@ pub struct RelayConfig {
     pub max_subscribers_per_channel: usize,
     /// A subscriber is cut after this many refused copies between two of its keepalives.
     pub max_send_failures: u32,
+    /// The only channels served, if set; others are refused (`channel_not_allowed`).
+    pub allowed_channels: Option<Vec<ChannelId>>,
 }
 
 impl Default for RelayConfig {
@@ -52,6 +54,7 @@ impl Default for RelayConfig {
             max_channels: 1024,
             max_subscribers_per_channel: 4096,
             max_send_failures: 256,
+            allowed_channels: None,
         }
     }
 }
@@ -87,11 +90,15 @@ pub enum DropReason {
     WorkerBehind,
     /// A datagram not received because every pooled buffer was in use.
     PoolExhausted,
+    /// An ANNOUNCE or SUBSCRIBE for a channel outside the configured `channels` list.
+    ChannelNotAllowed,
+    /// A datagram that arrived while the relay was draining for shutdown.
+    Draining,
 }
 
 impl DropReason {
     /// Every reason, in label order.
-    pub const ALL: [DropReason; 14] = [
+    pub const ALL: [DropReason; 16] = [
         DropReason::Malformed,
         DropReason::UnknownChannel,
         DropReason::BadSignature,
@@ -106,6 +113,8 @@ impl DropReason {
         DropReason::SendFailed,
         DropReason::WorkerBehind,
         DropReason::PoolExhausted,
+        DropReason::ChannelNotAllowed,
+        DropReason::Draining,
     ];
 
     /// The metrics label.
@@ -125,6 +134,8 @@ impl DropReason {
             DropReason::SendFailed => "send_failed",
             DropReason::WorkerBehind => "worker_behind",
             DropReason::PoolExhausted => "pool_exhausted",
+            DropReason::ChannelNotAllowed => "channel_not_allowed",
+            DropReason::Draining => "draining",
         }
     }
 
@@ -277,6 +288,25 @@ impl RelayCore {
         }
     }
 
+    /// Applies new tunables (a live reload). Subscribers already admitted stay even where a
+    /// lowered limit would now refuse them; channels no longer allowed are dropped with their
+    /// subscribers.
+    pub fn reconfigure(&mut self, config: RelayConfig) {
+        self.config = config;
+        let allowed = self.config.allowed_channels.as_deref();
+        self.channels
+            .retain(|id, _| allowed.is_none_or(|list| list.contains(id)));
+        self.refresh_gauges();
+    }
+
+    /// Whether the configuration lets the relay serve channel `id`.
+    fn allows(&self, id: &ChannelId) -> bool {
+        self.config
+            .allowed_channels
+            .as_ref()
+            .is_none_or(|list| list.contains(id))
+    }
+
     /// Totals so far.
     pub fn stats(&self) -> &RelayStats {
         &self.stats
@@ -285,6 +315,14 @@ impl RelayCore {
     /// Counts drops the engine saw (e.g. sends refused by a full socket).
     pub fn record_drops(&mut self, reason: DropReason, n: u64) {
         self.stats.record_drops(reason, n);
+    }
+
+    /// Subscribers now of every channel that has any.
+    pub fn channel_subscribers(&self) -> impl Iterator<Item = (ChannelId, usize)> + '_ {
+        self.channels
+            .iter()
+            .filter(|(_, c)| !c.subscribers.is_empty())
+            .map(|(id, c)| (*id, c.subscribers.len()))
     }
 
     /// Subscribers of `channel` now.
@@ -570,6 +608,9 @@ impl RelayCore {
 impl RelayCore {
     /// The channel `id`, created if the table has room.
     fn channel_entry(&mut self, id: ChannelId, now: Timestamp) -> Result<&mut Channel, DropReason> {
+        if !self.allows(&id) {
+            return Err(DropReason::ChannelNotAllowed);
+        }
         let full = self.channels.len() >= self.config.max_channels;
         match self.channels.entry(id) {
             std::collections::hash_map::Entry::Occupied(e) => Ok(e.into_mut()),
