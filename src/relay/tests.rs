@@ -389,3 +389,58 @@ fn unexpected_messages_are_counted() {
         Inbound::Dropped(DropReason::UnexpectedMessage)
     );
 }
+
+#[test]
+fn reconfigure_keeps_subscribers_applies_new_limits_and_drops_disallowed_channels() {
+    let mut h = Harness::new();
+    for port in 40..44 {
+        h.subscribe(secs(1), addr(port));
+    }
+    let ours = h.channel();
+    let other = ChannelId([9; 8]);
+    h.relay.reconfigure(RelayConfig {
+        max_subscribers_per_channel: 2,
+        ..RelayConfig::default()
+    });
+    // Lowered below the current count: the four stay and still get pieces, a fifth is refused.
+    assert_eq!(h.relay.subscribers(&ours).len(), 4);
+    let piece = h.piece(PieceFlags::default());
+    assert_eq!(h.forward(secs(1), addr(1), &piece).unwrap().len(), 4);
+    let cookie = h.relay.cookies.issue(secs(1), addr(50));
+    let mut buf = [0u8; 64];
+    let s = Subscription {
+        channel: ours,
+        cookie,
+    };
+    let n = s.encode(MessageType::Subscribe, &mut buf).unwrap();
+    assert_eq!(
+        h.send(secs(1), addr(50), &buf[..n]),
+        Inbound::Dropped(DropReason::SubscribersFull)
+    );
+
+    // An allow-list without our channel drops it and refuses it from then on.
+    h.relay.reconfigure(RelayConfig {
+        allowed_channels: Some(vec![other]),
+        ..RelayConfig::default()
+    });
+    assert!(h.relay.subscribers(&ours).is_empty());
+    assert_eq!(h.relay.stats().subscribers, 0);
+    let cookie = h.relay.cookies.issue(secs(1), addr(41));
+    let s = Subscription {
+        channel: ours,
+        cookie,
+    };
+    let n = s.encode(MessageType::Subscribe, &mut buf).unwrap();
+    assert_eq!(
+        h.send(secs(1), addr(41), &buf[..n]),
+        Inbound::Dropped(DropReason::ChannelNotAllowed)
+    );
+    let mut announce = [0u8; MAX_DATAGRAM];
+    let due = h.publisher.poll_timeout();
+    let n = h.publisher.poll_announce(due, &mut announce).unwrap();
+    assert_eq!(
+        h.send(due, addr(1), &announce[..n]),
+        Inbound::Dropped(DropReason::ChannelNotAllowed)
+    );
+    assert_eq!(h.relay.stats().dropped(DropReason::ChannelNotAllowed), 2);
+}

@@ -145,13 +145,56 @@ fn between<'a>(s: &'a str, start: &str, end: &str) -> &'a str {
 
 /// GET `path` over HTTP/1.1; the body.
 pub fn http_get(addr: SocketAddr, path: &str) -> String {
+    let (status, body) = http_request(addr, path);
+    assert_eq!(status, 200, "GET {path}: {body}");
+    body
+}
+
+/// GET `path` over HTTP/1.1; the status code and the body (chunked bodies joined).
+pub fn http_request(addr: SocketAddr, path: &str) -> (u16, String) {
     let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
-    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
-    out.split_once("\r\n\r\n").unwrap().1.to_string()
+    let (head, body) = out.split_once("\r\n\r\n").unwrap();
+    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let chunked = head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked");
+    (
+        status,
+        if chunked {
+            dechunk(body)
+        } else {
+            body.to_string()
+        },
+    )
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        body = &rest[n + 2..];
+    }
+    out
+}
+
+/// Sends `signal` to a child process.
+pub fn signal(proc: &Proc, signal: libc::c_int) {
+    let pid = libc::pid_t::try_from(proc.child.id()).unwrap();
+    // SAFETY: kill only sends a signal to our own child, which has not been reaped yet.
+    let r = unsafe { libc::kill(pid, signal) };
+    assert_eq!(r, 0, "cannot signal {}", proc.name);
 }
 
 /// The value of one sample in Prometheus text; panics if absent.
@@ -249,4 +292,72 @@ pub fn subscribe_by_hand(relay: SocketAddr, channel: ChannelId) -> (UdpSocket, S
         "SUBSCRIBE not confirmed"
     );
     (s, sub)
+}
+
+/// A publisher thread on loopback: announces channel `ChannelKey::from_seed(seed)` and sends a
+/// signed piece every `interval` until dropped.
+pub struct TestPublisher {
+    pub channel: ChannelId,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<thread::JoinHandle<u64>>,
+}
+
+impl TestPublisher {
+    pub fn start(relay: SocketAddr, seed: [u8; 32], interval: Duration) -> TestPublisher {
+        use clubcast::crypto::ChannelKey;
+        use clubcast::publisher::Publisher;
+        use clubcast::time::{wall_clock_us, Timestamp};
+        use clubcast::wire::PieceFlags;
+        use std::sync::atomic::{AtomicBool, Ordering};
+
+        let key = ChannelKey::from_seed(&seed);
+        let channel = key.public().channel_id();
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let stopped = std::sync::Arc::clone(&stop);
+        let thread = thread::spawn(move || {
+            let mut publisher = Publisher::new(key, wall_clock_us(), 1);
+            let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+            socket.set_nonblocking(true).unwrap();
+            let start = Instant::now();
+            let now = || Timestamp::from_micros(start.elapsed().as_micros() as u64 + 1);
+            let mut buf = [0u8; MAX_DATAGRAM];
+            let mut sent = 0;
+            while !stopped.load(Ordering::Relaxed) {
+                if let Some(n) = publisher.poll_announce(now(), &mut buf) {
+                    let _ = socket.send_to(&buf[..n], relay);
+                }
+                while let Ok(n) = socket.recv(&mut buf) {
+                    publisher.handle_datagram(&buf[..n]);
+                }
+                if publisher.is_announced() {
+                    let t = wall_clock_us();
+                    let n = publisher
+                        .encode_piece(&[0x47; 1128], PieceFlags::default(), t, &mut buf)
+                        .unwrap();
+                    if socket.send_to(&buf[..n], relay).is_ok() {
+                        sent += 1;
+                    }
+                }
+                thread::sleep(interval);
+            }
+            sent
+        });
+        TestPublisher {
+            channel,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops publishing; the number of pieces sent.
+    pub fn stop(mut self) -> u64 {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.take().unwrap().join().unwrap()
+    }
+}
+
+impl Drop for TestPublisher {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
 }
