@@ -8,9 +8,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use clubcast::wire::{ChannelId, Hello, Message, MessageType, Subscription, MAX_DATAGRAM};
-use common::{
-    clubcast, http_get, http_request, signal, subscribe_by_hand, Proc, Relay, TestPublisher,
-};
+use common::{clubcast, http_get, signal, subscribe_by_hand, Proc, Relay, TestPublisher};
 
 /// Waits for a log line containing `needle`; all lines seen, for the failure message.
 fn wait_log(relay: &Relay, needle: &str, limit: Duration) -> String {
