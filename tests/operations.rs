@@ -267,3 +267,54 @@ fn config_layers_print_and_errors() {
         assert_eq!(err.lines().count(), 1, "{err}");
     }
 }
+
+#[test]
+fn top_shows_live_rates_and_fails_clearly_without_a_relay() {
+    let relay = Relay::start(&[]);
+    let publisher = TestPublisher::start(relay.addr, [6; 32], Duration::from_millis(2));
+    relay.wait_metric("clubcast_relay_channels", 1.0, Duration::from_secs(10));
+    let _subs: Vec<_> = (0..3)
+        .map(|_| subscribe_by_hand(relay.addr, publisher.channel))
+        .collect();
+    let out = clubcast()
+        .args(["top", "--metrics", &relay.metrics.to_string()])
+        .args(["--count", "2", "--interval", "500ms"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let screen = String::from_utf8(out.stdout).unwrap();
+    // Piped output is plain text, no terminal escapes.
+    assert!(!screen.contains('\x1b'), "{screen:?}");
+    let field = |label: &str| -> f64 {
+        let last = screen.rsplit("clubcast relay at").next().unwrap();
+        let after = last
+            .split(label)
+            .nth(1)
+            .unwrap_or_else(|| panic!("no {label} in\n{screen}"));
+        after.split_whitespace().next().unwrap().parse().unwrap()
+    };
+    assert!(field("pieces in/s") > 50.0, "{screen}");
+    assert!(
+        field("copies out/s") >= 2.0 * field("pieces in/s"),
+        "{screen}"
+    );
+    assert_eq!(field("subscribers"), 3.0, "{screen}");
+    assert!(screen.contains("ready"), "{screen}");
+    assert!(!screen.contains("forward             -"), "{screen}");
+
+    let gone = clubcast()
+        .args(["top", "--metrics", "127.0.0.1:9", "--count", "1"])
+        .output()
+        .unwrap();
+    assert!(!gone.status.success());
+    let err = String::from_utf8_lossy(&gone.stderr);
+    assert!(
+        err.contains("cannot reach the relay's metrics at 127.0.0.1:9"),
+        "{err}"
+    );
+    drop(publisher);
+}

@@ -8,6 +8,7 @@ mod loadgen;
 mod logging;
 mod publish;
 mod relay;
+mod top;
 mod watch;
 
 use std::process::ExitCode;
@@ -66,6 +67,7 @@ enum Command {
     Loadgen(loadgen::Args),
     Publish(publish::Args),
     Relay(relay::Args),
+    Top(top::Args),
     Watch(watch::Args),
 }
 
@@ -89,6 +91,7 @@ pub(crate) fn main() -> ExitCode {
         Command::Loadgen(a) => loadgen::run(a),
         Command::Publish(a) => publish::run(a),
         Command::Relay(a) => relay::run(a, log),
+        Command::Top(a) => top::run(a),
         Command::Watch(a) => watch::run(a),
     };
     match result {

@@ -8,6 +8,7 @@
 
 mod http;
 mod process;
+pub mod text;
 
 pub use http::MetricsServer;
 
