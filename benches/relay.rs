@@ -65,6 +65,7 @@ fn load(relay: SocketAddr, rate: u64, duration: Duration) -> LoadConfig {
         receiver_threads: 1,
         progress: false,
         key_seed: None,
+        forge_every: 0,
     }
 }
 

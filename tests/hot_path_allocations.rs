@@ -74,6 +74,7 @@ fn forward_and_count(backend: Backend) {
         receiver_threads: 1,
         progress: false,
         key_seed: None,
+        forge_every: 0,
     };
     // Warm-up: first subscriptions and channels grow tables; that is the control path.
     run_load(&load(400)).unwrap();

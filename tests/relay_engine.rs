@@ -32,6 +32,7 @@ fn load(relay: SocketAddr, subscribers: usize, rate_pps: u64, ms: u64) -> LoadCo
         receiver_threads: 1,
         progress: false,
         key_seed: None,
+        forge_every: 0,
     }
 }
 
@@ -119,6 +120,7 @@ fn stalled_subscriber(backend: &str) {
     };
     let report = run_load(&LoadConfig {
         key_seed: Some(seed),
+        forge_every: 0,
         ..load(relay.addr, 50, 2000, 2000)
     })
     .unwrap();

@@ -8,5 +8,6 @@
 pub mod portable;
 mod sockaddr;
 pub mod uring;
+pub mod xdp;
 
 pub use portable::{FanoutResult, PortableSocket, RecvBatch, SendBatch};

@@ -50,6 +50,11 @@ pub(crate) struct Args {
     #[arg(long)]
     json: bool,
 
+    /// Also send a forgery (one payload byte changed, the signature kept) before every Nth
+    /// piece (0: none). A relay that forwarded one shows it as a duplicate.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    forge_every: u64,
+
     /// Search for the highest rate with delivered ratio ≥ 0.999.
     #[arg(long)]
     find_max: bool,
@@ -76,6 +81,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
         receiver_threads: args.receiver_threads,
         progress: !args.json && !args.find_max,
         key_seed: None,
+        forge_every: args.forge_every,
     };
     let report = if args.find_max {
         find_max(&config)?
@@ -139,6 +145,9 @@ fn find_max(base: &LoadConfig) -> anyhow::Result<LoadReport> {
 fn print_table(r: &LoadReport) {
     let h = &r.latency_us;
     println!("  pieces sent       {}", r.pieces_sent);
+    if r.forged_sent > 0 {
+        println!("  forged sent       {}", r.forged_sent);
+    }
     println!("  subscribers       {}", r.subscribers);
     println!("  delivered ratio   {:.6}", r.delivered_ratio);
     println!(

@@ -9,7 +9,9 @@ use anyhow::Context;
 use clap::parser::ValueSource;
 use clap::{Arg, ArgAction, ArgMatches, Command};
 use clubcast::config::{BackendChoice, Key, Kind, RelaySettings, KEYS};
-use clubcast::engine::{worker_count, Backend, Drained, EngineConfig, RelayEngine, RelayHandle};
+use clubcast::engine::{
+    worker_count, Backend, Drained, EngineConfig, RelayEngine, RelayHandle, XdpConfig,
+};
 use clubcast::metrics::{MetricsServer, RelayMetrics};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
@@ -192,20 +194,39 @@ fn choose_backend(s: &RelaySettings) -> anyhow::Result<(Backend, Option<String>)
             ))
         }
         BackendChoice::Auto => Ok(Backend::detect(s.zerocopy)),
+        BackendChoice::Xdp if s.interface.is_empty() => {
+            anyhow::bail!("--backend xdp needs --interface IFACE (the NIC to attach to)")
+        }
+        BackendChoice::Xdp => Ok((Backend::Xdp, None)),
     }
 }
 
-fn engine_config(s: &RelaySettings, backend: Backend) -> EngineConfig {
-    EngineConfig {
+/// Workers to run: as asked, or one per core, or (xdp) one per receive queue.
+fn workers(s: &RelaySettings, backend: Backend) -> anyhow::Result<usize> {
+    if backend != Backend::Xdp || s.workers > 0 {
+        return Ok(worker_count(s.workers));
+    }
+    let iface = clubcast::backend::xdp::Interface::lookup(&s.interface)?;
+    Ok(iface.rx_queues as usize)
+}
+
+fn engine_config(s: &RelaySettings, backend: Backend) -> anyhow::Result<EngineConfig> {
+    Ok(EngineConfig {
         listen: s.listen,
         relay: s.relay_config(),
         socket_buffer: s.socket_buffer,
-        workers: worker_count(s.workers),
+        workers: workers(s, backend)?,
         pin: s.pin,
         poll: s.poll,
         pool_slots: s.pool_slots,
         backend,
-    }
+        xdp: (backend == Backend::Xdp).then(|| XdpConfig {
+            interface: s.interface.clone(),
+            attach: s.xdp_mode,
+            zerocopy: s.zerocopy,
+            tx: s.xdp_tx,
+        }),
+    })
 }
 
 pub(crate) fn run(args: Args, log: LogFlags) -> anyhow::Result<()> {
@@ -229,19 +250,25 @@ pub(crate) fn run(args: Args, log: LogFlags) -> anyhow::Result<()> {
     if let Some(reason) = fallback {
         tracing::warn!("{reason}: using the portable backend");
     }
-    let config = engine_config(&settings, backend);
+    let config = engine_config(&settings, backend)?;
     let metrics = RelayMetrics::new(backend.name(), config.workers);
     let engine = RelayEngine::bind(&config, metrics.clone())
         .with_context(|| format!("cannot start the relay on udp {}", settings.listen))?;
     let server = MetricsServer::start(settings.metrics, metrics.clone())
         .with_context(|| format!("cannot serve metrics on tcp {}", settings.metrics))?;
     let workers = engine.workers();
+    let backend_name = match engine.xdp_summary() {
+        Some(summary) => {
+            metrics.set_backend_mode(summary);
+            format!("xdp: {summary}")
+        }
+        None => backend.name().to_string(),
+    };
     let relay = engine.spawn().context("cannot start the relay workers")?;
     metrics.set_ready(true);
     tracing::info!(
-        "relay listening on {} (backend {}, {workers} workers, poll {}); metrics on http://{}/metrics",
+        "relay listening on {} (backend {backend_name}, {workers} workers, poll {}); metrics on http://{}/metrics",
         relay.addr(),
-        backend.name(),
         settings.poll.name(),
         server.local_addr()
     );
@@ -263,6 +290,9 @@ fn serve(
                 SIGHUP => settings = reload(&relay, sources, settings, logging),
                 _ => return drain(relay, metrics, signal, settings.drain_timeout),
             }
+        }
+        if let Some((redirected, passed)) = relay.xdp_counts() {
+            metrics.set_xdp_packets(redirected, passed);
         }
         if relay.any_finished() {
             metrics.set_ready(false);

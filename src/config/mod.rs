@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::crypto::ChannelPublicKey;
-use crate::engine::{PollMode, ZeroCopy};
+use crate::engine::{AttachMode, PollMode, TxMode, ZeroCopy};
 use crate::relay::RelayConfig;
 
 /// Prefix of the environment variables that set keys: `CLUBCAST_MAX_SUBSCRIBERS` sets
@@ -94,6 +94,8 @@ pub enum BackendChoice {
     Uring,
     /// recvmmsg/sendmmsg.
     Portable,
+    /// AF_XDP on `interface`.
+    Xdp,
 }
 
 /// Log line format.
@@ -133,8 +135,14 @@ pub struct RelaySettings {
     pub pool_slots: usize,
     /// Kernel interface.
     pub backend: BackendChoice,
-    /// Zero-copy sends on io_uring.
+    /// Zero-copy sends on io_uring; zero-copy AF_XDP sockets on xdp.
     pub zerocopy: ZeroCopy,
+    /// The interface the xdp backend attaches to.
+    pub interface: String,
+    /// Where the XDP program runs.
+    pub xdp_mode: AttachMode,
+    /// How the xdp backend builds copies; `None`: multi-buffer on zero-copy sockets, else copy.
+    pub xdp_tx: Option<TxMode>,
     /// Most verbose log level shown.
     pub log_level: tracing::Level,
     /// Log line format.
@@ -160,6 +168,9 @@ impl Default for RelaySettings {
             pool_slots: 16_384,
             backend: BackendChoice::Auto,
             zerocopy: ZeroCopy::Auto,
+            interface: String::new(),
+            xdp_mode: AttachMode::Native,
+            xdp_tx: None,
             log_level: tracing::Level::INFO,
             log_format: LogFormat::Text,
             drain_timeout: Duration::from_secs(5),
@@ -395,8 +406,10 @@ pub static KEYS: &[Key] = &[
         name: "backend",
         value_name: "BACKEND",
         help: "Kernel interface: uring (io_uring: multishot receive, one submission per round \
-               for all sends), portable (recvmmsg/sendmmsg, runs anywhere), or auto (uring where \
-               the kernel has it, else portable).",
+               for all sends), portable (recvmmsg/sendmmsg, runs anywhere), xdp (AF_XDP on \
+               --interface: datagrams bypass the kernel's UDP stack; needs CAP_BPF, \
+               CAP_NET_ADMIN, CAP_NET_RAW), or auto (uring where the kernel has it, else \
+               portable).",
         kind: Kind::Text,
         live: false,
         set: |s, v| {
@@ -408,8 +421,9 @@ pub static KEYS: &[Key] = &[
     Key {
         name: "zerocopy",
         value_name: "MODE",
-        help: "Zero-copy sends on the uring backend: on, off, or auto (off for pieces, which \
-               measured cheaper to copy than to pin).",
+        help: "Zero-copy: on the uring backend, zero-copy sends (auto: off for pieces, which \
+               measured cheaper to copy than to pin); on the xdp backend, AF_XDP zero-copy \
+               sockets (auto: where the driver has them; veth has not).",
         kind: Kind::Text,
         live: false,
         set: |s, v| {
@@ -417,6 +431,55 @@ pub static KEYS: &[Key] = &[
             Ok(())
         },
         show: |s| s.zerocopy.name().to_string(),
+    },
+    Key {
+        name: "interface",
+        value_name: "IFACE",
+        help: "Network interface for the xdp backend; one worker per receive queue (--workers \
+               N serves queues 0..N).",
+        kind: Kind::Text,
+        live: false,
+        set: |s, v| {
+            s.interface = v.trim().to_string();
+            Ok(())
+        },
+        show: |s| s.interface.clone(),
+    },
+    Key {
+        name: "xdp-mode",
+        value_name: "MODE",
+        help: "Where the XDP program runs: native (in the driver) or generic (any interface, \
+               slower).",
+        kind: Kind::Text,
+        live: false,
+        set: |s, v| {
+            s.xdp_mode = v.trim().parse()?;
+            Ok(())
+        },
+        show: |s| s.xdp_mode.name().to_string(),
+    },
+    Key {
+        name: "xdp-tx",
+        value_name: "MODE",
+        help: "How the xdp backend builds each copy: copy (headers and payload in one frame), \
+               multi-buffer (a header frame plus one shared payload frame), or auto \
+               (multi-buffer on zero-copy sockets, copy otherwise, where it measured faster).",
+        kind: Kind::Text,
+        live: false,
+        set: |s, v| {
+            s.xdp_tx = match v.trim() {
+                "auto" => None,
+                "copy" => Some(TxMode::Copy),
+                "multi-buffer" => Some(TxMode::MultiBuffer),
+                other => {
+                    return Err(format!(
+                        "{other:?} is not an xdp send mode (auto, copy, multi-buffer)"
+                    ))
+                }
+            };
+            Ok(())
+        },
+        show: |s| s.xdp_tx.map_or("auto", TxMode::name).to_string(),
     },
     Key {
         name: "log-level",
@@ -623,6 +686,7 @@ impl BackendChoice {
             BackendChoice::Auto => "auto",
             BackendChoice::Uring => "uring",
             BackendChoice::Portable => "portable",
+            BackendChoice::Xdp => "xdp",
         }
     }
 }
@@ -634,7 +698,10 @@ impl std::str::FromStr for BackendChoice {
             "auto" => Ok(BackendChoice::Auto),
             "uring" => Ok(BackendChoice::Uring),
             "portable" => Ok(BackendChoice::Portable),
-            _ => Err(format!("{s:?} is not a backend (auto, uring, portable)")),
+            "xdp" => Ok(BackendChoice::Xdp),
+            _ => Err(format!(
+                "{s:?} is not a backend (auto, uring, portable, xdp)"
+            )),
         }
     }
 }

@@ -23,6 +23,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::backend::portable::RECV_BATCH;
+use crate::backend::xdp::{Interface, XdpIo, XdpProgram};
 use crate::backend::PortableSocket;
 use crate::metrics::RelayMetrics;
 use crate::relay::{RelayConfig, RelayCore};
@@ -33,6 +34,7 @@ use wake::Waker;
 use worker::{Handoff, Worker};
 
 pub use crate::backend::uring::ZeroCopy;
+pub use crate::backend::xdp::{AttachMode, TxMode};
 
 /// The kernel interface the workers use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,6 +46,8 @@ pub enum Backend {
         /// Whether sends use `IORING_OP_SENDMSG_ZC`.
         zerocopy: ZeroCopy,
     },
+    /// AF_XDP sockets fed by an XDP program on [`EngineConfig::xdp`]'s interface.
+    Xdp,
 }
 
 impl Backend {
@@ -52,6 +56,7 @@ impl Backend {
         match self {
             Backend::Portable => "portable",
             Backend::Uring { .. } => "uring",
+            Backend::Xdp => "xdp",
         }
     }
 
@@ -121,6 +126,23 @@ pub struct EngineConfig {
     pub pool_slots: usize,
     /// Kernel interface.
     pub backend: Backend,
+    /// Where and how the xdp backend runs (required with [`Backend::Xdp`]).
+    pub xdp: Option<XdpConfig>,
+}
+
+/// How to run the xdp backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct XdpConfig {
+    /// The interface to attach to; one worker per receive queue.
+    pub interface: String,
+    /// Where the program runs.
+    pub attach: AttachMode,
+    /// AF_XDP zero-copy: on (fail without), off (copy mode), auto (zero-copy where the driver
+    /// has it).
+    pub zerocopy: ZeroCopy,
+    /// How fan-out copies are built; `None` picks multi-buffer on zero-copy sockets and copy
+    /// otherwise (multi-buffer measured slower in copy mode).
+    pub tx: Option<TxMode>,
 }
 
 impl Default for EngineConfig {
@@ -134,6 +156,7 @@ impl Default for EngineConfig {
             poll: PollMode::Adaptive,
             pool_slots: 16_384,
             backend: Backend::Portable,
+            xdp: None,
         }
     }
 }
@@ -166,6 +189,80 @@ pub struct RelayEngine {
     workers: Vec<Worker>,
     addr: SocketAddr,
     relay: RelayConfig,
+    /// The attached XDP program (detached when the engine stops) and how the backend runs.
+    xdp: Option<(XdpProgram, String)>,
+}
+
+/// The xdp backend's program and sockets, set up before any worker starts.
+struct XdpSetup {
+    program: XdpProgram,
+    sockets: Vec<XdpIo>,
+    summary: String,
+}
+
+impl XdpSetup {
+    fn new(config: &EngineConfig, port: u16, workers: usize) -> io::Result<Self> {
+        let xdp = config.xdp.as_ref().ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "the xdp backend needs an interface",
+            )
+        })?;
+        let iface = Interface::lookup(&xdp.interface).map_err(io::Error::other)?;
+        if workers > iface.rx_queues as usize {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "interface {} has {} receive queue(s); the xdp backend runs one worker per \
+                     queue (use --workers {} or fewer)",
+                    iface.name, iface.rx_queues, iface.rx_queues
+                ),
+            ));
+        }
+        let mut program =
+            XdpProgram::attach(&iface.name, port, xdp.attach).map_err(io::Error::other)?;
+        let mut sockets = Vec::with_capacity(workers);
+        for queue in 0..workers as u32 {
+            let socket = bind_xsk(&iface, queue, port, xdp)?;
+            program
+                .register(queue, socket.fd())
+                .map_err(io::Error::other)?;
+            sockets.push(socket);
+        }
+        let zerocopy = sockets.first().is_some_and(XdpIo::zerocopy);
+        let summary = format!(
+            "{} on {}, {} mode, {} sends",
+            xdp.attach.name(),
+            iface.name,
+            if zerocopy { "zero-copy" } else { "copy" },
+            sockets.first().map_or("copy", |s| s.tx_mode().name()),
+        );
+        Ok(XdpSetup {
+            program,
+            sockets,
+            summary,
+        })
+    }
+}
+
+/// An AF_XDP socket for `queue` as `xdp` asks: zero-copy when on or (auto) when the driver has
+/// it; multi-buffer sends unless told otherwise on a copy-mode socket.
+fn bind_xsk(iface: &Interface, queue: u32, port: u16, xdp: &XdpConfig) -> io::Result<XdpIo> {
+    let tx = |zerocopy: bool| {
+        xdp.tx.unwrap_or(if zerocopy {
+            TxMode::MultiBuffer
+        } else {
+            TxMode::Copy
+        })
+    };
+    let bind = |zerocopy: bool| XdpIo::bind(iface, queue, port, zerocopy, tx(zerocopy));
+    match xdp.zerocopy {
+        ZeroCopy::On => bind(true).map_err(io::Error::other),
+        ZeroCopy::Off => bind(false).map_err(io::Error::other),
+        ZeroCopy::Auto => bind(true)
+            .or_else(|_| bind(false))
+            .map_err(io::Error::other),
+    }
 }
 
 impl RelayEngine {
@@ -177,7 +274,7 @@ impl RelayEngine {
         // Slots each worker lends the kernel for receiving (and may hold once more while it
         // handles a full receive), plus as many again for pieces in flight.
         let lent = match config.backend {
-            Backend::Portable => RECV_BATCH,
+            Backend::Portable | Backend::Xdp => RECV_BATCH,
             Backend::Uring { .. } => 256,
         };
         let min_slots = n * lent * 3;
@@ -196,6 +293,10 @@ impl RelayEngine {
         for _ in 1..n {
             sockets.push(PortableSocket::bind_shared(addr, config.socket_buffer)?);
         }
+        let mut xdp = match config.backend {
+            Backend::Xdp => Some(XdpSetup::new(config, addr.port(), n)?),
+            _ => None,
+        };
         let pool = Arc::new(BufferPool::new(config.pool_slots));
         let wakers: Arc<Vec<Waker>> =
             Arc::new((0..n).map(|_| Waker::new()).collect::<io::Result<_>>()?);
@@ -209,6 +310,10 @@ impl RelayEngine {
             core_affinity::get_core_ids().unwrap_or_default()
         } else {
             Vec::new()
+        };
+        let mut xdp_io: Vec<Option<XdpIo>> = match &mut xdp {
+            Some(setup) => setup.sockets.drain(..).map(Some).collect(),
+            None => (0..n).map(|_| None).collect(),
         };
         let workers = sockets
             .into_iter()
@@ -231,9 +336,10 @@ impl RelayEngine {
                 poll: config.poll,
                 pin: (!cores.is_empty()).then(|| cores[id % cores.len()]),
                 clock,
-                io: match config.backend {
-                    Backend::Portable => worker::IoKind::Portable,
-                    Backend::Uring { zerocopy } => worker::IoKind::Uring(zerocopy),
+                io: match (config.backend, xdp_io[id].take()) {
+                    (Backend::Xdp, Some(x)) => worker::IoKind::Xdp(Box::new(x)),
+                    (Backend::Uring { zerocopy }, _) => worker::IoKind::Uring(zerocopy),
+                    _ => worker::IoKind::Portable,
                 },
                 draining: false,
             })
@@ -242,6 +348,7 @@ impl RelayEngine {
             workers,
             addr,
             relay: config.relay.clone(),
+            xdp: xdp.map(|x| (x.program, x.summary)),
         })
     }
 
@@ -253,6 +360,11 @@ impl RelayEngine {
     /// Number of workers.
     pub fn workers(&self) -> usize {
         self.workers.len()
+    }
+
+    /// How the xdp backend runs (attach mode, interface, socket mode, send mode), if it does.
+    pub fn xdp_summary(&self) -> Option<&str> {
+        self.xdp.as_ref().map(|(_, s)| s.as_str())
     }
 
     /// Starts every worker on its own thread.
@@ -272,6 +384,7 @@ impl RelayEngine {
             addr: self.addr,
             control,
             threads,
+            xdp: self.xdp.map(|(p, _)| p),
         })
     }
 }
@@ -344,6 +457,8 @@ pub struct RelayHandle {
     addr: SocketAddr,
     control: Arc<Control>,
     threads: Vec<JoinHandle<io::Result<()>>>,
+    /// Detached after the workers stop (dropped last).
+    xdp: Option<XdpProgram>,
 }
 
 impl RelayHandle {
@@ -380,11 +495,12 @@ impl RelayHandle {
         (outcome, self.stop())
     }
 
-    /// Stops every worker at once and waits for them; the first worker error, if any.
-    pub fn stop(self) -> io::Result<()> {
+    /// Stops every worker at once and waits for them, then detaches the XDP program; the first
+    /// worker error, if any.
+    pub fn stop(mut self) -> io::Result<()> {
         self.control.phase.store(STOPPING, Ordering::Release);
         let mut result = Ok(());
-        for t in self.threads {
+        for t in std::mem::take(&mut self.threads) {
             let r = t
                 .join()
                 .map_err(|_| io::Error::other("relay worker panicked"))
@@ -393,6 +509,12 @@ impl RelayHandle {
                 result = r;
             }
         }
+        drop(self.xdp.take());
         result
+    }
+
+    /// Packets the XDP program redirected to the workers and passed to the kernel.
+    pub fn xdp_counts(&self) -> Option<(u64, u64)> {
+        self.xdp.as_ref().map(XdpProgram::counts)
     }
 }

@@ -92,7 +92,6 @@ impl BufferPool {
     }
 
     /// The writable bytes of a slot being filled.
-    #[cfg(test)]
     pub(crate) fn buf_mut<'a>(&'a self, w: &'a mut SlotWriter) -> &'a mut [u8; SLOT_LEN] {
         // SAFETY: a SlotWriter is the only handle to its slot (taken off the free list, not
         // yet frozen), and the returned borrow is tied to the writer's unique borrow.

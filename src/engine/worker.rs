@@ -13,6 +13,7 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::RawFd;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,6 +25,7 @@ use super::wake::Waker;
 use super::{set_hot_path, Control, PollMode};
 use crate::backend::portable::RECV_BATCH;
 use crate::backend::uring::{Received, SendDone, UringIo, ZeroCopy};
+use crate::backend::xdp::XdpIo;
 use crate::backend::{PortableSocket, RecvBatch, SendBatch};
 use crate::crypto::{channel_id, verify_batch};
 use crate::metrics::{RelayMetrics, WorkerLatency, PUBLISH_INTERVAL};
@@ -41,10 +43,12 @@ const MAX_WAIT: Duration = Duration::from_millis(50);
 const SPIN_BEFORE_BLOCK: Duration = Duration::from_micros(200);
 
 /// Which kernel interface a worker uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum IoKind {
     Portable,
     Uring(ZeroCopy),
+    /// An AF_XDP socket bound to this worker's queue (the kernel socket stays for control
+    /// replies, destinations without a known next hop, and traffic the program passes).
+    Xdp(Box<XdpIo>),
 }
 
 /// What one worker passes another: always a pool reference, never bytes.
@@ -97,14 +101,21 @@ enum Io {
         ring: Box<UringIo>,
         done: Vec<SendDone>,
     },
+    Xdp {
+        xdp: Box<XdpIo>,
+        /// Kernel sends for destinations the AF_XDP path cannot reach.
+        send: SendBatch,
+        fallback: Vec<SocketAddr>,
+    },
 }
 
 impl Io {
     /// Whether no send is queued or awaiting its completion.
-    fn idle(&self) -> bool {
+    fn idle(&mut self) -> bool {
         match self {
             Io::Portable { .. } => true,
             Io::Uring { ring, .. } => ring.sends_in_flight() == 0,
+            Io::Xdp { xdp, .. } => xdp.idle(),
         }
     }
 }
@@ -178,9 +189,14 @@ impl Worker {
             }
         }
         let clock = self.clock;
-        let mut io = match self.io {
+        let mut io = match std::mem::replace(&mut self.io, IoKind::Portable) {
             IoKind::Portable => Io::Portable {
                 send: SendBatch::new(),
+            },
+            IoKind::Xdp(xdp) => Io::Xdp {
+                xdp,
+                send: SendBatch::new(),
+                fallback: Vec::with_capacity(4096),
             },
             IoKind::Uring(zc) => Io::Uring {
                 ring: Box::new(UringIo::new(
@@ -226,7 +242,17 @@ impl Worker {
             worked |= match io {
                 Io::Portable { .. } => self.receive_portable(&clock, &mut b, &mut rx, &mut io),
                 Io::Uring { .. } => self.receive_uring(&clock, &mut b, &mut rx, &mut io)?,
+                Io::Xdp { .. } => {
+                    self.receive_xdp(&clock, &mut b, &mut rx, &mut io)
+                        | self.receive_portable(&clock, &mut b, &mut rx, &mut io)
+                }
             };
+            if let Io::Xdp { xdp, .. } = &mut io {
+                if let Err(e) = xdp.flush() {
+                    tracing::debug!(worker = self.id, "AF_XDP send: {e}");
+                }
+                worked |= xdp.reap();
+            }
             set_hot_path(false);
             let now = Instant::now();
             if worked {
@@ -234,6 +260,9 @@ impl Worker {
             }
             self.core.handle_timeout(clock.now());
             if now >= next_publish {
+                if let Io::Xdp { xdp, .. } = &mut io {
+                    xdp.refresh_neighbours();
+                }
                 let elapsed = now - interval_start;
                 let busy = 1.0 - idle.as_secs_f64() / elapsed.as_secs_f64().max(1e-9);
                 let ratio = busy.clamp(0.0, 1.0);
@@ -326,14 +355,15 @@ impl Worker {
             .min(MAX_WAIT);
         let result = match io {
             Io::Uring { ring, .. } => ring.submit(&self.pool, Some(timeout)),
-            Io::Portable { .. } => self.poll_socket(timeout),
+            Io::Portable { .. } => self.poll_socket(timeout, None),
+            Io::Xdp { xdp, .. } => self.poll_socket(timeout, Some(xdp.fd())),
         };
         waker.set_sleeping(false);
         result
     }
 
-    /// Sleeps in `poll` on the socket and the doorbell.
-    fn poll_socket(&self, timeout: Duration) -> io::Result<()> {
+    /// Sleeps in `poll` on the socket, the doorbell and (xdp) the AF_XDP socket.
+    fn poll_socket(&self, timeout: Duration, xsk: Option<RawFd>) -> io::Result<()> {
         let waker = &self.wakers[self.id];
         let mut fds = [
             libc::pollfd {
@@ -346,10 +376,16 @@ impl Worker {
                 events: libc::POLLIN,
                 revents: 0,
             },
+            libc::pollfd {
+                fd: xsk.unwrap_or(-1),
+                events: libc::POLLIN,
+                revents: 0,
+            },
         ];
         let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
-        // SAFETY: fds is a live array of two pollfd structs for the whole call.
-        let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, ms) };
+        let n = if xsk.is_some() { 3 } else { 2 };
+        // SAFETY: fds is a live array of three pollfd structs for the whole call; n ≤ 3.
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), n, ms) };
         if r < 0 {
             let e = io::Error::last_os_error();
             if e.kind() != io::ErrorKind::Interrupted {
@@ -660,19 +696,26 @@ impl Worker {
                     .socket
                     .send_fanout_with(bytes, subscribers, send, |a| failed.push(*a));
                 let len = bytes.len();
-                self.core.record_sends(result.sent, len);
-                for addr in b.failed.drain(..) {
-                    self.core.record_send_failure(channel, addr);
+                self.account_fanout(piece, channel, result.sent, len, clock, b);
+            }
+            Io::Xdp {
+                xdp,
+                send,
+                fallback,
+            } => {
+                let bytes = self.pool.bytes(&piece);
+                fallback.clear();
+                b.failed.clear();
+                let mut sent = xdp.fan_out(bytes, subscribers, fallback);
+                if !fallback.is_empty() {
+                    let failed = &mut b.failed;
+                    sent += self
+                        .socket
+                        .send_fanout_with(bytes, fallback, send, |a| failed.push(*a))
+                        .sent;
                 }
-                if result.sent > 0 {
-                    let now = clock.now();
-                    self.pool.note_sent(&piece, now);
-                    if self.pool.claim_first_send(&piece) {
-                        let us = now.saturating_since(self.pool.received_at(&piece));
-                        b.latency.first_send_us.saturating_record(micros(us));
-                    }
-                }
-                record_forward(self.pool.release(piece), b);
+                let len = bytes.len();
+                self.account_fanout(piece, channel, sent, len, clock, b);
             }
             Io::Uring { ring, .. } => {
                 match ring.queue_fanout(&self.pool, piece, *channel, subscribers) {
@@ -689,6 +732,81 @@ impl Worker {
                 }
             }
         }
+    }
+}
+
+impl Worker {
+    /// Counts a synchronous fan-out of `piece` (`sent` copies handed to the kernel, refused
+    /// ones in `b.failed`), records first-send latency, and gives up this worker's reference.
+    fn account_fanout(
+        &mut self,
+        piece: PieceRef,
+        channel: &ChannelId,
+        sent: usize,
+        len: usize,
+        clock: &MonotonicClock,
+        b: &mut Buffers,
+    ) {
+        self.core.record_sends(sent, len);
+        for addr in b.failed.drain(..) {
+            self.core.record_send_failure(channel, addr);
+        }
+        if sent > 0 {
+            let now = clock.now();
+            self.pool.note_sent(&piece, now);
+            if self.pool.claim_first_send(&piece) {
+                let us = now.saturating_since(self.pool.received_at(&piece));
+                b.latency.first_send_us.saturating_record(micros(us));
+            }
+        }
+        record_forward(self.pool.release(piece), b);
+    }
+
+    /// Receives from the AF_XDP socket: each datagram's payload is copied into a pool slot
+    /// and its UMEM frame goes straight back to the kernel. True if anything arrived.
+    fn receive_xdp(
+        &mut self,
+        clock: &MonotonicClock,
+        b: &mut Buffers,
+        rx: &mut Rx,
+        io: &mut Io,
+    ) -> bool {
+        let Io::Xdp { xdp, .. } = io else {
+            return false;
+        };
+        rx.received.clear();
+        let pool = &self.pool;
+        let (mut oversized, mut starved) = (0u64, 0u64);
+        let (n, rejected) = xdp.receive(RECV_BATCH, |from, payload| {
+            if payload.len() > SLOT_LEN {
+                oversized += 1;
+                return;
+            }
+            let Some(mut w) = pool.take() else {
+                starved += 1;
+                return;
+            };
+            pool.buf_mut(&mut w)[..payload.len()].copy_from_slice(payload);
+            rx.received.push(Some(Received {
+                writer: w,
+                offset: 0,
+                len: payload.len(),
+                from: Some(from),
+            }));
+        });
+        self.core
+            .record_drops(DropReason::Malformed, rejected as u64 + oversized);
+        self.core.record_drops(DropReason::PoolExhausted, starved);
+        if rx.received.is_empty() {
+            return n > 0;
+        }
+        let received_at = clock.now();
+        let mut batch = Batch::Uring(&mut rx.received);
+        self.handle_batch(&mut batch, received_at, clock, b, io);
+        for d in rx.received.iter_mut().filter_map(Option::take) {
+            self.pool.discard(d.writer);
+        }
+        true
     }
 }
 

@@ -48,6 +48,10 @@ pub struct LoadConfig {
     /// Seed of the channel key (a fresh random key when `None`), so other clients can join
     /// the channel under test.
     pub key_seed: Option<[u8; 32]>,
+    /// Before every `forge_every`th piece (0: never), send a forgery of it: the same header
+    /// and signature over one changed payload byte. A relay that forwarded one would show it as
+    /// a duplicate (the real piece follows with the same sequence number).
+    pub forge_every: u64,
 }
 
 /// What the relay delivered.
@@ -55,6 +59,8 @@ pub struct LoadConfig {
 pub struct LoadReport {
     /// Pieces the publisher sent.
     pub pieces_sent: u64,
+    /// Forged pieces sent besides.
+    pub forged_sent: u64,
     /// Subscribers that completed the handshake.
     pub subscribers: usize,
     /// Distinct pieces received over all subscribers ÷ (pieces sent × subscribers).
@@ -81,11 +87,12 @@ impl LoadReport {
         let h = &self.latency_us;
         format!(
             concat!(
-                "{{\"pieces_sent\":{},\"subscribers\":{},\"delivered_ratio\":{:.6},\"lost\":{},",
+                "{{\"pieces_sent\":{},\"forged_sent\":{},\"subscribers\":{},\"delivered_ratio\":{:.6},\"lost\":{},",
                 "\"duplicates\":{},\"reorders\":{},\"pps_out\":{:.1},\"gbps_out\":{:.6},",
                 "\"latency_us\":{{\"p50\":{},\"p99\":{},\"p999\":{},\"max\":{}}},\"duration_s\":{:.3}}}"
             ),
             self.pieces_sent,
+            self.forged_sent,
             self.subscribers,
             self.delivered_ratio,
             self.lost,
@@ -182,7 +189,8 @@ pub fn run_load(config: &LoadConfig) -> Result<LoadReport, LoadError> {
         })
         .collect::<io::Result<_>>()?;
 
-    let (sent, elapsed) = send_pieces(&mut publisher, &socket, config, &clock, &received)?;
+    let (sent, forged_sent, elapsed) =
+        send_pieces(&mut publisher, &socket, config, &clock, &received)?;
     thread::sleep(DRAIN);
     stop.store(true, Ordering::Relaxed);
     let mut totals = SubscriberTotals::default();
@@ -198,6 +206,7 @@ pub fn run_load(config: &LoadConfig) -> Result<LoadReport, LoadError> {
     let secs = elapsed.as_secs_f64().max(1e-9);
     Ok(LoadReport {
         pieces_sent: sent,
+        forged_sent,
         subscribers: config.subscribers,
         delivered_ratio: if expected == 0 {
             0.0
@@ -253,8 +262,9 @@ fn send_pieces(
     config: &LoadConfig,
     clock: &MonotonicClock,
     received: &AtomicU64,
-) -> Result<(u64, Duration), LoadError> {
+) -> Result<(u64, u64, Duration), LoadError> {
     let payload = vec![0x47u8; config.payload];
+    let mut forged = 0u64;
     let mut buf = vec![0u8; MAX_DATAGRAM];
     let start = Instant::now();
     let mut sent = 0u64;
@@ -271,6 +281,13 @@ fn send_pieces(
             let n = publisher
                 .encode_piece(&payload, PieceFlags::empty(), now_us, &mut buf)
                 .map_err(|e| LoadError::Config(e.to_string()))?;
+            if config.forge_every > 0 && sent % config.forge_every == 0 {
+                let last_payload_byte = n - crate::wire::SIGNATURE_LEN - 1;
+                buf[last_payload_byte] ^= 0x01;
+                let _ = socket.send_to(&buf[..n], config.relay);
+                buf[last_payload_byte] ^= 0x01;
+                forged += 1;
+            }
             // A send refused by a full buffer is a piece the relay never saw: counted as sent,
             // it shows as loss, which is what it is.
             let _ = socket.send_to(&buf[..n], config.relay);
@@ -296,7 +313,7 @@ fn send_pieces(
         }
         thread::sleep(Duration::from_micros(200));
     }
-    Ok((sent, start.elapsed()))
+    Ok((sent, forged, start.elapsed()))
 }
 
 #[cfg(test)]
@@ -325,6 +342,7 @@ mod tests {
             receiver_threads: 2,
             progress: false,
             key_seed: None,
+            forge_every: 0,
         })
         .unwrap();
         relay.stop().unwrap();
@@ -355,6 +373,7 @@ mod tests {
             receiver_threads: 1,
             progress: false,
             key_seed: None,
+            forge_every: 0,
         };
         assert!(matches!(run_load(&base), Err(LoadError::Config(_))));
     }

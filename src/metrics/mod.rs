@@ -13,7 +13,7 @@ pub mod text;
 pub use http::MetricsServer;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -84,8 +84,12 @@ impl Default for WorkerLatency {
 #[derive(Debug)]
 pub struct RelayMetrics {
     backend: &'static str,
+    /// How the backend runs, where it has choices (xdp: attach, socket and send modes).
+    backend_mode: std::sync::OnceLock<String>,
     workers: Vec<Mutex<Snapshot>>,
     ready: AtomicBool,
+    /// The XDP program's counters: packets redirected to AF_XDP, passed to the kernel.
+    xdp_packets: [AtomicU64; 2],
 }
 
 impl RelayMetrics {
@@ -93,6 +97,7 @@ impl RelayMetrics {
     pub fn new(backend: &'static str, workers: usize) -> Arc<Self> {
         Arc::new(RelayMetrics {
             backend,
+            backend_mode: std::sync::OnceLock::new(),
             workers: (0..workers.max(1))
                 .map(|_| {
                     Mutex::new(Snapshot {
@@ -105,7 +110,20 @@ impl RelayMetrics {
                 })
                 .collect(),
             ready: AtomicBool::new(false),
+            xdp_packets: [AtomicU64::new(0), AtomicU64::new(0)],
         })
+    }
+
+    /// Records how the backend runs, for `clubcast_build_info{backend_mode}` (set once).
+    pub fn set_backend_mode(&self, mode: &str) {
+        let _ = self.backend_mode.set(mode.to_string());
+    }
+
+    /// Records the XDP program's totals: packets redirected to AF_XDP sockets and passed on
+    /// to the kernel.
+    pub fn set_xdp_packets(&self, redirected: u64, passed: u64) {
+        self.xdp_packets[0].store(redirected, Ordering::Relaxed);
+        self.xdp_packets[1].store(passed, Ordering::Relaxed);
     }
 
     /// Marks the relay ready to serve (or not: starting, draining); `/readyz` answers by it.
@@ -261,6 +279,10 @@ impl Collector for RelayMetrics {
         .encode_info(&[
             ("version", env!("CARGO_PKG_VERSION")),
             ("backend", self.backend),
+            (
+                "backend_mode",
+                self.backend_mode.get().map_or("", String::as_str),
+            ),
         ])?;
 
         let c = |e: &mut DescriptorEncoder<'_>, name, help, v| counter(e, name, help, None, v);
@@ -377,6 +399,23 @@ impl Collector for RelayMetrics {
                 .encode_gauge(&ratio)?;
         }
 
+        if self.backend == "xdp" {
+            let [redirected, passed] = &self.xdp_packets;
+            counter(
+                &mut e,
+                "clubcast_xdp_redirected_packets",
+                "Packets the XDP program sent to the relay's AF_XDP sockets.",
+                None,
+                redirected.load(Ordering::Relaxed),
+            )?;
+            counter(
+                &mut e,
+                "clubcast_xdp_passed_packets",
+                "Packets the XDP program passed on to the kernel (other traffic).",
+                None,
+                passed.load(Ordering::Relaxed),
+            )?;
+        }
         latency(
             &mut e,
             "clubcast_relay_first_send_latency",
@@ -453,7 +492,7 @@ mod tests {
             "clubcast_relay_forward_latency_seconds_bucket{le=\"0.001\"} 4",
             "clubcast_relay_forward_latency_seconds_bucket{le=\"1.0\"} 4",
             "clubcast_relay_forward_latency_seconds_bucket{le=\"+Inf\"} 5",
-            "clubcast_build_info{version=\"0.1.0\",backend=\"portable\"} 1",
+            "clubcast_build_info{version=\"0.1.0\",backend=\"portable\",backend_mode=\"\"} 1",
             "clubcast_relay_ready 0",
             // Summed over workers, the ten largest by name, the rest (1 + 2) as "other".
             "clubcast_relay_channel_subscribers{channel=\"0c0c0c0c0c0c0c0c\"} 20",
