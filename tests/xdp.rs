@@ -55,6 +55,7 @@ fn relay_on_xdp_over_veth_delivers_everything_and_detaches() {
         "ping and TCP reach the kernel: ok",
         "every piece to every subscriber: ",
         "program detached on exit: ok",
+        "multi-buffer sends: ",
     ] {
         assert!(stdout.contains(check), "missing {check:?} in\n{stdout}");
     }
