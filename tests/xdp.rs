@@ -54,6 +54,7 @@ fn relay_on_xdp_over_veth_delivers_everything_and_detaches() {
         "backend xdp: native on",
         "ping and TCP reach the kernel: ok",
         "every piece to every subscriber: ",
+        "UDP checksums verified by the receiving kernel: ok",
         "program detached on exit: ok",
         "multi-buffer sends: ",
     ] {

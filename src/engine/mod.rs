@@ -230,12 +230,20 @@ impl XdpSetup {
             sockets.push(socket);
         }
         let zerocopy = sockets.first().is_some_and(XdpIo::zerocopy);
+        let wanted_multi = xdp.tx == Some(TxMode::MultiBuffer);
+        let fell_back =
+            wanted_multi && sockets.first().is_some_and(|s| s.tx_mode() == TxMode::Copy);
         let summary = format!(
-            "{} on {}, {} mode, {} sends",
+            "{} on {}, {} mode, {} sends{}",
             xdp.attach.name(),
             iface.name,
             if zerocopy { "zero-copy" } else { "copy" },
             sockets.first().map_or("copy", |s| s.tx_mode().name()),
+            if fell_back {
+                " (multi-buffer unavailable)"
+            } else {
+                ""
+            },
         );
         Ok(XdpSetup {
             program,
@@ -255,7 +263,23 @@ fn bind_xsk(iface: &Interface, queue: u32, port: u16, xdp: &XdpConfig) -> io::Re
             TxMode::Copy
         })
     };
-    let bind = |zerocopy: bool| XdpIo::bind(iface, queue, port, zerocopy, tx(zerocopy));
+    // Multi-buffer needs kernel and driver support (XDP_USE_SG, Linux 6.6): without it, copy
+    // the payload per subscriber instead, and say so.
+    let bind = |zerocopy: bool| {
+        let wanted = tx(zerocopy);
+        XdpIo::bind(iface, queue, port, zerocopy, wanted).or_else(|e| {
+            if wanted != TxMode::MultiBuffer {
+                return Err(e);
+            }
+            let io = XdpIo::bind(iface, queue, port, zerocopy, TxMode::Copy)?;
+            tracing::warn!(
+                "AF_XDP multi-buffer is not available on {} ({e}); copying the payload per \
+                 subscriber instead",
+                iface.name
+            );
+            Ok(io)
+        })
+    };
     match xdp.zerocopy {
         ZeroCopy::On => bind(true).map_err(io::Error::other),
         ZeroCopy::Off => bind(false).map_err(io::Error::other),

@@ -61,16 +61,31 @@ pub(crate) fn parse_udp(frame: &[u8]) -> Option<UdpFrame> {
     })
 }
 
-/// The Internet checksum (RFC 1071) of `bytes`.
-pub(crate) fn internet_checksum(bytes: &[u8]) -> u16 {
-    let mut sum: u32 = bytes
-        .chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+/// The one's-complement sum of `bytes` as 16-bit big-endian words (odd length padded with
+/// zero), not yet folded: sums of pieces add up, so a payload's sum is computed once and reused
+/// for every copy.
+pub(crate) fn ones_sum(bytes: &[u8]) -> u64 {
+    let mut chunks = bytes.chunks_exact(2);
+    let mut sum: u64 = (&mut chunks)
+        .map(|c| u64::from(u16::from_be_bytes([c[0], c[1]])))
         .sum();
+    if let [last] = chunks.remainder() {
+        sum += u64::from(*last) << 8;
+    }
+    sum
+}
+
+/// Folds a one's-complement sum to 16 bits and complements it.
+fn finish(mut sum: u64) -> u16 {
     while sum > 0xffff {
         sum = (sum & 0xffff) + (sum >> 16);
     }
     !(sum as u16)
+}
+
+/// The Internet checksum (RFC 1071) of `bytes`.
+pub(crate) fn internet_checksum(bytes: &[u8]) -> u16 {
+    finish(ones_sum(bytes))
 }
 
 /// One end of a datagram on the wire.
@@ -80,9 +95,15 @@ pub(crate) struct Endpoint {
     pub(crate) addr: SocketAddrV4,
 }
 
-/// Writes the Ethernet, IPv4 and UDP headers of a `payload_len`-byte datagram into `out[..42]`.
-/// The UDP checksum is left 0 (allowed for IPv4); the IPv4 header checksum is computed.
-pub(crate) fn write_headers(out: &mut [u8], from: &Endpoint, to: &Endpoint, payload_len: usize) {
+/// Writes the Ethernet, IPv4 and UDP headers of a `payload_len`-byte datagram into `out[..42]`,
+/// with both checksums; `payload_sum` is [`ones_sum`] of the payload.
+pub(crate) fn write_headers(
+    out: &mut [u8],
+    from: &Endpoint,
+    to: &Endpoint,
+    payload_len: usize,
+    payload_sum: u64,
+) {
     let out = &mut out[..HEADERS_LEN];
     out[0..6].copy_from_slice(&to.mac);
     out[6..12].copy_from_slice(&from.mac);
@@ -106,6 +127,13 @@ pub(crate) fn write_headers(out: &mut [u8], from: &Endpoint, to: &Endpoint, payl
     udp[2..4].copy_from_slice(&to.addr.port().to_be_bytes());
     udp[4..6].copy_from_slice(&((8 + payload_len) as u16).to_be_bytes());
     udp[6..8].copy_from_slice(&[0, 0]);
+    // Pseudo-header (addresses, protocol, UDP length), UDP header, payload.
+    let pseudo = ones_sum(&out[26..34]) + u64::from(IPPROTO_UDP) + (8 + payload_len) as u64;
+    let sum = match finish(pseudo + ones_sum(&out[34..42]) + payload_sum) {
+        0 => 0xffff, // 0 would mean "no checksum"
+        s => s,
+    };
+    out[40..42].copy_from_slice(&sum.to_be_bytes());
 }
 
 #[cfg(test)]
@@ -125,10 +153,17 @@ mod tests {
         let to = endpoint(2, [10, 0, 0, 2], 40000);
         let payload = b"signed piece bytes";
         let mut frame = vec![0u8; HEADERS_LEN + payload.len()];
-        write_headers(&mut frame, &from, &to, payload.len());
+        write_headers(&mut frame, &from, &to, payload.len(), ones_sum(payload));
         frame[HEADERS_LEN..].copy_from_slice(payload);
         // A header whose checksum is right sums to zero.
         assert_eq!(internet_checksum(&frame[14..34]), 0);
+        // So does the UDP datagram with its pseudo-header.
+        let mut pseudo = Vec::new();
+        pseudo.extend_from_slice(&frame[26..34]);
+        pseudo.extend_from_slice(&[0, 17]);
+        pseudo.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+        pseudo.extend_from_slice(&frame[34..]);
+        assert_eq!(internet_checksum(&pseudo), 0);
         let parsed = parse_udp(&frame).unwrap();
         assert_eq!(parsed.src, from.addr);
         assert_eq!(parsed.dst, to.addr);
@@ -154,7 +189,7 @@ mod tests {
         let from = endpoint(1, [10, 0, 0, 1], 7000);
         let to = endpoint(2, [10, 0, 0, 2], 9);
         let mut frame = vec![0u8; HEADERS_LEN + 10];
-        write_headers(&mut frame, &from, &to, 10);
+        write_headers(&mut frame, &from, &to, 10, 0);
         assert!(parse_udp(&frame).is_some());
         assert!(parse_udp(&frame[..HEADERS_LEN + 5]).is_none(), "truncated");
         let mut tcp = frame.clone();

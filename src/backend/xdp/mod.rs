@@ -363,6 +363,7 @@ impl XdpIo {
             },
         };
         let per_copy = if shared.is_some() { 2 } else { 1 };
+        let payload_sum = frame::ones_sum(payload);
         let mut queued = 0;
         for dest in dests {
             let SocketAddr::V4(to) = dest else {
@@ -387,7 +388,7 @@ impl XdpIo {
             };
             let to = Endpoint { mac, addr: *to };
             let buf = self.socket.frame_mut(head);
-            frame::write_headers(buf, &self.local, &to, payload.len());
+            frame::write_headers(buf, &self.local, &to, payload.len(), payload_sum);
             self.tx_refs[frame_number(head)] = 1;
             match shared {
                 None => {
