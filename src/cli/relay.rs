@@ -201,13 +201,20 @@ fn choose_backend(s: &RelaySettings) -> anyhow::Result<(Backend, Option<String>)
     }
 }
 
-/// Workers to run: as asked, or one per core, or (xdp) one per receive queue.
+/// Workers to run: as asked, or one per core, or (xdp) one per receive queue served.
 fn workers(s: &RelaySettings, backend: Backend) -> anyhow::Result<usize> {
-    if backend != Backend::Xdp || s.workers > 0 {
+    if backend != Backend::Xdp {
         return Ok(worker_count(s.workers));
     }
-    let iface = clubcast::backend::xdp::Interface::lookup(&s.interface)?;
-    Ok(iface.rx_queues as usize)
+    match (s.queues, s.workers) {
+        (0, 0) => Ok(clubcast::backend::xdp::Interface::lookup(&s.interface)?.rx_queues as usize),
+        (q, 0) => Ok(q),
+        (0, w) => Ok(w),
+        (q, w) if q == w => Ok(q),
+        (q, w) => anyhow::bail!(
+            "--queues {q} and --workers {w} disagree: the xdp backend runs one worker per queue"
+        ),
+    }
 }
 
 fn engine_config(s: &RelaySettings, backend: Backend) -> anyhow::Result<EngineConfig> {

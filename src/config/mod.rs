@@ -139,6 +139,8 @@ pub struct RelaySettings {
     pub zerocopy: ZeroCopy,
     /// The interface the xdp backend attaches to.
     pub interface: String,
+    /// Receive queues the xdp backend serves, one worker each (0: all).
+    pub queues: usize,
     /// Where the XDP program runs.
     pub xdp_mode: AttachMode,
     /// How the xdp backend builds copies; `None`: multi-buffer on zero-copy sockets, else copy.
@@ -169,6 +171,7 @@ impl Default for RelaySettings {
             backend: BackendChoice::Auto,
             zerocopy: ZeroCopy::Auto,
             interface: String::new(),
+            queues: 0,
             xdp_mode: AttachMode::Native,
             xdp_tx: None,
             log_level: tracing::Level::INFO,
@@ -435,8 +438,7 @@ pub static KEYS: &[Key] = &[
     Key {
         name: "interface",
         value_name: "IFACE",
-        help: "Network interface for the xdp backend; one worker per receive queue (--workers \
-               N serves queues 0..N).",
+        help: "Network interface for the xdp backend; one worker per receive queue served.",
         kind: Kind::Text,
         live: false,
         set: |s, v| {
@@ -444,6 +446,23 @@ pub static KEYS: &[Key] = &[
             Ok(())
         },
         show: |s| s.interface.clone(),
+    },
+    Key {
+        name: "queues",
+        value_name: "N",
+        help: "Receive queues of --interface the xdp backend serves, 0..N-1, one worker and \
+               AF_XDP socket each (0: all of them). Datagrams on other queues reach the relay \
+               through the kernel.",
+        kind: Kind::Integer,
+        live: false,
+        set: |s, v| {
+            s.queues = v
+                .trim()
+                .parse()
+                .map_err(|_| format!("{v:?} is not a whole number"))?;
+            Ok(())
+        },
+        show: |s| s.queues.to_string(),
     },
     Key {
         name: "xdp-mode",
