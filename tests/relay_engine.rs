@@ -64,7 +64,7 @@ fn start(backend: &str, extra: &[&str]) -> Relay {
         "uring"
     };
     let info = format!(
-        "clubcast_build_info{{version=\"{}\",backend=\"{name}\"}} 1",
+        "clubcast_build_info{{version=\"{}\",backend=\"{name}\",",
         env!("CARGO_PKG_VERSION")
     );
     assert!(relay.scrape().contains(&info), "relay is not on {backend}");

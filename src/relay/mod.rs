@@ -9,6 +9,7 @@
 //! unverified is ever forwarded.
 
 mod cookie;
+pub mod limits;
 mod subscribers;
 mod window;
 
@@ -25,6 +26,7 @@ use crate::time::Timestamp;
 use crate::wire::{
     Announce, Announced, ChannelId, Cookie, Message, Piece, Subscribed, Subscription,
 };
+use limits::SourceLimiter;
 
 /// Tunables of the relay core.
 #[derive(Debug, Clone)]
@@ -43,6 +45,12 @@ pub struct RelayConfig {
     pub max_send_failures: u32,
     /// The only channels served, if set; others are refused (`channel_not_allowed`).
     pub allowed_channels: Option<Vec<ChannelId>>,
+    /// Control messages (everything but pieces) accepted per second from one source IP, with
+    /// bursts of twice as many; more are `rate_limited`.
+    pub control_rate_per_source: u32,
+    /// Pieces verified per second for one source IP at most (bursts of as many); more are
+    /// `verify_budget` drops. Bounds what a forged flood can make the relay spend.
+    pub verify_rate_per_source: u32,
 }
 
 impl Default for RelayConfig {
@@ -55,6 +63,8 @@ impl Default for RelayConfig {
             max_subscribers_per_channel: 4096,
             max_send_failures: 256,
             allowed_channels: None,
+            control_rate_per_source: 2_000,
+            verify_rate_per_source: 20_000,
         }
     }
 }
@@ -94,11 +104,17 @@ pub enum DropReason {
     ChannelNotAllowed,
     /// A datagram that arrived while the relay was draining for shutdown.
     Draining,
+    /// A control message over its source's rate.
+    RateLimited,
+    /// A piece from an address that has not announced the channel.
+    UnknownUpstream,
+    /// A piece over its source's verification budget.
+    VerifyBudget,
 }
 
 impl DropReason {
     /// Every reason, in label order.
-    pub const ALL: [DropReason; 16] = [
+    pub const ALL: [DropReason; 19] = [
         DropReason::Malformed,
         DropReason::UnknownChannel,
         DropReason::BadSignature,
@@ -115,6 +131,9 @@ impl DropReason {
         DropReason::PoolExhausted,
         DropReason::ChannelNotAllowed,
         DropReason::Draining,
+        DropReason::RateLimited,
+        DropReason::UnknownUpstream,
+        DropReason::VerifyBudget,
     ];
 
     /// The metrics label.
@@ -136,6 +155,9 @@ impl DropReason {
             DropReason::PoolExhausted => "pool_exhausted",
             DropReason::ChannelNotAllowed => "channel_not_allowed",
             DropReason::Draining => "draining",
+            DropReason::RateLimited => "rate_limited",
+            DropReason::UnknownUpstream => "unknown_upstream",
+            DropReason::VerifyBudget => "verify_budget",
         }
     }
 
@@ -235,6 +257,8 @@ pub struct PendingPiece {
 #[derive(Debug)]
 struct Channel {
     key: Option<ChannelPublicKey>,
+    /// Addresses that sent a valid ANNOUNCE: the only ones pieces are taken from.
+    upstreams: [Option<SocketAddr>; MAX_UPSTREAMS],
     epoch_us: u64,
     window: SeqWindow,
     subscribers: Subscribers,
@@ -246,6 +270,7 @@ impl Channel {
     fn new(now: Timestamp) -> Self {
         Channel {
             key: None,
+            upstreams: [None; MAX_UPSTREAMS],
             epoch_us: 0,
             window: SeqWindow::new(),
             subscribers: Subscribers::default(),
@@ -254,14 +279,33 @@ impl Channel {
         }
     }
 
+    fn is_upstream(&self, from: SocketAddr) -> bool {
+        self.upstreams.contains(&Some(from))
+    }
+
+    /// Remembers `from` as an upstream, replacing the oldest when all places are taken.
+    fn add_upstream(&mut self, from: SocketAddr) {
+        if self.is_upstream(from) {
+            return;
+        }
+        self.upstreams.rotate_right(1);
+        self.upstreams[0] = Some(from);
+    }
+
     fn idle_since(&self) -> Timestamp {
         self.last_announce.unwrap_or(self.created)
     }
 }
 
+/// Addresses a channel takes pieces from (a publisher that moved keeps working: its next
+/// announce adds the new address).
+const MAX_UPSTREAMS: usize = 4;
+
 /// The relay's protocol state: channels, their keys, replay windows and subscribers.
 pub struct RelayCore {
     config: RelayConfig,
+    control_limits: SourceLimiter,
+    verify_limits: SourceLimiter,
     cookies: CookieJar,
     channels: HashMap<ChannelId, Channel>,
     stats: RelayStats,
@@ -281,6 +325,14 @@ impl RelayCore {
     pub fn with_cookie_key(config: RelayConfig, cookie_key: [u8; 32]) -> Self {
         RelayCore {
             cookies: CookieJar::new(cookie_key, config.cookie_bucket),
+            control_limits: SourceLimiter::new(
+                config.control_rate_per_source,
+                config.control_rate_per_source.saturating_mul(2),
+            ),
+            verify_limits: SourceLimiter::new(
+                config.verify_rate_per_source,
+                config.verify_rate_per_source,
+            ),
             config,
             channels: HashMap::new(),
             stats: RelayStats::default(),
@@ -292,6 +344,12 @@ impl RelayCore {
     /// lowered limit would now refuse them; channels no longer allowed are dropped with their
     /// subscribers.
     pub fn reconfigure(&mut self, config: RelayConfig) {
+        self.control_limits.set_rate(
+            config.control_rate_per_source,
+            config.control_rate_per_source.saturating_mul(2),
+        );
+        self.verify_limits
+            .set_rate(config.verify_rate_per_source, config.verify_rate_per_source);
         self.config = config;
         let allowed = self.config.allowed_channels.as_deref();
         self.channels
@@ -347,13 +405,16 @@ impl RelayCore {
             Err(_) => Inbound::Dropped(DropReason::Malformed),
             Ok(Message::Piece(piece)) => {
                 self.stats.pieces_in += 1;
-                self.precheck_piece(&piece)
+                self.precheck_piece(now, from, &piece)
+            }
+            Ok(_) if !self.control_limits.allow(now, from) => {
+                Inbound::Dropped(DropReason::RateLimited)
             }
             Ok(Message::Hello(hello)) => self.reply_cookie(now, from, hello.nonce, reply),
             Ok(Message::Subscribe(s)) => self.on_subscribe(now, from, &s, reply),
             Ok(Message::Keepalive(s)) => self.on_keepalive(now, from, &s, reply),
             Ok(Message::Unsubscribe(s)) => self.on_unsubscribe(now, from, &s, reply),
-            Ok(Message::Announce(a)) => self.on_announce(now, &a, reply),
+            Ok(Message::Announce(a)) => self.on_announce(now, from, &a, reply),
             Ok(Message::Cookie(_) | Message::Subscribed(_) | Message::Announced(_)) => {
                 Inbound::Dropped(DropReason::UnexpectedMessage)
             }
@@ -449,7 +510,9 @@ impl RelayCore {
             .sum();
     }
 
-    fn precheck_piece(&self, piece: &Piece<'_>) -> Inbound {
+    /// The cheap filters, cheapest first: known channel, announced upstream, inside the
+    /// window and not seen, within the source's verification budget.
+    fn precheck_piece(&mut self, now: Timestamp, from: SocketAddr, piece: &Piece<'_>) -> Inbound {
         let Some((channel, key)) = self
             .channels
             .get(&piece.channel())
@@ -457,8 +520,14 @@ impl RelayCore {
         else {
             return Inbound::Dropped(DropReason::UnknownChannel);
         };
+        if !channel.is_upstream(from) {
+            return Inbound::Dropped(DropReason::UnknownUpstream);
+        }
         if let Err(reject) = channel.window.check(piece.seq()) {
             return Inbound::Dropped(seq_drop(reject));
+        }
+        if !self.verify_limits.allow(now, from) {
+            return Inbound::Dropped(DropReason::VerifyBudget);
         }
         Inbound::Verify(PendingPiece {
             channel: piece.channel(),
@@ -495,7 +564,7 @@ impl RelayCore {
         }
         let expires = now + self.config.subscriber_timeout;
         let limit = self.config.max_subscribers_per_channel;
-        let channel = match self.channel_entry(s.channel, now) {
+        let channel = match self.channel_entry(s.channel, now, false) {
             Ok(c) => c,
             Err(reason) => return Inbound::Dropped(reason),
         };
@@ -571,12 +640,18 @@ impl RelayCore {
         }
     }
 
-    fn on_announce(&mut self, now: Timestamp, a: &Announce<'_>, reply: &mut [u8]) -> Inbound {
+    fn on_announce(
+        &mut self,
+        now: Timestamp,
+        from: SocketAddr,
+        a: &Announce<'_>,
+        reply: &mut [u8],
+    ) -> Inbound {
         let Ok(key) = verify_announce(a) else {
             return Inbound::Dropped(DropReason::BadAnnounce);
         };
         let id = key.channel_id();
-        let channel = match self.channel_entry(id, now) {
+        let channel = match self.channel_entry(id, now, true) {
             Ok(c) => c,
             Err(reason) => return Inbound::Dropped(reason),
         };
@@ -594,6 +669,7 @@ impl RelayCore {
             }
         }
         channel.last_announce = Some(now);
+        channel.add_upstream(from);
         self.refresh_gauges();
         encoded(
             Announced {
@@ -606,12 +682,23 @@ impl RelayCore {
 }
 
 impl RelayCore {
-    /// The channel `id`, created if the table has room.
-    fn channel_entry(&mut self, id: ChannelId, now: Timestamp) -> Result<&mut Channel, DropReason> {
+    /// The channel `id`, created if the table has room. Channels no publisher has announced
+    /// (`announced` false: created by a SUBSCRIBE that came first) may take a quarter of the
+    /// table at most, so made-up channel ids cannot crowd out real ones.
+    fn channel_entry(
+        &mut self,
+        id: ChannelId,
+        now: Timestamp,
+        announced: bool,
+    ) -> Result<&mut Channel, DropReason> {
         if !self.allows(&id) {
             return Err(DropReason::ChannelNotAllowed);
         }
-        let full = self.channels.len() >= self.config.max_channels;
+        let pending_limit = (self.config.max_channels / 4).max(1);
+        let full = self.channels.len() >= self.config.max_channels
+            || (!announced
+                && !self.channels.contains_key(&id)
+                && self.channels.values().filter(|c| c.key.is_none()).count() >= pending_limit);
         match self.channels.entry(id) {
             std::collections::hash_map::Entry::Occupied(e) => Ok(e.into_mut()),
             std::collections::hash_map::Entry::Vacant(_) if full => Err(DropReason::ChannelsFull),

@@ -137,9 +137,14 @@ fn forged_replayed_unknown_and_garbage_are_dropped_by_reason() {
     let good = h.piece(PieceFlags::empty());
     h.forward(secs(1), addr(1), &good).unwrap();
 
-    // Replay of a forwarded piece.
+    // From an address that never announced the channel, nothing is even looked at.
     assert_eq!(
         h.forward(secs(1), addr(66), &good),
+        Err(DropReason::UnknownUpstream)
+    );
+    // Replay of a forwarded piece (from the publisher's address, as a spoofer would).
+    assert_eq!(
+        h.forward(secs(1), addr(1), &good),
         Err(DropReason::Replayed)
     );
     // A forged piece: right channel, signed by someone else.
@@ -152,7 +157,7 @@ fn forged_replayed_unknown_and_garbage_are_dropped_by_reason() {
     forged[4..12].copy_from_slice(&h.channel().0);
     forged[12..20].copy_from_slice(&101u64.to_be_bytes());
     assert_eq!(
-        h.forward(secs(1), addr(66), &forged),
+        h.forward(secs(1), addr(1), &forged),
         Err(DropReason::BadSignature)
     );
     // A piece for a channel nobody announced.
@@ -180,6 +185,7 @@ fn forged_replayed_unknown_and_garbage_are_dropped_by_reason() {
 
     let s = h.relay.stats();
     for (reason, n) in [
+        (DropReason::UnknownUpstream, 1),
         (DropReason::Replayed, 1),
         (DropReason::BadSignature, 1),
         (DropReason::UnknownChannel, 1),
@@ -313,7 +319,7 @@ fn restarted_publisher_is_served_and_old_session_replays_are_refused() {
     // A captured piece of the old session, replayed now, is refused: it is 10 000 sequence
     // numbers behind, past the replay window.
     assert_eq!(
-        h.forward(secs(2), addr(66), &old_pieces[2]),
+        h.forward(secs(2), addr(1), &old_pieces[2]),
         Err(DropReason::Stale)
     );
     let after = h.piece(PieceFlags::empty());
@@ -344,8 +350,114 @@ fn tables_are_bounded() {
     }
     assert!(matches!(verdicts[0], Inbound::Reply(_)));
     assert_eq!(verdicts[1], Inbound::Dropped(DropReason::SubscribersFull));
+    // Channels nobody announced may take a quarter of the table (here 1 of 2).
+    assert_eq!(verdicts[2], Inbound::Dropped(DropReason::ChannelsFull));
     assert_eq!(verdicts[4], Inbound::Dropped(DropReason::ChannelsFull));
-    assert_eq!(relay.stats().subscribers, 2);
+    assert_eq!(relay.stats().subscribers, 1);
+}
+
+#[test]
+fn made_up_channels_cannot_crowd_out_announced_ones() {
+    let config = RelayConfig {
+        max_channels: 8,
+        ..Default::default()
+    };
+    let mut relay = RelayCore::with_cookie_key(config, [1; 32]);
+    let mut reply = [0u8; MAX_DATAGRAM];
+    let mut buf = [0u8; MAX_DATAGRAM];
+    // One validated address subscribes to 100 channels no publisher has announced.
+    for ch in 0..100u8 {
+        let cookie = relay.cookies.issue(secs(0), addr(30));
+        let n = Subscription {
+            channel: ChannelId([ch; 8]),
+            cookie,
+        }
+        .encode(MessageType::Subscribe, &mut buf)
+        .unwrap();
+        relay.handle(secs(0), addr(30), &buf[..n], &mut reply);
+    }
+    assert_eq!(relay.channels.len(), 2, "a quarter of 8");
+    assert_eq!(relay.stats().dropped(DropReason::ChannelsFull), 98);
+    // Real publishers still get the other six places.
+    for seed in 1..=6u8 {
+        let mut p = Publisher::new(ChannelKey::from_seed(&[seed; 32]), 1, 1);
+        let n = p.poll_announce(secs(0), &mut buf).unwrap();
+        assert!(
+            matches!(
+                relay.handle(secs(0), addr(40), &buf[..n], &mut reply),
+                Inbound::Reply(_)
+            ),
+            "publisher {seed} refused"
+        );
+    }
+}
+
+#[test]
+fn control_messages_are_rate_limited_per_source() {
+    let config = RelayConfig {
+        control_rate_per_source: 100,
+        ..Default::default()
+    };
+    let mut relay = RelayCore::with_cookie_key(config, [1; 32]);
+    let mut reply = [0u8; MAX_DATAGRAM];
+    let mut buf = [0u8; 64];
+    let n = Hello {
+        channel: ChannelId([1; 8]),
+        nonce: 1,
+    }
+    .encode(&mut buf)
+    .unwrap();
+    let mut replies = 0;
+    for _ in 0..1000 {
+        if let Inbound::Reply(_) = relay.handle(secs(0), addr(50), &buf[..n], &mut reply) {
+            replies += 1;
+        }
+    }
+    assert_eq!(replies, 200, "a burst of twice the rate");
+    assert_eq!(relay.stats().dropped(DropReason::RateLimited), 800);
+    // Another source is not affected; the flooder gets 100 more a second later.
+    assert!(matches!(
+        relay.handle(
+            secs(0),
+            SocketAddr::from(([10, 9, 9, 9], 1)),
+            &buf[..n],
+            &mut reply
+        ),
+        Inbound::Reply(_)
+    ));
+    let later = (0..1000)
+        .filter(|_| {
+            matches!(
+                relay.handle(secs(1), addr(50), &buf[..n], &mut reply),
+                Inbound::Reply(_)
+            )
+        })
+        .count();
+    assert_eq!(later, 100);
+}
+
+#[test]
+fn a_forged_flood_from_the_publishers_address_is_held_to_the_verify_budget() {
+    let mut h = Harness::new();
+    h.relay.reconfigure(RelayConfig {
+        verify_rate_per_source: 50,
+        ..RelayConfig::default()
+    });
+    let mut forger = Publisher::new(ChannelKey::from_seed(&[6; 32]), 1, 1);
+    let mut forged = vec![0u8; MAX_DATAGRAM];
+    let mut verifies = 0;
+    for seq in 0..500u64 {
+        let n = forger
+            .encode_piece(&[1; 188], PieceFlags::empty(), 5, &mut forged)
+            .unwrap();
+        forged[4..12].copy_from_slice(&h.channel().0);
+        forged[12..20].copy_from_slice(&(200 + seq).to_be_bytes());
+        if let Inbound::Verify(_) = h.send(secs(1), addr(1), &forged[..n]) {
+            verifies += 1;
+        }
+    }
+    assert_eq!(verifies, 50, "one second's budget");
+    assert_eq!(h.relay.stats().dropped(DropReason::VerifyBudget), 450);
 }
 
 #[test]
