@@ -72,17 +72,16 @@ pub struct Relay {
 impl Relay {
     /// Starts `clubcast relay` on ephemeral loopback ports with `extra` flags.
     pub fn start(extra: &[&str]) -> Relay {
+        Relay::start_on("127.0.0.1:0", extra)
+    }
+
+    /// Starts `clubcast relay` on UDP `listen` (metrics on an ephemeral port) with `extra`.
+    pub fn start_on(listen: &str, extra: &[&str]) -> Relay {
         let mut cmd = clubcast();
-        cmd.args([
-            "relay",
-            "--listen",
-            "127.0.0.1:0",
-            "--metrics",
-            "127.0.0.1:0",
-        ])
-        .args(extra)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
+        cmd.args(["relay", "--listen", listen, "--metrics", "127.0.0.1:0"])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
         let mut proc = Proc::spawn("relay", &mut cmd);
         let stderr = proc.child.stderr.take().unwrap();
         let (tx, rx) = mpsc::channel();
