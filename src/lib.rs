@@ -18,6 +18,7 @@ pub mod client;
 pub mod config;
 pub mod crypto;
 pub mod engine;
+pub mod fault;
 pub mod loadgen;
 pub mod metrics;
 pub mod publisher;

@@ -333,3 +333,116 @@ fn a_relay_restart_under_load_does_not_end_the_stream() {
         assert!(bytes > 100_000, "{bytes} bytes: {err}");
     }
 }
+
+/// Publishes a synthetic file through a fresh relay to one watcher started with `watch_args`;
+/// the input, the watcher's output and its stderr.
+fn watch_with(watch_args: &[&str]) -> (Vec<u8>, Vec<u8>, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let (key, public) = keygen(dir.path());
+    let relay = Relay::start(&[]);
+    let input = dir.path().join("in.ts");
+    let mut ts = Vec::new();
+    clubcast::ts::SyntheticTs::new(2_000_000).generate_until(Duration::from_secs(4), &mut ts);
+    std::fs::write(&input, &ts).unwrap();
+    let output = dir.path().join("out.ts");
+    let mut cmd = clubcast();
+    cmd.args([
+        "watch",
+        "--relay",
+        &relay.addr.to_string(),
+        "--channel",
+        &public,
+    ])
+    .args(["--idle-timeout", "20s", "--output"])
+    .arg(&output)
+    .args(watch_args)
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::piped());
+    let mut watch = Proc::spawn("watcher", &mut cmd);
+    relay.wait_metric("clubcast_relay_subscribers", 1.0, Duration::from_secs(10));
+    let status = clubcast()
+        .args([
+            "publish",
+            "--max-bitrate",
+            "8mbit",
+            "--to",
+            &relay.addr.to_string(),
+        ])
+        .arg("--input")
+        .arg(&input)
+        .arg("--key")
+        .arg(&key)
+        .output()
+        .unwrap()
+        .status;
+    assert!(status.success());
+    let status = watch.wait(Duration::from_secs(30));
+    let err = common::stderr_of(&mut watch);
+    assert!(status.success(), "{err}");
+    (ts, std::fs::read(&output).unwrap(), err)
+}
+
+/// The number after `label` in `text`.
+fn count(text: &str, label: &str) -> u64 {
+    text.split(label)
+        .nth(1)
+        .unwrap_or_else(|| panic!("no {label:?} in {text}"))
+        .split(|c: char| !c.is_ascii_digit())
+        .find(|s| !s.is_empty())
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn duplicated_reordered_and_delayed_datagrams_still_play_byte_for_byte() {
+    let _serial = one_at_a_time();
+    let (input, output, err) = watch_with(&[
+        "--jitter",
+        "300ms",
+        "--faults",
+        "dup=5%,reorder=10%,reorder-by=20ms,delay=5ms,jitter=3ms,seed=3",
+    ]);
+    println!("{err}");
+    // "faults injected: D of N datagrams dropped, U duplicated, R reordered"
+    let (dropped, duplicated, reordered) = (
+        count(&err, "faults injected: "),
+        count(&err, "datagrams dropped, "),
+        count(&err, "duplicated, "),
+    );
+    assert_eq!(dropped, 0, "{err}");
+    assert!(duplicated > 10 && reordered > 20, "{err}");
+    assert_eq!(count(&err, "lost "), 0, "{err}");
+    // Extra copies are dropped by the viewer: as duplicates, or as late once played.
+    assert_eq!(
+        count(&err, "duplicates ") + count(&err, "late "),
+        duplicated,
+        "{err}"
+    );
+    assert!(
+        output == input,
+        "output differs from input ({} vs {} bytes)",
+        output.len(),
+        input.len()
+    );
+}
+
+#[test]
+fn bursty_loss_is_counted_and_the_stream_plays_on() {
+    let _serial = one_at_a_time();
+    let (input, output, err) = watch_with(&["--faults", "loss=3%,burst=3,seed=11"]);
+    println!("{err}");
+    let dropped = count(&err, "faults injected: ");
+    let lost = count(&err, "lost ");
+    assert!(dropped > 5, "{err}");
+    // Every dropped piece is a lost piece (a dropped control message is retried instead).
+    assert!(
+        lost <= dropped && lost + 3 >= dropped,
+        "dropped {dropped}, lost {lost}"
+    );
+    let missing = input.len() - output.len();
+    assert!(
+        missing as u64 <= lost * 1128 && missing as u64 >= lost.saturating_sub(1) * 1128,
+        "{missing} bytes missing for {lost} lost pieces"
+    );
+}

@@ -83,6 +83,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
         channel,
         viewer: ViewerConfig::default(),
         idle_timeout: Some(args.duration + Duration::from_secs(10)),
+        faults: None,
     };
     let viewers: Vec<_> = (0..args.viewers)
         .map(|i| {

@@ -68,7 +68,7 @@ enum Command {
     Publish(publish::Args),
     Relay(relay::Args),
     Top(top::Args),
-    Watch(watch::Args),
+    Watch(Box<watch::Args>),
 }
 
 /// Runs the command line; the process exit code.
@@ -92,7 +92,7 @@ pub(crate) fn main() -> ExitCode {
         Command::Publish(a) => publish::run(a),
         Command::Relay(a) => relay::run(a, log),
         Command::Top(a) => top::run(a),
-        Command::Watch(a) => watch::run(a),
+        Command::Watch(a) => watch::run(*a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

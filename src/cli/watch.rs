@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clubcast::client::watch::{run_watch, WatchConfig};
 use clubcast::crypto::ChannelPublicKey;
+use clubcast::fault::FaultSpec;
 use clubcast::viewer::ViewerConfig;
 
 use super::args;
@@ -39,6 +40,12 @@ pub(crate) struct Args {
     /// Exit with an error after this long without a piece (default: wait for ever).
     #[arg(long, value_name = "DURATION", value_parser = args::duration)]
     idle_timeout: Option<Duration>,
+
+    /// Inject faults into what arrives from the relay, for testing where the kernel has no
+    /// netem: e.g. loss=5%,burst=3,dup=1%,reorder=2%,reorder-by=10ms,delay=20ms,jitter=5ms,seed=7
+    /// (burst is the mean length of a loss burst; the same seed repeats the same decisions).
+    #[arg(long, value_name = "SPEC")]
+    faults: Option<FaultSpec>,
 }
 
 fn channel(s: &str) -> Result<ChannelPublicKey, String> {
@@ -61,10 +68,17 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
             ..ViewerConfig::default()
         },
         idle_timeout: args.idle_timeout,
+        faults: args.faults,
     };
     tracing::info!("watching channel {} at {}", args.channel, args.relay);
     let report = run_watch(&config, &mut output, &AtomicBool::new(false), &mut |_| {})?;
     let s = report.stats;
+    if let Some(f) = report.faults {
+        eprintln!(
+            "faults injected: {} of {} datagrams dropped, {} duplicated, {} reordered",
+            f.dropped, f.seen, f.duplicated, f.reordered
+        );
+    }
     eprintln!(
         "end of stream: played {} pieces ({} bytes), lost {}, late {}, duplicates {}, bad signatures {}",
         s.pieces_played, s.bytes_played, s.pieces_lost, s.late, s.duplicates, s.bad_signatures

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use crate::backend::RecvBatch;
 use crate::crypto::ChannelPublicKey;
+use crate::fault::{FaultInjector, FaultSpec, FaultStats};
 use crate::time::{wall_clock_us, MonotonicClock};
 use crate::viewer::{Received, Viewer, ViewerConfig, ViewerStats};
 use crate::wire::MAX_DATAGRAM;
@@ -27,6 +28,8 @@ pub struct WatchConfig {
     pub viewer: ViewerConfig,
     /// Give up after this long without a piece (`None`: wait forever).
     pub idle_timeout: Option<Duration>,
+    /// Faults to inject into what arrives from the relay (testing without netem).
+    pub faults: Option<FaultSpec>,
 }
 
 /// How a watch ended.
@@ -47,6 +50,8 @@ pub struct WatchReport {
     pub stats: ViewerStats,
     /// Datagrams from addresses other than the relay, ignored.
     pub foreign_datagrams: u64,
+    /// What the fault injector did, if one was configured.
+    pub faults: Option<FaultStats>,
 }
 
 /// Why watching failed.
@@ -90,6 +95,7 @@ pub fn run_watch(
     let mut recv = RecvBatch::new();
     let mut foreign = 0u64;
     let mut last_piece = Instant::now();
+    let mut faults = config.faults.clone().map(FaultInjector::new);
 
     let end = loop {
         if stop.load(Ordering::Relaxed) {
@@ -99,10 +105,11 @@ pub fn run_watch(
             // Lost control messages are retried by the viewer's timers.
             let _ = socket.send_to(&buf[..n], config.relay);
         }
-        let wait = viewer
-            .poll_timeout()
-            .saturating_since(clock.now())
-            .min(MAX_WAIT);
+        let mut next = viewer.poll_timeout();
+        if let Some(due) = faults.as_ref().and_then(FaultInjector::next_due) {
+            next = next.min(due);
+        }
+        let wait = next.saturating_since(clock.now()).min(MAX_WAIT);
         if socket.wait_readable(wait)? {
             while socket.recv_batch(&mut recv)? > 0 {
                 let now = clock.now();
@@ -112,14 +119,17 @@ pub fn run_watch(
                         foreign += 1;
                         continue;
                     }
-                    if let Ok(Received::Piece {
-                        publish_time_us, ..
-                    }) = viewer.handle_datagram(now, data)
-                    {
-                        last_piece = Instant::now();
-                        on_piece(wall_clock_us().saturating_sub(publish_time_us));
+                    match &mut faults {
+                        Some(f) => f.push(now, data),
+                        None => deliver(&mut viewer, now, data, &mut last_piece, on_piece),
                     }
                 }
+            }
+        }
+        if let Some(f) = &mut faults {
+            let now = clock.now();
+            while let Some(data) = f.pop(now) {
+                deliver(&mut viewer, now, &data, &mut last_piece, on_piece);
             }
         }
         let mut wrote = false;
@@ -154,5 +164,23 @@ pub fn run_watch(
         end,
         stats: viewer.stats().clone(),
         foreign_datagrams: foreign,
+        faults: faults.as_ref().map(FaultInjector::stats),
     })
+}
+
+/// Hands one datagram from the relay to the viewer.
+fn deliver(
+    viewer: &mut Viewer,
+    now: crate::time::Timestamp,
+    data: &[u8],
+    last_piece: &mut Instant,
+    on_piece: &mut dyn FnMut(u64),
+) {
+    if let Ok(Received::Piece {
+        publish_time_us, ..
+    }) = viewer.handle_datagram(now, data)
+    {
+        *last_piece = Instant::now();
+        on_piece(wall_clock_us().saturating_sub(publish_time_us));
+    }
 }
