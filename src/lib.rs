@@ -19,6 +19,7 @@ pub mod config;
 pub mod crypto;
 pub mod engine;
 pub mod fault;
+pub mod fuzzing;
 pub mod loadgen;
 pub mod metrics;
 pub mod publisher;

@@ -11,18 +11,21 @@ const IPPROTO_UDP: u8 = 17;
 const TTL: u8 = 64;
 
 /// A MAC address.
-pub(crate) type Mac = [u8; 6];
+pub type Mac = [u8; 6];
 
 /// What the relay needs from a received UDP frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct UdpFrame {
+pub struct UdpFrame {
     /// Sender's MAC: the next hop back to it (the sender itself on-link, else its router).
-    pub(crate) src_mac: Mac,
-    pub(crate) src: SocketAddrV4,
-    pub(crate) dst: SocketAddrV4,
+    pub src_mac: Mac,
+    /// Sender.
+    pub src: SocketAddrV4,
+    /// Destination.
+    pub dst: SocketAddrV4,
     /// Where the UDP payload starts in the frame, and its length.
-    pub(crate) payload_offset: usize,
-    pub(crate) payload_len: usize,
+    pub payload_offset: usize,
+    /// Payload length.
+    pub payload_len: usize,
 }
 
 fn be16(b: &[u8], at: usize) -> u16 {
@@ -31,7 +34,7 @@ fn be16(b: &[u8], at: usize) -> u16 {
 
 /// Parses an Ethernet frame holding an unfragmented IPv4 UDP datagram; `None` for anything
 /// else or anything inconsistent (lengths that do not fit the frame).
-pub(crate) fn parse_udp(frame: &[u8]) -> Option<UdpFrame> {
+pub fn parse_udp(frame: &[u8]) -> Option<UdpFrame> {
     if frame.len() < HEADERS_LEN || be16(frame, 12) != ETH_P_IPV4 {
         return None;
     }

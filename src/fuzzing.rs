@@ -1,0 +1,143 @@
+//! Entry points for the fuzz targets in `fuzz/` and for their regression tests (which run the
+//! saved inputs on stable Rust in `cargo test`). Each takes arbitrary bytes, drives one parser
+//! or state machine with them, and panics only if an invariant breaks.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crate::config::RelaySettings;
+use crate::crypto::{ChannelKey, ChannelPublicKey};
+use crate::fault::{FaultInjector, FaultSpec};
+use crate::publisher::Publisher;
+use crate::relay::{Inbound, RelayConfig, RelayCore};
+use crate::time::Timestamp;
+use crate::viewer::{Viewer, ViewerConfig};
+use crate::wire::{Message, MAX_DATAGRAM};
+
+/// Splits fuzz input into datagrams: a length byte, then that many bytes, repeated.
+fn datagrams(data: &[u8]) -> impl Iterator<Item = (u8, &[u8])> {
+    let mut rest = data;
+    std::iter::from_fn(move || {
+        let (&len, tail) = rest.split_first()?;
+        let n = usize::from(len).min(tail.len());
+        let (d, tail) = tail.split_at(n);
+        rest = tail;
+        Some((len, d))
+    })
+}
+
+/// Any bytes as one datagram: parsing is total, and what parses re-encodes to a message that
+/// parses the same.
+pub fn wire(data: &[u8]) {
+    if let Ok(m) = Message::parse(data) {
+        let mut buf = [0u8; MAX_DATAGRAM];
+        let n = m.encode(&mut buf).expect("a parsed message re-encodes");
+        assert_eq!(Message::parse(&buf[..n]), Ok(m));
+    }
+}
+
+fn channel_key() -> ChannelKey {
+    ChannelKey::from_seed(&[7; 32])
+}
+
+/// Datagrams from a few sources into a relay core that knows one channel: no panic, every
+/// reply no larger than the datagram it answers (anti-amplification), counters consistent.
+pub fn relay_core(data: &[u8]) {
+    let mut relay = RelayCore::with_cookie_key(RelayConfig::default(), [3; 32]);
+    let mut publisher = Publisher::new(channel_key(), 1, 1);
+    let mut reply = vec![0u8; MAX_DATAGRAM];
+    let mut buf = [0u8; MAX_DATAGRAM];
+    let publisher_addr = SocketAddr::from(([10, 0, 0, 1], 7000));
+    let n = publisher
+        .poll_announce(Timestamp::ZERO, &mut buf)
+        .expect("an announce is due");
+    assert!(matches!(
+        relay.handle(Timestamp::ZERO, publisher_addr, &buf[..n], &mut reply),
+        Inbound::Reply(_)
+    ));
+    let mut now = Timestamp::ZERO;
+    for (tag, d) in datagrams(data) {
+        now = now + Duration::from_millis(u64::from(tag % 16));
+        let from = match tag % 4 {
+            0 => publisher_addr,
+            k => SocketAddr::from(([10, 0, 0, 1 + k], 5000 + u16::from(tag))),
+        };
+        match relay.handle(now, from, d, &mut reply) {
+            Inbound::Reply(len) => assert!(len <= d.len(), "{len}-byte reply to {} bytes", d.len()),
+            Inbound::Verify(p) => {
+                let ok =
+                    crate::wire::Piece::parse(d).is_ok_and(|pc| p.key.verify_piece(&pc).is_ok());
+                let _ = relay.admit(&p, ok);
+            }
+            Inbound::Dropped(_) | Inbound::Done => {}
+        }
+        relay.handle_timeout(now);
+    }
+    let s = relay.stats();
+    assert!(s.pieces_accepted <= s.pieces_in && s.pieces_in <= s.datagrams_in);
+}
+
+/// Datagrams into a viewer of one channel: no panic, nothing played that was not verified.
+pub fn viewer(data: &[u8]) {
+    let key: ChannelPublicKey = channel_key().public();
+    let mut viewer = Viewer::new(key, ViewerConfig::default());
+    let mut now = Timestamp::ZERO;
+    let mut played = 0u64;
+    for (tag, d) in datagrams(data) {
+        now = now + Duration::from_millis(u64::from(tag));
+        let _ = viewer.handle_datagram(now, d);
+        while viewer.poll_piece(now).is_some() {
+            played += 1;
+        }
+    }
+    // Arbitrary bytes cannot carry a valid signature of this key.
+    assert_eq!(played, 0, "a forged piece was played");
+}
+
+/// Any text as a relay config file: an error or settings that print and read back the same.
+pub fn config(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let mut s = RelaySettings::default();
+    if s.apply_toml(text, std::path::Path::new("fuzz.toml"))
+        .is_ok()
+    {
+        let mut again = RelaySettings::default();
+        again
+            .apply_toml(&s.to_toml(), std::path::Path::new("printed.toml"))
+            .expect("printed settings read back");
+        assert_eq!(again, s);
+    }
+}
+
+/// Any text as Prometheus exposition text.
+pub fn metrics_text(data: &[u8]) {
+    let _ = crate::metrics::text::parse_samples(&String::from_utf8_lossy(data));
+}
+
+/// Any bytes as an Ethernet frame on the AF_XDP path: a parsed payload lies inside the frame.
+pub fn frame(data: &[u8]) {
+    if let Some(f) = crate::backend::xdp::frame::parse_udp(data) {
+        assert!(f.payload_offset + f.payload_len <= data.len());
+    }
+}
+
+/// Any text as a fault specification; a valid one drives an injector.
+pub fn fault_spec(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    if let Ok(spec) = text.parse::<FaultSpec>() {
+        let mut f = FaultInjector::new(spec);
+        for i in 0..64u64 {
+            f.push(Timestamp::from_micros(i * 1000), &i.to_le_bytes());
+        }
+        let mut out = 0;
+        while f.pop(Timestamp::from_micros(u64::MAX / 2)).is_some() {
+            out += 1;
+        }
+        let s = f.stats();
+        assert_eq!(out, s.seen - s.dropped + s.duplicated);
+    }
+}
