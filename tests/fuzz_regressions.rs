@@ -7,7 +7,10 @@ use std::path::Path;
 
 use clubcast::fuzzing;
 
-const TARGETS: [(&str, fn(&[u8])); 7] = [
+/// A fuzz entry point.
+type Target = fn(&[u8]);
+
+const TARGETS: [(&str, Target); 7] = [
     ("wire", fuzzing::wire),
     ("relay_core", fuzzing::relay_core),
     ("viewer", fuzzing::viewer),
