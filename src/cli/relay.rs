@@ -34,7 +34,7 @@ and an environment variable (CLUBCAST_MAX_SUBSCRIBERS=100); flags beat the envir
 beats the file. --print-config shows the result.
 
 Signals: SIGHUP re-reads the config file and applies subscriber-timeout, max-channels, \
-max-subscribers, channels and log-level without dropping subscribers (other keys need a \
+max-subscribers, channels, control-rate, verify-rate and log-level without dropping subscribers (other keys need a \
 restart, and say so in the log). SIGTERM or SIGINT drains: /readyz turns 503, new datagrams \
 are dropped, queued sends finish, and the relay exits 0 within --drain-timeout.
 

@@ -123,6 +123,10 @@ pub struct RelaySettings {
     pub max_subscribers: usize,
     /// Channels the relay serves (public keys); empty: any channel.
     pub channels: Vec<ChannelPublicKey>,
+    /// Control messages per second accepted from one source IP.
+    pub control_rate: u32,
+    /// Piece verifications per second allowed for one source IP.
+    pub verify_rate: u32,
     /// Socket buffer per worker, bytes.
     pub socket_buffer: usize,
     /// Worker threads; 0 is one per core.
@@ -163,6 +167,8 @@ impl Default for RelaySettings {
             max_channels: relay.max_channels,
             max_subscribers: relay.max_subscribers_per_channel,
             channels: Vec::new(),
+            control_rate: relay.control_rate_per_source,
+            verify_rate: relay.verify_rate_per_source,
             socket_buffer: 8 << 20,
             workers: 0,
             poll: PollMode::Adaptive,
@@ -236,6 +242,10 @@ fn positive(text: &str) -> Result<usize, String> {
         Ok(n) => Ok(n),
         Err(_) => Err(format!("{text:?} is not a whole number")),
     }
+}
+
+fn rate(text: &str) -> Result<u32, String> {
+    u32::try_from(positive(text)?).map_err(|_| format!("{text:?} is too large"))
 }
 
 fn nonzero_duration(text: &str) -> Result<Duration, String> {
@@ -339,6 +349,33 @@ pub static KEYS: &[Key] = &[
             let keys: Vec<String> = s.channels.iter().map(ToString::to_string).collect();
             keys.join(",")
         },
+    },
+    Key {
+        name: "control-rate",
+        value_name: "N",
+        help: "Control messages (HELLO, SUBSCRIBE, KEEPALIVE, ANNOUNCE, ...) accepted per \
+               second from one source IP, bursts of twice as many; more are dropped as \
+               rate_limited.",
+        kind: Kind::Integer,
+        live: true,
+        set: |s, v| {
+            s.control_rate = rate(v)?;
+            Ok(())
+        },
+        show: |s| s.control_rate.to_string(),
+    },
+    Key {
+        name: "verify-rate",
+        value_name: "N",
+        help: "Piece signatures verified per second for one source IP at most; more are \
+               dropped as verify_budget (bounds what a forged flood can cost).",
+        kind: Kind::Integer,
+        live: true,
+        set: |s, v| {
+            s.verify_rate = rate(v)?;
+            Ok(())
+        },
+        show: |s| s.verify_rate.to_string(),
     },
     Key {
         name: "socket-buffer",
@@ -672,6 +709,8 @@ impl RelaySettings {
                     .map(ChannelPublicKey::channel_id)
                     .collect()
             }),
+            control_rate_per_source: self.control_rate,
+            verify_rate_per_source: self.verify_rate,
             ..RelayConfig::default()
         }
     }
