@@ -319,9 +319,15 @@ fn a_real_prometheus_scrapes_a_relay_under_load_with_the_shipped_config() {
 fn systemd_unit_verifies() {
     require_tool("systemd-analyze");
     let dir = tempfile::tempdir().unwrap();
-    // The shipped unit, with ExecStart pointing at the binary under test.
-    let unit = read("systemd/clubcast-relay.service")
-        .replace("/usr/local/bin/clubcast", env!("CARGO_BIN_EXE_clubcast"));
+    // The shipped unit with the xdp drop-in's [Service] section after it (as systemd merges
+    // them), ExecStart pointing at the binary under test.
+    let unit = format!(
+        "{}\n{}",
+        read("systemd/clubcast-relay.service"),
+        read("systemd/xdp.conf")
+    )
+    .replace("/usr/local/bin/clubcast", env!("CARGO_BIN_EXE_clubcast"));
+    assert!(unit.contains("AmbientCapabilities=CAP_NET_ADMIN CAP_BPF CAP_NET_RAW"));
     let path = dir.path().join("clubcast-relay.service");
     std::fs::write(&path, unit).unwrap();
     let out = Command::new("systemd-analyze")
