@@ -7,7 +7,7 @@ use std::net::{SocketAddr, UdpSocket};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use clubcast::wire::{ChannelId, Hello, Message, MessageType, Subscription, MAX_DATAGRAM};
+use clubcast::wire::{ChannelId, Message, MessageType, Subscription, MAX_DATAGRAM};
 use common::{clubcast, http_get, signal, subscribe_by_hand, Proc, Relay, TestPublisher};
 
 /// Waits for a log line containing `needle`; all lines seen, for the failure message.
@@ -56,32 +56,7 @@ fn pieces_arriving(
 
 /// Tries to subscribe; true if the relay confirmed.
 fn try_subscribe(relay: SocketAddr, channel: ChannelId) -> bool {
-    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-    let mut buf = [0u8; MAX_DATAGRAM];
-    let n = Hello { channel, nonce: 1 }.encode(&mut buf).unwrap();
-    s.send_to(&buf[..n], relay).unwrap();
-    let n = s.recv(&mut buf).expect("no COOKIE");
-    let Ok(Message::Cookie(c)) = Message::parse(&buf[..n]) else {
-        panic!("not a cookie")
-    };
-    let sub = Subscription {
-        channel,
-        cookie: c.cookie,
-    };
-    let n = sub.encode(MessageType::Subscribe, &mut buf).unwrap();
-    s.send_to(&buf[..n], relay).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(1);
-    while Instant::now() < deadline {
-        match s.recv(&mut buf) {
-            Ok(n) if matches!(Message::parse(&buf[..n]), Ok(Message::Subscribed(_))) => {
-                return true
-            }
-            Ok(_) => continue,
-            Err(_) => return false,
-        }
-    }
-    false
+    common::try_subscribe_by_hand(relay, channel).is_some()
 }
 
 #[test]
