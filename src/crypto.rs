@@ -19,6 +19,9 @@ pub enum CryptoError {
     /// A signature does not verify (or one in a batch does not).
     #[error("bad signature")]
     BadSignature,
+    /// An encrypted payload that this content key cannot open (wrong key or altered).
+    #[error("cannot decrypt: wrong content key, or the payload was altered")]
+    Undecryptable,
     /// Bytes that are not a valid Ed25519 public key.
     #[error("not a valid Ed25519 public key")]
     InvalidPublicKey,
@@ -188,46 +191,155 @@ impl ChannelKey {
 
     /// Writes the secret key to a new file with mode 0600. Refuses to overwrite.
     pub fn write_new_file(&self, path: &Path) -> Result<(), CryptoError> {
-        let io = |source| CryptoError::Io {
-            path: path.to_owned(),
-            source,
-        };
-        let mut file = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(path)
-            .map_err(io)?;
-        writeln!(file, "{}", encode_hex(self.key.as_bytes())).map_err(io)?;
-        file.sync_all().map_err(io)
+        write_secret_file(path, self.key.as_bytes())
     }
 
     /// Reads a key file written by [`ChannelKey::write_new_file`]. Refuses files that other
     /// users can read.
     pub fn read_file(path: &Path) -> Result<Self, CryptoError> {
-        let io = |source| CryptoError::Io {
+        Ok(Self::from_seed(&read_secret_file(path)?))
+    }
+}
+
+/// Writes 32 secret bytes as hex to a new file with mode 0600. Refuses to overwrite.
+fn write_secret_file(path: &Path, secret: &[u8; 32]) -> Result<(), CryptoError> {
+    let io = |source| CryptoError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io)?;
+    writeln!(file, "{}", encode_hex(secret)).map_err(io)?;
+    file.sync_all().map_err(io)
+}
+
+/// Reads 32 secret bytes written by [`write_secret_file`]; refuses files others can read.
+fn read_secret_file(path: &Path) -> Result<[u8; 32], CryptoError> {
+    let io = |source| CryptoError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let mode = fs::metadata(path).map_err(io)?.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(CryptoError::InsecurePermissions {
             path: path.to_owned(),
-            source,
-        };
-        let mode = fs::metadata(path).map_err(io)?.permissions().mode() & 0o777;
-        if mode & 0o077 != 0 {
-            return Err(CryptoError::InsecurePermissions {
-                path: path.to_owned(),
-                mode,
-            });
-        }
-        let text = fs::read_to_string(path).map_err(|e| match e.kind() {
-            std::io::ErrorKind::InvalidData => CryptoError::BadKeyFile {
-                path: path.to_owned(),
-                reason: "not text".into(),
-            },
-            _ => io(e),
-        })?;
-        let seed = decode_hex::<32>(text.trim()).map_err(|e| CryptoError::BadKeyFile {
+            mode,
+        });
+    }
+    let text = fs::read_to_string(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::InvalidData => CryptoError::BadKeyFile {
             path: path.to_owned(),
-            reason: e.to_string(),
-        })?;
-        Ok(Self::from_seed(&seed))
+            reason: "not text".into(),
+        },
+        _ => io(e),
+    })?;
+    decode_hex::<32>(text.trim()).map_err(|e| CryptoError::BadKeyFile {
+        path: path.to_owned(),
+        reason: e.to_string(),
+    })
+}
+
+/// Bytes the content encryption adds to a payload (the Poly1305 tag).
+pub const CONTENT_TAG_LEN: usize = 16;
+
+/// A private channel's content key: payloads are sealed with ChaCha20-Poly1305 before they
+/// are signed, so relays and peers verify and forward ciphertext they cannot read. The nonce
+/// is the piece's sequence number (unique per channel: sessions start at their epoch), and the
+/// channel id is authenticated with it.
+#[derive(Clone)]
+pub struct ContentKey([u8; 32]);
+
+impl std::fmt::Debug for ContentKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ContentKey(..)")
+    }
+}
+
+impl PartialEq for ContentKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.0 == other.0
+    }
+}
+
+fn content_nonce(seq: u64) -> chacha20poly1305::Nonce {
+    let mut n = [0u8; 12];
+    n[4..].copy_from_slice(&seq.to_be_bytes());
+    chacha20poly1305::Nonce::from(n)
+}
+
+impl ContentKey {
+    /// A fresh random key.
+    pub fn generate() -> Self {
+        ContentKey(rand::random())
+    }
+
+    /// A key from known bytes (tests).
+    pub fn from_bytes(bytes: [u8; 32]) -> Self {
+        ContentKey(bytes)
+    }
+
+    /// Writes the key to a new file with mode 0600. Refuses to overwrite.
+    pub fn write_new_file(&self, path: &Path) -> Result<(), CryptoError> {
+        write_secret_file(path, &self.0)
+    }
+
+    /// Reads a key file written by [`ContentKey::write_new_file`].
+    pub fn read_file(path: &Path) -> Result<Self, CryptoError> {
+        read_secret_file(path).map(ContentKey)
+    }
+
+    fn cipher(&self) -> chacha20poly1305::ChaCha20Poly1305 {
+        use chacha20poly1305::KeyInit;
+        chacha20poly1305::ChaCha20Poly1305::new(&chacha20poly1305::Key::from(self.0))
+    }
+
+    /// Encrypts `plaintext` of piece `seq` of `channel` into `out`; the ciphertext's length
+    /// (plaintext + [`CONTENT_TAG_LEN`]), or `None` if `out` is too small.
+    pub fn seal(
+        &self,
+        channel: ChannelId,
+        seq: u64,
+        plaintext: &[u8],
+        out: &mut [u8],
+    ) -> Option<usize> {
+        use chacha20poly1305::AeadInOut;
+        let n = plaintext.len();
+        let out = out.get_mut(..n + CONTENT_TAG_LEN)?;
+        out[..n].copy_from_slice(plaintext);
+        let tag = self
+            .cipher()
+            .encrypt_inout_detached(&content_nonce(seq), &channel.0, (&mut out[..n]).into())
+            .ok()?;
+        out[n..].copy_from_slice(&tag);
+        Some(n + CONTENT_TAG_LEN)
+    }
+
+    /// Decrypts the payload of piece `seq` of `channel` into `out`; the plaintext's length, or
+    /// an error if it is not authentic under this key.
+    pub fn open(
+        &self,
+        channel: ChannelId,
+        seq: u64,
+        ciphertext: &[u8],
+        out: &mut [u8],
+    ) -> Result<usize, CryptoError> {
+        use chacha20poly1305::AeadInOut;
+        let n = ciphertext
+            .len()
+            .checked_sub(CONTENT_TAG_LEN)
+            .ok_or(CryptoError::Undecryptable)?;
+        let out = out.get_mut(..n).ok_or(CryptoError::Undecryptable)?;
+        out.copy_from_slice(&ciphertext[..n]);
+        let tag = chacha20poly1305::Tag::try_from(&ciphertext[n..])
+            .map_err(|_| CryptoError::Undecryptable)?;
+        self.cipher()
+            .decrypt_inout_detached(&content_nonce(seq), &channel.0, out.into(), &tag)
+            .map_err(|_| CryptoError::Undecryptable)?;
+        Ok(n)
     }
 }
 
@@ -263,6 +375,49 @@ mod tests {
     use super::*;
     use crate::wire::{PieceFlags, PieceHeader, MAX_DATAGRAM};
     use proptest::prelude::*;
+
+    #[test]
+    fn content_keys_seal_and_open_only_their_own_pieces() {
+        let key = ContentKey::from_bytes([1; 32]);
+        let channel = ChannelId([5; 8]);
+        let mut sealed = [0u8; 1200];
+        let n = key
+            .seal(channel, 42, b"secret stream", &mut sealed)
+            .unwrap();
+        assert_eq!(n, 13 + CONTENT_TAG_LEN);
+        assert_ne!(&sealed[..13], b"secret stream");
+        let mut out = [0u8; 1200];
+        assert_eq!(key.open(channel, 42, &sealed[..n], &mut out).unwrap(), 13);
+        assert_eq!(&out[..13], b"secret stream");
+        // Another sequence number, another channel, another key, or one flipped bit: refused.
+        assert!(key.open(channel, 43, &sealed[..n], &mut out).is_err());
+        assert!(key
+            .open(ChannelId([6; 8]), 42, &sealed[..n], &mut out)
+            .is_err());
+        let other = ContentKey::from_bytes([2; 32]);
+        assert!(other.open(channel, 42, &sealed[..n], &mut out).is_err());
+        sealed[3] ^= 1;
+        assert!(key.open(channel, 42, &sealed[..n], &mut out).is_err());
+        assert!(
+            key.open(channel, 42, &sealed[..5], &mut out).is_err(),
+            "shorter than a tag"
+        );
+        assert!(
+            key.seal(channel, 1, &[0; 100], &mut [0u8; 110]).is_none(),
+            "no room for the tag"
+        );
+    }
+
+    #[test]
+    fn content_key_files_round_trip_privately() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.content");
+        let key = ContentKey::generate();
+        key.write_new_file(&path).unwrap();
+        assert_eq!(ContentKey::read_file(&path).unwrap(), key);
+        assert!(key.write_new_file(&path).is_err(), "never overwrites");
+        assert_eq!(format!("{key:?}"), "ContentKey(..)", "never printed");
+    }
 
     fn piece_bytes(key: &ChannelKey, seq: u64, payload: &[u8]) -> Vec<u8> {
         let header = PieceHeader {

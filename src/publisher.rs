@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use crate::crypto::{ChannelKey, ChannelPublicKey};
+use crate::crypto::{ChannelKey, ChannelPublicKey, ContentKey, CONTENT_TAG_LEN};
 use crate::time::Timestamp;
 use crate::wire::{Announce, Message, PieceFlags, PieceHeader, WireError};
 
@@ -19,6 +19,9 @@ pub struct Publisher {
     next_seq: u64,
     announced: bool,
     next_announce: Timestamp,
+    /// Private channels: payloads are sealed with this key before signing.
+    content_key: Option<ContentKey>,
+    sealed: Vec<u8>,
 }
 
 impl Publisher {
@@ -40,6 +43,24 @@ impl Publisher {
             next_seq: epoch_us,
             announced: false,
             next_announce: Timestamp::ZERO,
+            content_key: None,
+            sealed: vec![0; PieceHeader::MAX_PAYLOAD],
+        }
+    }
+
+    /// Makes the channel private: every payload is encrypted with `key` (and flagged
+    /// [`PieceFlags::ENCRYPTED`]) before it is signed. Payloads then carry at most
+    /// [`PieceHeader::MAX_PAYLOAD`] − [`CONTENT_TAG_LEN`] bytes.
+    pub fn with_content_key(mut self, key: ContentKey) -> Self {
+        self.content_key = Some(key);
+        self
+    }
+
+    /// The largest payload [`Publisher::encode_piece`] takes.
+    pub fn max_payload(&self) -> usize {
+        match self.content_key {
+            Some(_) => PieceHeader::MAX_PAYLOAD - CONTENT_TAG_LEN,
+            None => PieceHeader::MAX_PAYLOAD,
         }
     }
 
@@ -66,10 +87,20 @@ impl Publisher {
         publish_time_us: u64,
         buf: &mut [u8],
     ) -> Result<usize, WireError> {
+        let channel = self.public.channel_id();
+        let (payload, flags) = match &self.content_key {
+            None => (payload, flags),
+            Some(key) => {
+                let n = key
+                    .seal(channel, self.next_seq, payload, &mut self.sealed)
+                    .ok_or(WireError::PayloadTooLarge(payload.len()))?;
+                (&self.sealed[..n], flags | PieceFlags::ENCRYPTED)
+            }
+        };
         let header = PieceHeader {
             flags,
             club: (self.next_seq % u64::from(self.clubs)) as u8,
-            channel: self.public.channel_id(),
+            channel,
             seq: self.next_seq,
             publish_time_us,
         };

@@ -98,6 +98,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
     wait_for_subscribers(&metrics, u64::from(args.viewers))?;
 
     let publish_config = PublishConfig {
+        content_key: None,
         input: Input::Synthetic {
             bitrate_bps: args.bitrate,
             duration: args.duration,

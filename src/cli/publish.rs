@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clubcast::client::publish::{run_publish, Input, PublishConfig};
-use clubcast::crypto::ChannelKey;
+use clubcast::crypto::{ChannelKey, ContentKey};
 
 use super::args;
 
@@ -23,6 +23,12 @@ pub(crate) struct Args {
     /// Secret channel key written by `clubcast keygen`.
     #[arg(long, value_name = "FILE")]
     key: PathBuf,
+
+    /// Make the channel private: encrypt every payload with this content key (written by
+    /// `clubcast keygen --private`). Relays still verify and forward; only watchers given the
+    /// same file can play.
+    #[arg(long, value_name = "FILE")]
+    content_key: Option<PathBuf>,
 
     /// MPEG-TS source: `-` for stdin, `udp://IP:PORT` to listen for datagrams, or a file.
     #[arg(long, default_value = "-", value_name = "SOURCE")]
@@ -58,6 +64,12 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
         max_bitrate_bps: args.max_bitrate,
         clubs: args.clubs,
         announce_timeout: args.announce_timeout,
+        content_key: args
+            .content_key
+            .as_deref()
+            .map(ContentKey::read_file)
+            .transpose()
+            .context("cannot load the content key")?,
     };
     eprintln!("publishing channel {} to {}", key.public(), args.to);
     let report = run_publish(key, &config, Arc::new(AtomicBool::new(false)))?;

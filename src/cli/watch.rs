@@ -3,12 +3,13 @@
 use std::fs::File;
 use std::io::{self, BufWriter, Write};
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use anyhow::Context;
 use clubcast::client::watch::{run_watch, WatchConfig};
-use clubcast::crypto::ChannelPublicKey;
+use clubcast::crypto::{ChannelPublicKey, ContentKey};
 use clubcast::fault::FaultSpec;
 use clubcast::viewer::ViewerConfig;
 
@@ -46,6 +47,10 @@ pub(crate) struct Args {
     /// (burst is the mean length of a loss burst; the same seed repeats the same decisions).
     #[arg(long, value_name = "SPEC")]
     faults: Option<FaultSpec>,
+
+    /// Content key of a private channel (the file `clubcast keygen --private` wrote).
+    #[arg(long, value_name = "FILE")]
+    content_key: Option<PathBuf>,
 }
 
 fn channel(s: &str) -> Result<ChannelPublicKey, String> {
@@ -65,6 +70,12 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
         channel: args.channel,
         viewer: ViewerConfig {
             jitter_window: args.jitter,
+            content_key: args
+                .content_key
+                .as_deref()
+                .map(ContentKey::read_file)
+                .transpose()
+                .context("cannot load the content key")?,
             ..ViewerConfig::default()
         },
         idle_timeout: args.idle_timeout,

@@ -16,7 +16,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::backend::{PortableSocket, RecvBatch};
-use crate::crypto::ChannelKey;
+use crate::crypto::{ChannelKey, ContentKey};
 use crate::publisher::Publisher;
 use crate::time::{wall_clock_us, MonotonicClock};
 use crate::ts::{self, PacketChunker, PcrClock, SyntheticTs, PACKETS_PER_PIECE, PACKET_LEN};
@@ -71,6 +71,8 @@ pub struct PublishConfig {
     pub clubs: u8,
     /// How long to wait for the relay to acknowledge the announce.
     pub announce_timeout: Duration,
+    /// Private channel: encrypt payloads with this content key.
+    pub content_key: Option<ContentKey>,
 }
 
 /// What a publishing session did.
@@ -126,8 +128,14 @@ pub fn run_publish(
 ) -> Result<PublishReport, PublishError> {
     let chunks = spawn_reader(&config.input, Arc::clone(&stop))?;
     let socket = super::socket_towards(config.relay, super::CLIENT_SOCKET_BUFFER)?;
+    let mut publisher = Publisher::new(key, wall_clock_us(), config.clubs);
+    if let Some(k) = &config.content_key {
+        publisher = publisher.with_content_key(k.clone());
+    }
+    // Whole TS packets per piece: six, or five when the encryption tag takes room.
+    let per_piece = (publisher.max_payload() / PACKET_LEN).min(PACKETS_PER_PIECE);
     let mut session = Session {
-        publisher: Publisher::new(key, wall_clock_us(), config.clubs),
+        publisher,
         socket,
         relay: config.relay,
         clock: MonotonicClock::new(),
@@ -151,22 +159,22 @@ pub fn run_publish(
             Err(RecvTimeoutError::Timeout) => {
                 if chunker.packets() > 0 {
                     payload.clear();
-                    chunker.take(PACKETS_PER_PIECE, &mut payload);
+                    chunker.take(per_piece, &mut payload);
                     session.send_piece(&payload, PieceFlags::empty())?;
                 }
             }
             Err(RecvTimeoutError::Disconnected) => break,
         }
-        while chunker.packets() >= PACKETS_PER_PIECE {
+        while chunker.packets() >= per_piece {
             payload.clear();
-            chunker.take(PACKETS_PER_PIECE, &mut payload);
+            chunker.take(per_piece, &mut payload);
             session.send_piece(&payload, PieceFlags::empty())?;
         }
         session.service()?;
     }
     while chunker.packets() > 0 {
         payload.clear();
-        chunker.take(PACKETS_PER_PIECE, &mut payload);
+        chunker.take(per_piece, &mut payload);
         session.send_piece(&payload, PieceFlags::empty())?;
     }
     for _ in 0..END_PIECES {

@@ -63,6 +63,12 @@ pub enum WatchError {
     /// A socket error.
     #[error("socket: {0}")]
     Socket(#[from] io::Error),
+    /// The channel is private and its pieces cannot be read here.
+    #[error("channel is private: its pieces are encrypted and {}", if *.has_key { "the content key given does not decrypt them (wrong key?)" } else { "this watcher has no content key; pass --content-key FILE (written by keygen --private)" })]
+    Private {
+        /// Whether a (wrong) key was given.
+        has_key: bool,
+    },
     /// Nothing arrived for too long.
     #[error("no piece from relay {relay} for {waited:?} (subscribed: {subscribed}, publisher seen: {live})")]
     Idle {
@@ -76,6 +82,9 @@ pub enum WatchError {
         live: bool,
     },
 }
+
+/// Verified but unreadable pieces (private channel) after which a watch gives up.
+const UNREADABLE_BEFORE_GIVING_UP: u64 = 3;
 
 /// Longest wait between rounds (bounds how late `stop` is noticed).
 const MAX_WAIT: Duration = Duration::from_millis(50);
@@ -144,6 +153,13 @@ pub fn run_watch(
         }
         if viewer.is_finished() {
             break WatchEnd::EndOfStream;
+        }
+        // A few verified pieces, none readable: say so rather than wait in silence.
+        let s = viewer.stats();
+        if s.unreadable >= UNREADABLE_BEFORE_GIVING_UP && s.pieces_received == 0 {
+            return Err(WatchError::Private {
+                has_key: config.viewer.content_key.is_some(),
+            });
         }
         if let Some(idle) = config.idle_timeout {
             if last_piece.elapsed() >= idle {

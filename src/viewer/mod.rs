@@ -12,7 +12,7 @@ pub use jitter::{Insert, JitterBuffer, Released};
 
 use std::time::Duration;
 
-use crate::crypto::ChannelPublicKey;
+use crate::crypto::{ChannelPublicKey, ContentKey};
 use crate::time::Timestamp;
 use crate::wire::{CookieBytes, Hello, Message, MessageType, PieceFlags, Subscription, WireError};
 
@@ -27,6 +27,8 @@ pub struct ViewerConfig {
     pub jitter_window: Duration,
     /// Most pieces held for reordering.
     pub max_buffered: usize,
+    /// A private channel's content key; without it encrypted pieces cannot be played.
+    pub content_key: Option<ContentKey>,
 }
 
 impl Default for ViewerConfig {
@@ -36,6 +38,7 @@ impl Default for ViewerConfig {
             retry_interval: Duration::from_millis(250),
             jitter_window: Duration::from_millis(200),
             max_buffered: 4096,
+            content_key: None,
         }
     }
 }
@@ -61,6 +64,12 @@ pub enum ViewerDrop {
     /// A message a viewer does not expect.
     #[error("unexpected message")]
     Unexpected,
+    /// An encrypted piece of a private channel, and no content key.
+    #[error("encrypted piece and no content key")]
+    Encrypted,
+    /// An encrypted piece the content key does not open.
+    #[error("encrypted piece the content key cannot decrypt")]
+    Undecryptable,
 }
 
 /// What a useful datagram was.
@@ -96,6 +105,8 @@ pub struct ViewerStats {
     pub bad_signatures: u64,
     /// Other datagrams refused.
     pub other_drops: u64,
+    /// Verified pieces of a private channel that could not be read (no key, or a wrong one).
+    pub unreadable: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -120,6 +131,8 @@ pub struct Viewer {
     jitter: JitterBuffer,
     stats: ViewerStats,
     finished: bool,
+    /// Decrypted payload of the piece being handled.
+    plaintext: Vec<u8>,
 }
 
 impl Viewer {
@@ -136,6 +149,7 @@ impl Viewer {
             live: false,
             stats: ViewerStats::default(),
             finished: false,
+            plaintext: vec![0; crate::wire::PieceHeader::MAX_PAYLOAD],
         }
     }
 
@@ -172,6 +186,7 @@ impl Viewer {
             Err(ViewerDrop::BadSignature) => self.stats.bad_signatures += 1,
             Err(ViewerDrop::Duplicate) => self.stats.duplicates += 1,
             Err(ViewerDrop::Late) => self.stats.late += 1,
+            Err(ViewerDrop::Encrypted | ViewerDrop::Undecryptable) => self.stats.unreadable += 1,
             Err(_) => self.stats.other_drops += 1,
         }
         result
@@ -188,9 +203,25 @@ impl Viewer {
                     .map_err(|_| ViewerDrop::BadSignature)?;
                 let (seq, publish_time_us) = (piece.seq(), piece.publish_time_us());
                 self.live = true;
+                let (flags, payload) = if piece.flags().contains(PieceFlags::ENCRYPTED) {
+                    let key = self
+                        .config
+                        .content_key
+                        .as_ref()
+                        .ok_or(ViewerDrop::Encrypted)?;
+                    let n = key
+                        .open(piece.channel(), seq, piece.payload(), &mut self.plaintext)
+                        .map_err(|_| ViewerDrop::Undecryptable)?;
+                    (
+                        piece.flags().without(PieceFlags::ENCRYPTED),
+                        &self.plaintext[..n],
+                    )
+                } else {
+                    (piece.flags(), piece.payload())
+                };
                 match self
                     .jitter
-                    .insert(now, seq, piece.flags(), publish_time_us, piece.payload())
+                    .insert(now, seq, flags, publish_time_us, payload)
                 {
                     Insert::Accepted => Ok(Received::Piece {
                         seq,

@@ -210,3 +210,56 @@ fn viewer_resubscribes_after_relay_restart() {
     );
     assert!(w.publish(ms(1300), b"after", PieceFlags::empty()).is_some());
 }
+
+#[test]
+fn a_private_channel_plays_only_with_its_content_key() {
+    let content = ContentKey::from_bytes([8; 32]);
+    let mut w = World::new();
+    w.publisher =
+        Publisher::new(ChannelKey::from_seed(&[4; 32]), 1, 1).with_content_key(content.clone());
+    let public = w.publisher.public_key();
+    w.pump_control(ms(0));
+    w.announce(ms(1));
+    let payload = [0x47u8; 940];
+    let piece = w
+        .publish(ms(2), &payload, PieceFlags::empty())
+        .expect("the relay verified and forwarded the ciphertext");
+    // What travels is ciphertext, flagged, and signed as such.
+    let parsed = Piece::parse(&piece).unwrap();
+    assert!(parsed.flags().contains(PieceFlags::ENCRYPTED));
+    assert_ne!(&parsed.payload()[..940], &payload[..]);
+    assert_eq!(parsed.payload().len(), 940 + crate::crypto::CONTENT_TAG_LEN);
+
+    // The viewer without the key verifies the piece but cannot play it.
+    assert_eq!(
+        w.viewer.handle_datagram(ms(3), &piece),
+        Err(ViewerDrop::Encrypted)
+    );
+    assert_eq!(w.viewer.stats().unreadable, 1);
+    // A viewer with a wrong key neither.
+    let mut wrong = Viewer::new(
+        public,
+        ViewerConfig {
+            content_key: Some(ContentKey::from_bytes([9; 32])),
+            ..ViewerConfig::default()
+        },
+    );
+    assert_eq!(
+        wrong.handle_datagram(ms(3), &piece),
+        Err(ViewerDrop::Undecryptable)
+    );
+    // With the key: the plaintext plays, without the encryption flag.
+    let mut right = Viewer::new(
+        public,
+        ViewerConfig {
+            content_key: Some(content),
+            ..ViewerConfig::default()
+        },
+    );
+    assert!(matches!(
+        right.handle_datagram(ms(3), &piece),
+        Ok(Received::Piece { .. })
+    ));
+    let released = right.poll_piece(ms(1000)).expect("played");
+    assert_eq!(released.payload, payload.to_vec());
+}

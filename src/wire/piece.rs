@@ -50,6 +50,11 @@ impl PieceFlags {
         self.0
     }
 
+    /// These flags with those of `other` cleared.
+    pub const fn without(self, other: PieceFlags) -> PieceFlags {
+        PieceFlags(self.0 & !other.0)
+    }
+
     /// Whether every flag of `other` is set.
     pub const fn contains(self, other: PieceFlags) -> bool {
         self.0 & other.0 == other.0
