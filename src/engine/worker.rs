@@ -228,6 +228,7 @@ impl Worker {
         let mut last_work = Instant::now();
         let mut generation = control.generation();
         while !control.stopping() {
+            let round_start = Instant::now();
             if control.generation() != generation {
                 generation = control.generation();
                 self.core.reconfigure(control.relay_config());
@@ -277,10 +278,11 @@ impl Worker {
                 interval_start = now;
                 idle = Duration::ZERO;
             }
-            let waited = Instant::now();
             self.wait(&clock, &mut io, worked, now - last_work)?;
             if !worked {
-                idle += waited.elapsed();
+                // A round that found nothing to do is waiting too, whether it slept in the
+                // kernel or (busy polling) spun through empty receives.
+                idle += round_start.elapsed();
             }
             if self.draining && control.all_quiesced() && self.inbox.is_empty() && io.idle() {
                 break;
