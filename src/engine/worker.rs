@@ -183,6 +183,16 @@ impl Batch<'_> {
 
 impl Worker {
     pub(super) fn run(mut self, control: &Control) -> io::Result<()> {
+        let result = self.run_loop(control);
+        if !self.draining {
+            // Ended without draining (stopped, or failed): count this worker as quiesced, or a
+            // drain would wait for it until its bound.
+            control.quiesce();
+        }
+        result
+    }
+
+    fn run_loop(&mut self, control: &Control) -> io::Result<()> {
         if let Some(core) = self.pin {
             if !core_affinity::set_for_current(core) {
                 tracing::warn!(worker = self.id, "could not pin to core {}", core.id);
@@ -226,7 +236,9 @@ impl Worker {
         let mut interval_start = Instant::now();
         let mut idle = Duration::ZERO;
         let mut last_work = Instant::now();
-        let mut generation = control.generation();
+        // The core was built from the config of generation 0: a reload that lands before this
+        // thread runs is still applied.
+        let mut generation = 0;
         while !control.stopping() {
             let round_start = Instant::now();
             if control.generation() != generation {
@@ -318,7 +330,13 @@ impl Worker {
         worked: bool,
         idle_for: Duration,
     ) -> io::Result<()> {
+        // Copies the kernel has not taken yet (AF_XDP copy mode) must not wait for a wakeup.
+        let tx_waiting = match io {
+            Io::Xdp { xdp, .. } => xdp.tx_pending(),
+            _ => false,
+        };
         let block = !worked
+            && !tx_waiting
             && match self.poll {
                 PollMode::Busy => false,
                 PollMode::Adaptive => idle_for >= SPIN_BEFORE_BLOCK,

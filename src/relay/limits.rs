@@ -65,7 +65,9 @@ impl SourceLimiter {
         // rate tokens/s = rate milli-tokens/ms = rate / 1000 milli-tokens/µs.
         let refill = elapsed_us.saturating_mul(rate) / 1000;
         b.milli_tokens = (b.milli_tokens.saturating_add(refill)).min(burst * 1000);
-        b.refilled = now;
+        // Datagrams handed over by another worker carry its (older) receive time: never move
+        // the refill clock back, or that time would be counted twice.
+        b.refilled = b.refilled.max(now);
         if b.milli_tokens >= 1000 {
             b.milli_tokens -= 1000;
             true

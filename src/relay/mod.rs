@@ -252,13 +252,17 @@ pub struct PendingPiece {
     pub seq: u64,
     /// The key to verify it with.
     pub key: ChannelPublicKey,
+    /// Where it came from, and when.
+    pub from: SocketAddr,
+    /// When it was received.
+    pub received: Timestamp,
 }
 
 #[derive(Debug)]
 struct Channel {
     key: Option<ChannelPublicKey>,
     /// Addresses that sent a valid ANNOUNCE: the only ones pieces are taken from.
-    upstreams: [Option<SocketAddr>; MAX_UPSTREAMS],
+    upstreams: [Option<Upstream>; MAX_UPSTREAMS],
     epoch_us: u64,
     window: SeqWindow,
     subscribers: Subscribers,
@@ -279,17 +283,53 @@ impl Channel {
         }
     }
 
-    fn is_upstream(&self, from: SocketAddr) -> bool {
-        self.upstreams.contains(&Some(from))
+    fn upstream_slot(&self, from: SocketAddr) -> Option<usize> {
+        self.upstreams
+            .iter()
+            .position(|u| u.is_some_and(|u| u.addr == from))
     }
 
-    /// Remembers `from` as an upstream, replacing the oldest when all places are taken.
-    fn add_upstream(&mut self, from: SocketAddr) {
-        if self.is_upstream(from) {
+    /// Remembers `from` as an upstream that announced at `now`. When all places are taken, an
+    /// upstream that delivered an accepted piece within [`UPSTREAM_PROTECTED`] keeps its place
+    /// (a captured ANNOUNCE replayed from spoofed addresses cannot evict a live publisher:
+    /// replays never deliver an accepted piece); among the others the oldest announce goes.
+    fn add_upstream(&mut self, from: SocketAddr, now: Timestamp) {
+        if let Some(slot) = self.upstream_slot(from) {
+            if let Some(u) = &mut self.upstreams[slot] {
+                u.announced = now;
+            }
             return;
         }
-        self.upstreams.rotate_right(1);
-        self.upstreams[0] = Some(from);
+        let evictable = |u: &Option<Upstream>| match u {
+            None => Some(Timestamp::ZERO),
+            Some(u)
+                if u.last_piece
+                    .is_none_or(|t| now.saturating_since(t) >= UPSTREAM_PROTECTED) =>
+            {
+                Some(u.announced)
+            }
+            Some(_) => None,
+        };
+        let victim = (0..MAX_UPSTREAMS)
+            .filter_map(|i| evictable(&self.upstreams[i]).map(|t| (t, i)))
+            .min()
+            .map(|(_, i)| i);
+        if let Some(slot) = victim {
+            self.upstreams[slot] = Some(Upstream {
+                addr: from,
+                announced: now,
+                last_piece: None,
+            });
+        }
+    }
+
+    /// Notes an accepted piece from `from`.
+    fn note_piece_from(&mut self, from: SocketAddr, at: Timestamp) {
+        if let Some(slot) = self.upstream_slot(from) {
+            if let Some(u) = &mut self.upstreams[slot] {
+                u.last_piece = Some(at);
+            }
+        }
     }
 
     fn idle_since(&self) -> Timestamp {
@@ -300,6 +340,18 @@ impl Channel {
 /// Addresses a channel takes pieces from (a publisher that moved keeps working: its next
 /// announce adds the new address).
 const MAX_UPSTREAMS: usize = 4;
+/// An upstream that delivered an accepted piece this recently cannot be evicted.
+const UPSTREAM_PROTECTED: Duration = Duration::from_secs(5);
+
+/// One address a channel takes pieces from.
+#[derive(Debug, Clone, Copy)]
+struct Upstream {
+    addr: SocketAddr,
+    /// Its latest valid ANNOUNCE.
+    announced: Timestamp,
+    /// Its latest accepted piece.
+    last_piece: Option<Timestamp>,
+}
 
 /// The relay's protocol state: channels, their keys, replay windows and subscribers.
 pub struct RelayCore {
@@ -477,6 +529,7 @@ impl RelayCore {
         // Checked again: a batch may hold two copies of one piece.
         channel.window.check(pending.seq).map_err(seq_drop)?;
         channel.window.mark(pending.seq);
+        channel.note_piece_from(pending.from, pending.received);
         Ok(())
     }
 
@@ -515,12 +568,12 @@ impl RelayCore {
     fn precheck_piece(&mut self, now: Timestamp, from: SocketAddr, piece: &Piece<'_>) -> Inbound {
         let Some((channel, key)) = self
             .channels
-            .get(&piece.channel())
+            .get_mut(&piece.channel())
             .and_then(|c| c.key.map(|k| (c, k)))
         else {
             return Inbound::Dropped(DropReason::UnknownChannel);
         };
-        if !channel.is_upstream(from) {
+        if channel.upstream_slot(from).is_none() {
             return Inbound::Dropped(DropReason::UnknownUpstream);
         }
         if let Err(reject) = channel.window.check(piece.seq()) {
@@ -533,6 +586,8 @@ impl RelayCore {
             channel: piece.channel(),
             seq: piece.seq(),
             key,
+            from,
+            received: now,
         })
     }
 
@@ -669,7 +724,7 @@ impl RelayCore {
             }
         }
         channel.last_announce = Some(now);
-        channel.add_upstream(from);
+        channel.add_upstream(from, now);
         self.refresh_gauges();
         encoded(
             Announced {

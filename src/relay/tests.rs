@@ -556,3 +556,27 @@ fn reconfigure_keeps_subscribers_applies_new_limits_and_drops_disallowed_channel
     );
     assert_eq!(h.relay.stats().dropped(DropReason::ChannelNotAllowed), 2);
 }
+
+#[test]
+fn replayed_announces_from_spoofed_addresses_do_not_evict_an_active_publisher() {
+    let mut h = Harness::new();
+    h.subscribe(secs(1), addr(10));
+    let mut announce = [0u8; MAX_DATAGRAM];
+    let due = h.publisher.poll_timeout();
+    let n = h.publisher.poll_announce(due, &mut announce).unwrap();
+    let captured = announce[..n].to_vec();
+    for round in 0..3u64 {
+        // The publisher keeps streaming from its address...
+        let p = h.piece(PieceFlags::empty());
+        assert_eq!(
+            h.forward(secs(2 + round), addr(1), &p).unwrap(),
+            vec![addr(10)]
+        );
+        // ...while its captured announce is replayed from five other addresses.
+        for spoofed in 100..105 {
+            let _ = h.send(secs(2 + round), addr(spoofed), &captured);
+        }
+    }
+    let p = h.piece(PieceFlags::empty());
+    assert_eq!(h.forward(secs(6), addr(1), &p).unwrap(), vec![addr(10)]);
+}

@@ -216,11 +216,17 @@ pub(crate) struct XdpIo {
     next_hop: HashMap<Ipv4Addr, Mac>,
     /// Received descriptors of the current poll.
     descs: Vec<(u64, u32, bool)>,
+    /// Inside a multi-fragment packet (its fragments may span polls).
+    in_packet: bool,
     completions: Vec<u64>,
 }
 
 /// Entries per ring.
 const RING: u32 = 2048;
+/// TX kicks per flush at most (copy mode sends ~32 descriptors per kick).
+const MAX_KICKS: usize = 256;
+/// Next hops remembered (a fixed allocation: learning never allocates on the packet path).
+const MAX_NEXT_HOPS: usize = 65_536;
 /// UMEM frames: one ring's worth for receiving, the rest for sending.
 const FRAMES: u32 = 4 * RING;
 
@@ -264,8 +270,9 @@ impl XdpIo {
             rx_free: (0..RING).map(frame).collect(),
             tx_free: (RING..FRAMES).map(frame).collect(),
             tx_refs: vec![0; FRAMES as usize],
-            next_hop: HashMap::with_capacity(4096),
+            next_hop: HashMap::with_capacity(MAX_NEXT_HOPS),
             descs: Vec::with_capacity(RING as usize),
+            in_packet: false,
             completions: Vec::with_capacity(FRAMES as usize),
         };
         io.socket.fill(&mut io.rx_free);
@@ -307,11 +314,10 @@ impl XdpIo {
         self.descs.clear();
         let n = self.socket.receive(max, &mut self.descs);
         let mut rejected = 0;
-        let mut in_packet = false;
         for &(addr, len, more) in &self.descs {
             // A multi-fragment packet is larger than any piece: drop all its fragments.
-            let whole = !in_packet && !more;
-            in_packet = more;
+            let whole = !self.in_packet && !more;
+            self.in_packet = more;
             let parsed = whole
                 .then(|| frame::parse_udp(self.socket.frame(addr, len as usize)))
                 .flatten();
@@ -319,7 +325,9 @@ impl XdpIo {
                 Some(f) => {
                     // The next hop back to the sender is the MAC its datagram came from.
                     let ip = *f.src.ip();
-                    if self.next_hop.get(&ip) != Some(&f.src_mac) && self.next_hop.len() < 65_536 {
+                    if self.next_hop.get(&ip) != Some(&f.src_mac)
+                        && self.next_hop.len() < MAX_NEXT_HOPS
+                    {
                         self.next_hop.insert(ip, f.src_mac);
                     }
                     let data = self.socket.frame(addr, len as usize);
@@ -412,9 +420,21 @@ impl XdpIo {
         queued
     }
 
-    /// Hands queued copies to the kernel.
+    /// Hands queued copies to the kernel. In copy mode the kernel sends a bounded number per
+    /// call, so this kicks until the ring is empty (or stops moving).
     pub(crate) fn flush(&mut self) -> io::Result<()> {
-        self.socket.flush()
+        for _ in 0..MAX_KICKS {
+            self.socket.flush()?;
+            if self.socket.mode() == XskMode::ZeroCopy || !self.socket.tx_pending() {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether copies are queued that the kernel has not taken yet (the worker must not sleep).
+    pub(crate) fn tx_pending(&mut self) -> bool {
+        self.socket.tx_pending()
     }
 
     /// Frees the frames of completed sends; true if any completed.
@@ -423,14 +443,17 @@ impl XdpIo {
         let n = self.socket.completed(&mut self.completions);
         for &addr in &self.completions {
             let i = frame_number(addr);
-            self.tx_refs[i] = self.tx_refs[i].saturating_sub(1);
+            debug_assert!(self.tx_refs[i] > 0, "completion of a free frame");
+            if self.tx_refs[i] == 0 {
+                continue;
+            }
+            self.tx_refs[i] -= 1;
             if self.tx_refs[i] == 0 {
                 self.tx_free.push(addr - addr % u64::from(FRAME_SIZE));
             }
         }
         if self.socket.fill_needs_wakeup() {
-            // Copy mode refills from the fill ring on receive; a poll-less wakeup is a kick.
-            let _ = self.socket.flush();
+            self.socket.kick_rx();
         }
         n > 0
     }

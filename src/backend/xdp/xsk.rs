@@ -422,6 +422,21 @@ impl XskSocket {
         Ok(())
     }
 
+    /// Asks the kernel to refill receive buffers from the fill ring (the RX wakeup).
+    pub(crate) fn kick_rx(&self) {
+        // SAFETY: a zero-length non-blocking recvfrom on our own socket only wakes the driver.
+        unsafe {
+            libc::recvfrom(
+                self.fd(),
+                ptr::null_mut(),
+                0,
+                libc::MSG_DONTWAIT,
+                ptr::null_mut(),
+                ptr::null_mut(),
+            )
+        };
+    }
+
     /// Whether the TX ring still holds descriptors the kernel has not taken.
     pub(crate) fn tx_pending(&mut self) -> bool {
         self.tx.room() < self.tx.size
