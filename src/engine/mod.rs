@@ -26,7 +26,7 @@ use crate::backend::portable::RECV_BATCH;
 use crate::backend::xdp::{Interface, XdpIo, XdpProgram};
 use crate::backend::PortableSocket;
 use crate::metrics::RelayMetrics;
-use crate::relay::{RelayConfig, RelayCore};
+use crate::relay::{AnnouncedChannels, RelayConfig, RelayCore};
 use crate::time::MonotonicClock;
 
 use pool::BufferPool;
@@ -221,9 +221,16 @@ impl XdpSetup {
         }
         let mut program =
             XdpProgram::attach(&iface.name, port, xdp.attach).map_err(io::Error::other)?;
+        // Copies leave from the address the relay listens on, or (listening on all) the
+        // interface's: subscribers only take pieces from the address they subscribed at.
+        let local_ip = match config.listen.ip() {
+            std::net::IpAddr::V4(ip) if !ip.is_unspecified() => ip,
+            _ => iface.ipv4,
+        };
+        let local = std::net::SocketAddrV4::new(local_ip, port);
         let mut sockets = Vec::with_capacity(workers);
         for queue in 0..workers as u32 {
-            let socket = bind_xsk(&iface, queue, port, xdp)?;
+            let socket = bind_xsk(&iface, queue, local, xdp)?;
             program
                 .register(queue, socket.fd())
                 .map_err(io::Error::other)?;
@@ -255,7 +262,12 @@ impl XdpSetup {
 
 /// An AF_XDP socket for `queue` as `xdp` asks: zero-copy when on or (auto) when the driver has
 /// it; multi-buffer sends unless told otherwise on a copy-mode socket.
-fn bind_xsk(iface: &Interface, queue: u32, port: u16, xdp: &XdpConfig) -> io::Result<XdpIo> {
+fn bind_xsk(
+    iface: &Interface,
+    queue: u32,
+    local: std::net::SocketAddrV4,
+    xdp: &XdpConfig,
+) -> io::Result<XdpIo> {
     let tx = |zerocopy: bool| {
         xdp.tx.unwrap_or(if zerocopy {
             TxMode::MultiBuffer
@@ -267,11 +279,11 @@ fn bind_xsk(iface: &Interface, queue: u32, port: u16, xdp: &XdpConfig) -> io::Re
     // the payload per subscriber instead, and say so.
     let bind = |zerocopy: bool| {
         let wanted = tx(zerocopy);
-        XdpIo::bind(iface, queue, port, zerocopy, wanted).or_else(|e| {
+        XdpIo::bind(iface, queue, local, zerocopy, wanted).or_else(|e| {
             if wanted != TxMode::MultiBuffer {
                 return Err(e);
             }
-            let io = XdpIo::bind(iface, queue, port, zerocopy, TxMode::Copy)?;
+            let io = XdpIo::bind(iface, queue, local, zerocopy, TxMode::Copy)?;
             tracing::warn!(
                 "AF_XDP multi-buffer is not available on {} ({e}); copying the payload per \
                  subscriber instead",
@@ -328,6 +340,8 @@ impl RelayEngine {
             .map(|_| crossbeam::channel::bounded::<Handoff>(worker::HANDOFF_QUEUE))
             .unzip();
         let cookie_key: [u8; 32] = rand::random();
+        // Which channels have a publisher, as their owners learn it, for every worker.
+        let announced = Arc::new(AnnouncedChannels::default());
         // One clock for all workers: timestamps cross workers with the pieces.
         let clock = MonotonicClock::new();
         let cores = if config.pin {
@@ -345,7 +359,11 @@ impl RelayEngine {
             .enumerate()
             .map(|(id, (socket, inbox))| Worker {
                 id,
-                core: RelayCore::with_cookie_key(config.relay.clone(), cookie_key),
+                core: RelayCore::with_shared(
+                    config.relay.clone(),
+                    cookie_key,
+                    Arc::clone(&announced),
+                ),
                 socket,
                 pool: Arc::clone(&pool),
                 inbox,

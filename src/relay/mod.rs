@@ -17,8 +17,9 @@ pub use cookie::{CookieCheck, CookieJar};
 pub use subscribers::{Subscribers, Upsert};
 pub use window::{SeqReject, SeqWindow};
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use crate::crypto::{verify_announce, ChannelPublicKey};
@@ -353,9 +354,33 @@ struct Upstream {
     last_piece: Option<Timestamp>,
 }
 
+/// Channels some core of this relay has an announced key for.
+#[derive(Debug, Default)]
+pub struct AnnouncedChannels(RwLock<HashSet<ChannelId>>);
+
+impl AnnouncedChannels {
+    fn set(&self) -> std::sync::RwLockReadGuard<'_, HashSet<ChannelId>> {
+        self.0.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn insert(&self, id: ChannelId) {
+        self.0.write().unwrap_or_else(|e| e.into_inner()).insert(id);
+    }
+
+    fn remove(&self, id: &ChannelId) {
+        self.0.write().unwrap_or_else(|e| e.into_inner()).remove(id);
+    }
+
+    /// Whether `id` has an announced publisher.
+    pub fn contains(&self, id: &ChannelId) -> bool {
+        self.set().contains(id)
+    }
+}
+
 /// The relay's protocol state: channels, their keys, replay windows and subscribers.
 pub struct RelayCore {
     config: RelayConfig,
+    announced: Arc<AnnouncedChannels>,
     control_limits: SourceLimiter,
     verify_limits: SourceLimiter,
     cookies: CookieJar,
@@ -375,7 +400,19 @@ impl RelayCore {
 
     /// A core with a given cookie key (tests and the simulator use fixed keys).
     pub fn with_cookie_key(config: RelayConfig, cookie_key: [u8; 32]) -> Self {
+        Self::with_shared(config, cookie_key, Arc::default())
+    }
+
+    /// A core that shares with others (a relay's other workers) the set of channels that have
+    /// an announced publisher: a channel's ANNOUNCEs reach only its owner, but SUBSCRIBEs land
+    /// on any worker, which must not take a real channel for a made-up one.
+    pub fn with_shared(
+        config: RelayConfig,
+        cookie_key: [u8; 32],
+        announced: Arc<AnnouncedChannels>,
+    ) -> Self {
         RelayCore {
+            announced,
             cookies: CookieJar::new(cookie_key, config.cookie_bucket),
             control_limits: SourceLimiter::new(
                 config.control_rate_per_source,
@@ -404,8 +441,14 @@ impl RelayCore {
             .set_rate(config.verify_rate_per_source, config.verify_rate_per_source);
         self.config = config;
         let allowed = self.config.allowed_channels.as_deref();
-        self.channels
-            .retain(|id, _| allowed.is_none_or(|list| list.contains(id)));
+        let announced = &self.announced;
+        self.channels.retain(|id, c| {
+            let keep = allowed.is_none_or(|list| list.contains(id));
+            if !keep && c.key.is_some() {
+                announced.remove(id);
+            }
+            keep
+        });
         self.refresh_gauges();
     }
 
@@ -546,9 +589,14 @@ impl RelayCore {
         self.next_sweep = now + Self::SWEEP_INTERVAL;
         let idle = self.config.channel_idle_timeout;
         let mut expired = 0;
-        self.channels.retain(|_, c| {
+        let announced = &self.announced;
+        self.channels.retain(|id, c| {
             expired += c.subscribers.expire(now);
-            !c.subscribers.is_empty() || now.saturating_since(c.idle_since()) < idle
+            let keep = !c.subscribers.is_empty() || now.saturating_since(c.idle_since()) < idle;
+            if !keep && c.key.is_some() {
+                announced.remove(id);
+            }
+            keep
         });
         self.stats.subscribers_expired += expired as u64;
         self.refresh_gauges();
@@ -706,6 +754,7 @@ impl RelayCore {
             return Inbound::Dropped(DropReason::BadAnnounce);
         };
         let id = key.channel_id();
+        let announced = Arc::clone(&self.announced);
         let channel = match self.channel_entry(id, now, true) {
             Ok(c) => c,
             Err(reason) => return Inbound::Dropped(reason),
@@ -719,6 +768,9 @@ impl RelayCore {
             _ => {
                 // A new key or a new publisher session. The replay window stays: a new
                 // session's sequence numbers start at its epoch, above every older session's.
+                if channel.key.is_none() {
+                    announced.insert(id);
+                }
                 channel.key = Some(key);
                 channel.epoch_us = a.epoch_us();
             }
@@ -751,9 +803,17 @@ impl RelayCore {
         }
         let pending_limit = (self.config.max_channels / 4).max(1);
         let full = self.channels.len() >= self.config.max_channels
-            || (!announced
-                && !self.channels.contains_key(&id)
-                && self.channels.values().filter(|c| c.key.is_none()).count() >= pending_limit);
+            || (!announced && !self.channels.contains_key(&id) && {
+                // Only when a SUBSCRIBE would create an entry: read the shared set once.
+                let set = self.announced.set();
+                !set.contains(&id)
+                    && self
+                        .channels
+                        .iter()
+                        .filter(|(cid, c)| c.key.is_none() && !set.contains(cid))
+                        .count()
+                        >= pending_limit
+            });
         match self.channels.entry(id) {
             std::collections::hash_map::Entry::Occupied(e) => Ok(e.into_mut()),
             std::collections::hash_map::Entry::Vacant(_) if full => Err(DropReason::ChannelsFull),

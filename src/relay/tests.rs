@@ -6,6 +6,7 @@ use crate::publisher::Publisher;
 use crate::wire::{
     CookieBytes, Hello, MessageType, PieceFlags, Subscribed, Subscription, MAX_DATAGRAM,
 };
+use std::sync::Arc;
 
 fn addr(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
@@ -579,4 +580,43 @@ fn replayed_announces_from_spoofed_addresses_do_not_evict_an_active_publisher() 
     }
     let p = h.piece(PieceFlags::empty());
     assert_eq!(h.forward(secs(6), addr(1), &p).unwrap(), vec![addr(10)]);
+}
+
+#[test]
+fn a_core_that_does_not_own_a_channel_still_knows_it_is_real() {
+    // Two workers' cores: `owner` sees the channel's ANNOUNCE, `other` only SUBSCRIBEs.
+    let config = RelayConfig {
+        max_channels: 8,
+        ..Default::default()
+    };
+    let shared = Arc::new(AnnouncedChannels::default());
+    let mut owner = RelayCore::with_shared(config.clone(), [1; 32], Arc::clone(&shared));
+    let mut other = RelayCore::with_shared(config, [1; 32], shared);
+    let mut reply = [0u8; MAX_DATAGRAM];
+    let mut buf = [0u8; MAX_DATAGRAM];
+    let subscribe =
+        |core: &mut RelayCore, channel: ChannelId, port: u16, buf: &mut [u8], reply: &mut [u8]| {
+            let cookie = core.cookies.issue(secs(0), addr(port));
+            let n = Subscription { channel, cookie }
+                .encode(MessageType::Subscribe, buf)
+                .unwrap();
+            core.handle(secs(0), addr(port), &buf[..n], reply)
+        };
+    // Made-up channels fill `other`'s quota for unannounced ones (a quarter of 8).
+    for ch in 0..10u8 {
+        subscribe(&mut other, ChannelId([ch; 8]), 30, &mut buf, &mut reply);
+    }
+    // A real channel, announced at its owner, is still taken on `other`.
+    let mut p = Publisher::new(ChannelKey::from_seed(&[50; 32]), 1, 1);
+    let n = p.poll_announce(secs(0), &mut buf).unwrap();
+    assert!(matches!(
+        owner.handle(secs(0), addr(40), &buf[..n], &mut reply),
+        Inbound::Reply(_)
+    ));
+    let real = p.public_key().channel_id();
+    assert!(matches!(
+        subscribe(&mut other, real, 31, &mut buf, &mut reply),
+        Inbound::Reply(_)
+    ));
+    assert_eq!(other.subscribers(&real), &[addr(31)]);
 }

@@ -231,11 +231,11 @@ const MAX_NEXT_HOPS: usize = 65_536;
 const FRAMES: u32 = 4 * RING;
 
 impl XdpIo {
-    /// Binds an AF_XDP socket to `queue` of `interface`, receiving for `local`.
+    /// Binds an AF_XDP socket to `queue` of `interface`; copies are sent from `local`.
     pub(crate) fn bind(
         interface: &Interface,
         queue: u32,
-        port: u16,
+        local: SocketAddrV4,
         zerocopy: bool,
         tx_mode: TxMode,
     ) -> Result<Self, XdpError> {
@@ -264,7 +264,7 @@ impl XdpIo {
             tx_mode,
             local: Endpoint {
                 mac: interface.mac,
-                addr: SocketAddrV4::new(interface.ipv4, port),
+                addr: local,
             },
             interface: interface.name.clone(),
             rx_free: (0..RING).map(frame).collect(),
