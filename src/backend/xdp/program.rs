@@ -1,7 +1,8 @@
 //! Loading and attaching the relay's XDP program (`xdp/relay.c`, embedded as `xdp/relay.o`)
 //! with aya, and registering AF_XDP sockets in its XSKMAP. The attachment is a bpf_link owned
 //! by [`XdpProgram`]: it goes away when the program is dropped, and with the process however it
-//! ends (even SIGKILL), so no interface is left redirecting into a dead socket.
+//! ends (even SIGKILL), so no interface is left redirecting into a dead socket. (Kernels before
+//! 5.9 have no XDP links: aya then attaches through netlink, which only a clean exit undoes.)
 
 use std::os::fd::RawFd;
 
