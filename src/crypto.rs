@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 
-use crate::wire::{Announce, ChannelId, Piece, SIGNATURE_LEN};
+use crate::wire::{Announce, ChannelId, Descriptor, Piece, SIGNATURE_LEN};
 
 /// Errors from keys and signatures.
 #[derive(Debug, thiserror::Error)]
@@ -130,6 +130,13 @@ pub fn channel_id(public_key: &[u8; 32]) -> ChannelId {
 pub fn verify_announce(announce: &Announce<'_>) -> Result<ChannelPublicKey, CryptoError> {
     let key = ChannelPublicKey::from_bytes(&announce.public_key())?;
     key.verify(announce.signed_bytes(), &announce.signature())?;
+    Ok(key)
+}
+
+/// Checks a channel descriptor's signature against the key it names; that key.
+pub fn verify_descriptor(d: &Descriptor<'_>) -> Result<ChannelPublicKey, CryptoError> {
+    let key = ChannelPublicKey::from_bytes(&d.public_key())?;
+    key.verify(d.signed_bytes(), &d.signature())?;
     Ok(key)
 }
 

@@ -26,6 +26,7 @@ pub mod publisher;
 pub mod relay;
 pub mod swarm;
 pub mod time;
+pub mod tracker;
 pub mod ts;
 pub mod viewer;
 pub mod wire;

@@ -10,7 +10,7 @@ use clubcast::fuzzing;
 /// A fuzz entry point.
 type Target = fn(&[u8]);
 
-const TARGETS: [(&str, Target); 7] = [
+const TARGETS: [(&str, Target); 8] = [
     ("wire", fuzzing::wire),
     ("relay_core", fuzzing::relay_core),
     ("viewer", fuzzing::viewer),
@@ -18,6 +18,7 @@ const TARGETS: [(&str, Target); 7] = [
     ("metrics_text", fuzzing::metrics_text),
     ("frame", fuzzing::frame),
     ("fault_spec", fuzzing::fault_spec),
+    ("tracker", fuzzing::tracker),
 ];
 
 #[test]

@@ -9,6 +9,7 @@ mod logging;
 mod publish;
 mod relay;
 mod top;
+mod tracker;
 mod watch;
 
 use std::process::ExitCode;
@@ -68,6 +69,7 @@ enum Command {
     Publish(publish::Args),
     Relay(relay::Args),
     Top(top::Args),
+    Tracker(tracker::Args),
     Watch(Box<watch::Args>),
 }
 
@@ -92,6 +94,7 @@ pub(crate) fn main() -> ExitCode {
         Command::Publish(a) => publish::run(a),
         Command::Relay(a) => relay::run(a, log),
         Command::Top(a) => top::run(a),
+        Command::Tracker(a) => tracker::run(a),
         Command::Watch(a) => watch::run(*a),
     };
     match result {

@@ -8,7 +8,7 @@
 //! seen, and the engine sends the unchanged datagram to [`RelayCore::subscribers`]. Nothing
 //! unverified is ever forwarded.
 
-mod cookie;
+pub mod cookie;
 pub mod limits;
 mod subscribers;
 mod window;
@@ -510,9 +510,14 @@ impl RelayCore {
             Ok(Message::Keepalive(s)) => self.on_keepalive(now, from, &s, reply),
             Ok(Message::Unsubscribe(s)) => self.on_unsubscribe(now, from, &s, reply),
             Ok(Message::Announce(a)) => self.on_announce(now, from, &a, reply),
-            Ok(Message::Cookie(_) | Message::Subscribed(_) | Message::Announced(_)) => {
-                Inbound::Dropped(DropReason::UnexpectedMessage)
-            }
+            Ok(
+                Message::Cookie(_)
+                | Message::Subscribed(_)
+                | Message::Announced(_)
+                | Message::TrackerAnnounce(_)
+                | Message::Peers(_)
+                | Message::Descriptor(_),
+            ) => Inbound::Dropped(DropReason::UnexpectedMessage),
         };
         match verdict {
             Inbound::Dropped(reason) => self.stats.record_drops(reason, 1),

@@ -8,9 +8,11 @@
 
 mod control;
 mod piece;
+mod tracker;
 
 pub use control::{Announce, Announced, Cookie, CookieBytes, Hello, Subscribed, Subscription};
 pub use piece::{Piece, PieceFlags, PieceHeader};
+pub use tracker::{Descriptor, PeerEntry, Peers, Role, TrackerAnnounce};
 
 /// Magic and version byte that opens every v1 datagram.
 pub const MAGIC_V1: u8 = 0xC1;
@@ -54,6 +56,12 @@ pub enum MessageType {
     Announce = 0x20,
     /// Relay → publisher: the announce was accepted.
     Announced = 0x21,
+    /// Member → tracker: in this channel, who else is?
+    TrackerAnnounce = 0x30,
+    /// Tracker → member: members of the channel.
+    Peers = 0x31,
+    /// Publisher → tracker → members: the channel's signed descriptor.
+    Descriptor = 0x32,
 }
 
 impl MessageType {
@@ -69,6 +77,9 @@ impl MessageType {
             0x15 => MessageType::Unsubscribe,
             0x20 => MessageType::Announce,
             0x21 => MessageType::Announced,
+            0x30 => MessageType::TrackerAnnounce,
+            0x31 => MessageType::Peers,
+            0x32 => MessageType::Descriptor,
             _ => return None,
         })
     }
@@ -144,6 +155,12 @@ pub enum Message<'a> {
     Announce(Announce<'a>),
     /// Announce accepted.
     Announced(Announced),
+    /// Member → tracker announce.
+    TrackerAnnounce(TrackerAnnounce),
+    /// Tracker's peer list.
+    Peers(Peers<'a>),
+    /// Signed channel descriptor.
+    Descriptor(Descriptor<'a>),
 }
 
 impl<'a> Message<'a> {
@@ -166,6 +183,11 @@ impl<'a> Message<'a> {
             }
             MessageType::Announce => Message::Announce(Announce::parse(datagram)?),
             MessageType::Announced => Message::Announced(Announced::parse(datagram)?),
+            MessageType::TrackerAnnounce => {
+                Message::TrackerAnnounce(TrackerAnnounce::parse(datagram)?)
+            }
+            MessageType::Peers => Message::Peers(Peers::parse(datagram)?),
+            MessageType::Descriptor => Message::Descriptor(Descriptor::parse(datagram)?),
         })
     }
 
@@ -186,6 +208,19 @@ impl<'a> Message<'a> {
             Message::Unsubscribe(m) => m.encode(MessageType::Unsubscribe, buf),
             Message::Announce(m) => m.encode(buf),
             Message::Announced(m) => m.encode(buf),
+            Message::TrackerAnnounce(m) => m.encode(buf),
+            Message::Peers(m) => {
+                let bytes = m.as_bytes();
+                let out = out_slice(buf, bytes.len())?;
+                out.copy_from_slice(bytes);
+                Ok(bytes.len())
+            }
+            Message::Descriptor(d) => {
+                let bytes = d.as_bytes();
+                let out = out_slice(buf, bytes.len())?;
+                out.copy_from_slice(bytes);
+                Ok(bytes.len())
+            }
         }
     }
 }

@@ -1,0 +1,371 @@
+//! The tracker's sans-IO core: who is in each channel, and the channel's signed descriptor.
+//!
+//! Members prove their address with the same HELLO/COOKIE exchange relays use, then announce
+//! (role, club, upload) and get back up to [`crate::wire::Peers::MAX`] other members — relays
+//! first, then a random sample — and the channel's descriptor once the publisher has sent one.
+//! Entries expire when their member stops announcing. Tables are bounded and refusals counted.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+
+use crate::crypto::verify_descriptor;
+use crate::relay::cookie::{CookieCheck, CookieJar};
+use crate::time::Timestamp;
+use crate::wire::{ChannelId, Cookie, Descriptor, Message, PeerEntry, Peers, Role, MAX_DATAGRAM};
+
+/// Tunables of a tracker.
+#[derive(Debug, Clone)]
+pub struct TrackerConfig {
+    /// A member is forgotten this long after its last announce.
+    pub member_ttl: Duration,
+    /// Most channels tracked.
+    pub max_channels: usize,
+    /// Most members per channel.
+    pub max_members: usize,
+}
+
+impl Default for TrackerConfig {
+    fn default() -> Self {
+        TrackerConfig {
+            member_ttl: Duration::from_secs(30),
+            max_channels: 1024,
+            max_members: 100_000,
+        }
+    }
+}
+
+/// What a tracker counted.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TrackerStats {
+    /// Announces answered with a peer list.
+    pub announces: u64,
+    /// Descriptors accepted (new channels or newer sessions).
+    pub descriptors: u64,
+    /// Datagrams refused: malformed, bad cookie, bad signature, table full, unexpected.
+    pub refused: u64,
+    /// Members forgotten for not announcing.
+    pub expired: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Member {
+    role: Role,
+    club: u8,
+    expires: Timestamp,
+}
+
+/// Channel `id` of `channels`, created if there are fewer than `max`.
+fn channel_entry(
+    channels: &mut HashMap<ChannelId, Channel>,
+    max: usize,
+    id: ChannelId,
+) -> Option<&mut Channel> {
+    let full = channels.len() >= max;
+    match channels.entry(id) {
+        std::collections::hash_map::Entry::Occupied(e) => Some(e.into_mut()),
+        std::collections::hash_map::Entry::Vacant(_) if full => None,
+        std::collections::hash_map::Entry::Vacant(e) => Some(e.insert(Channel::default())),
+    }
+}
+
+#[derive(Debug, Default)]
+struct Channel {
+    descriptor: Option<Vec<u8>>,
+    epoch_us: u64,
+    members: HashMap<SocketAddr, Member>,
+}
+
+/// The tracker's state.
+pub struct TrackerCore {
+    config: TrackerConfig,
+    cookies: CookieJar,
+    channels: HashMap<ChannelId, Channel>,
+    rng: StdRng,
+    stats: TrackerStats,
+}
+
+impl TrackerCore {
+    /// A tracker with a cookie key and a seed for its peer sampling (fixed in tests and the
+    /// simulator, random in the real one).
+    pub fn new(config: TrackerConfig, cookie_key: [u8; 32], seed: u64) -> Self {
+        TrackerCore {
+            cookies: CookieJar::new(cookie_key, Duration::from_secs(60)),
+            config,
+            channels: HashMap::new(),
+            rng: StdRng::seed_from_u64(seed),
+            stats: TrackerStats::default(),
+        }
+    }
+
+    /// Totals so far.
+    pub fn stats(&self) -> &TrackerStats {
+        &self.stats
+    }
+
+    /// Members of `channel` now.
+    pub fn members(&self, channel: &ChannelId) -> usize {
+        self.channels.get(channel).map_or(0, |c| c.members.len())
+    }
+
+    /// Handles one datagram; replies to `from` are passed to `send`.
+    pub fn handle(
+        &mut self,
+        now: Timestamp,
+        from: SocketAddr,
+        datagram: &[u8],
+        send: &mut dyn FnMut(&[u8]),
+    ) {
+        let mut buf = [0u8; MAX_DATAGRAM];
+        match Message::parse(datagram) {
+            Ok(Message::Hello(h)) => {
+                let cookie = Cookie {
+                    nonce: h.nonce,
+                    cookie: self.cookies.issue(now, from),
+                };
+                if let Ok(n) = cookie.encode(&mut buf) {
+                    send(&buf[..n]);
+                }
+            }
+            Ok(Message::Descriptor(d)) => self.on_descriptor(&d),
+            Ok(Message::TrackerAnnounce(a)) => {
+                if self.cookies.check(now, from, &a.cookie) == CookieCheck::Invalid {
+                    // Prove the address first: a COOKIE no larger than the announce.
+                    self.stats.refused += 1;
+                    let cookie = Cookie {
+                        nonce: 0,
+                        cookie: self.cookies.issue(now, from),
+                    };
+                    if let Ok(n) = cookie.encode(&mut buf) {
+                        send(&buf[..n]);
+                    }
+                    return;
+                }
+                self.on_announce(now, from, &a, send);
+            }
+            _ => self.stats.refused += 1,
+        }
+    }
+
+    fn on_descriptor(&mut self, d: &Descriptor<'_>) {
+        let Ok(key) = verify_descriptor(d) else {
+            self.stats.refused += 1;
+            return;
+        };
+        let max = self.config.max_channels;
+        let Some(channel) = channel_entry(&mut self.channels, max, key.channel_id()) else {
+            self.stats.refused += 1;
+            return;
+        };
+        if channel.descriptor.is_some() && d.epoch_us() <= channel.epoch_us {
+            return; // the same session again, or an older one replayed
+        }
+        channel.descriptor = Some(d.as_bytes().to_vec());
+        channel.epoch_us = d.epoch_us();
+        self.stats.descriptors += 1;
+    }
+
+    fn on_announce(
+        &mut self,
+        now: Timestamp,
+        from: SocketAddr,
+        a: &crate::wire::TrackerAnnounce,
+        send: &mut dyn FnMut(&[u8]),
+    ) {
+        let ttl = self.config.member_ttl;
+        let max_members = self.config.max_members;
+        let max = self.config.max_channels;
+        let Some(channel) = channel_entry(&mut self.channels, max, a.channel) else {
+            self.stats.refused += 1;
+            return;
+        };
+        if a.leaving {
+            channel.members.remove(&from);
+            return;
+        }
+        if channel.members.len() >= max_members && !channel.members.contains_key(&from) {
+            self.stats.refused += 1;
+            return;
+        }
+        channel.members.insert(
+            from,
+            Member {
+                role: a.role,
+                club: a.club,
+                expires: now + ttl,
+            },
+        );
+        // Relays first, then a random sample of the rest; never the asker itself.
+        let mut others: Vec<PeerEntry> = channel
+            .members
+            .iter()
+            .filter(|(addr, m)| **addr != from && m.expires > now)
+            .map(|(addr, m)| PeerEntry {
+                addr: *addr,
+                role: m.role,
+                club: m.club,
+            })
+            .collect();
+        others.shuffle(&mut self.rng);
+        others.sort_by_key(|p| p.role != Role::Relay);
+        others.truncate(Peers::MAX);
+        let mut buf = [0u8; MAX_DATAGRAM];
+        if let Some(d) = &channel.descriptor {
+            send(d);
+        }
+        if let Ok(n) = Peers::encode(a.channel, &others, &mut buf) {
+            send(&buf[..n]);
+        }
+        self.stats.announces += 1;
+    }
+
+    /// Forgets members that stopped announcing, and channels left with none and no descriptor.
+    pub fn handle_timeout(&mut self, now: Timestamp) {
+        let mut expired = 0;
+        self.channels.retain(|_, c| {
+            let before = c.members.len();
+            c.members.retain(|_, m| m.expires > now);
+            expired += before - c.members.len();
+            !c.members.is_empty() || c.descriptor.is_some()
+        });
+        self.stats.expired += expired as u64;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::ChannelKey;
+    use crate::wire::{CookieBytes, Hello, TrackerAnnounce};
+
+    fn addr(port: u16) -> SocketAddr {
+        SocketAddr::from(([10, 0, 0, 1], port))
+    }
+
+    fn at(s: u64) -> Timestamp {
+        Timestamp::ZERO + Duration::from_secs(s)
+    }
+
+    /// Sends `d` from `from`; the replies.
+    fn exchange(t: &mut TrackerCore, now: Timestamp, from: SocketAddr, d: &[u8]) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        t.handle(now, from, d, &mut |r| out.push(r.to_vec()));
+        out
+    }
+
+    fn cookie(t: &mut TrackerCore, now: Timestamp, from: SocketAddr) -> CookieBytes {
+        let mut buf = [0u8; 64];
+        let n = Hello {
+            channel: ChannelId([0; 8]),
+            nonce: 1,
+        }
+        .encode(&mut buf)
+        .unwrap();
+        let replies = exchange(t, now, from, &buf[..n]);
+        let Ok(Message::Cookie(c)) = Message::parse(&replies[0]) else {
+            panic!()
+        };
+        c.cookie
+    }
+
+    fn announce(
+        t: &mut TrackerCore,
+        now: Timestamp,
+        from: SocketAddr,
+        channel: ChannelId,
+        role: Role,
+    ) -> Vec<Vec<u8>> {
+        let c = cookie(t, now, from);
+        let mut buf = [0u8; 64];
+        let n = TrackerAnnounce {
+            channel,
+            cookie: c,
+            role,
+            club: 1,
+            upload_kbps: 4000,
+            leaving: false,
+        }
+        .encode(&mut buf)
+        .unwrap();
+        exchange(t, now, from, &buf[..n])
+    }
+
+    fn listed(replies: &[Vec<u8>]) -> Vec<SocketAddr> {
+        replies
+            .iter()
+            .find_map(|r| match Message::parse(r) {
+                Ok(Message::Peers(p)) => Some(p.iter().map(|e| e.addr).collect()),
+                _ => None,
+            })
+            .expect("no peer list")
+    }
+
+    #[test]
+    fn members_find_each_other_relays_first_and_expire() {
+        let mut t = TrackerCore::new(TrackerConfig::default(), [1; 32], 7);
+        let ch = ChannelId([9; 8]);
+        assert!(listed(&announce(&mut t, at(0), addr(1), ch, Role::Peer)).is_empty());
+        announce(&mut t, at(0), addr(2), ch, Role::Peer);
+        announce(&mut t, at(0), addr(3), ch, Role::Relay);
+        let l = listed(&announce(&mut t, at(1), addr(4), ch, Role::Peer));
+        assert_eq!(l.len(), 3);
+        assert_eq!(l[0], addr(3), "the relay comes first");
+        assert!(!l.contains(&addr(4)), "never the asker");
+        // Without re-announcing, members are forgotten after the TTL.
+        t.handle_timeout(at(31));
+        assert_eq!(t.members(&ch), 0);
+        assert_eq!(t.stats().expired, 4);
+    }
+
+    #[test]
+    fn unproven_addresses_get_only_a_small_cookie() {
+        let mut t = TrackerCore::new(TrackerConfig::default(), [1; 32], 7);
+        let mut buf = [0u8; 64];
+        let n = TrackerAnnounce {
+            channel: ChannelId([9; 8]),
+            cookie: CookieBytes([4; 20]),
+            role: Role::Peer,
+            club: 0,
+            upload_kbps: 0,
+            leaving: false,
+        }
+        .encode(&mut buf)
+        .unwrap();
+        let replies = exchange(&mut t, at(0), addr(1), &buf[..n]);
+        assert_eq!(replies.len(), 1);
+        assert!(replies[0].len() <= n);
+        assert!(matches!(
+            Message::parse(&replies[0]),
+            Ok(Message::Cookie(_))
+        ));
+        assert_eq!(t.members(&ChannelId([9; 8])), 0);
+    }
+
+    #[test]
+    fn the_signed_descriptor_is_served_and_forgeries_are_not() {
+        let mut t = TrackerCore::new(TrackerConfig::default(), [1; 32], 7);
+        let key = ChannelKey::from_seed(&[3; 32]);
+        let ch = key.public().channel_id();
+        let mut buf = [0u8; MAX_DATAGRAM];
+        let public = key.public().to_bytes();
+        let n =
+            Descriptor::encode_signed(&public, 100, 4, false, 4_000_000, &mut buf, |m| key.sign(m))
+                .unwrap();
+        let good = buf[..n].to_vec();
+        let mut forged = good.clone();
+        forged[44] = 9; // K changed after signing
+        assert!(exchange(&mut t, at(0), addr(9), &forged).is_empty());
+        assert!(exchange(&mut t, at(0), addr(9), &good).is_empty());
+        let replies = announce(&mut t, at(1), addr(1), ch, Role::Peer);
+        let Ok(Message::Descriptor(d)) = Message::parse(&replies[0]) else {
+            panic!("no descriptor first")
+        };
+        assert_eq!((d.clubs(), d.bitrate_bps()), (4, 4_000_000));
+        assert_eq!(t.stats().descriptors, 1);
+        assert!(t.stats().refused >= 1);
+    }
+}
