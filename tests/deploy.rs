@@ -12,7 +12,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use clubcast::metrics::text::parse_samples;
-use common::{clubcast, http_request, require_tool, Proc, Relay};
+use common::{clubcast, http_request, print_config, require_tool, Proc, Relay};
 
 fn deploy(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -350,17 +350,7 @@ fn systemd_unit_verifies() {
 #[test]
 fn shipped_relay_configs_load() {
     // The example config and the one in the Kubernetes ConfigMap are valid relay configs.
-    let example = deploy("relay.toml");
-    let out = clubcast()
-        .args(["relay", "--print-config", "--config"])
-        .arg(&example)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    print_config(&deploy("relay.toml"));
 
     let k8s = std::fs::read_dir(deploy("k8s"))
         .unwrap()
@@ -383,17 +373,7 @@ fn shipped_relay_configs_load() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("relay.toml");
     std::fs::write(&file, &toml).unwrap();
-    let out = clubcast()
-        .args(["relay", "--print-config", "--config"])
-        .arg(&file)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}\n{toml}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let printed = String::from_utf8(out.stdout).unwrap();
+    let printed = print_config(&file);
     assert!(
         printed.contains("metrics = \"0.0.0.0:9700\""),
         "in Kubernetes the kubelet and Prometheus must reach the metrics port:\n{printed}"

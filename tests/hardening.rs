@@ -313,10 +313,7 @@ fn a_relay_restart_under_load_does_not_end_the_stream() {
     let mut watchers: Vec<Proc> = outputs.iter().map(|o| watcher(addr, &public, o)).collect();
     relay.wait_metric("clubcast_relay_subscribers", 5.0, Duration::from_secs(10));
     // Six seconds of a 1 Mbit/s synthetic stream, published in real time (paced by its PCR).
-    let input = dir.path().join("in.ts");
-    let mut ts = Vec::new();
-    clubcast::ts::SyntheticTs::new(1_000_000).generate_until(Duration::from_secs(6), &mut ts);
-    std::fs::write(&input, &ts).unwrap();
+    let (input, _) = common::synthetic_input(dir.path(), 6, 1_000_000);
     let mut cmd = clubcast();
     cmd.args(["publish", "--realtime", "--to", &listen, "--input"])
         .arg(&input)
@@ -348,42 +345,12 @@ fn watch_with(watch_args: &[&str]) -> (Vec<u8>, Vec<u8>, String) {
     let dir = tempfile::tempdir().unwrap();
     let (key, public) = keygen(dir.path());
     let relay = Relay::start(&[]);
-    let input = dir.path().join("in.ts");
-    let mut ts = Vec::new();
-    clubcast::ts::SyntheticTs::new(2_000_000).generate_until(Duration::from_secs(4), &mut ts);
-    std::fs::write(&input, &ts).unwrap();
+    let (input, ts) = common::synthetic_input(dir.path(), 4, 2_000_000);
     let output = dir.path().join("out.ts");
-    let mut cmd = clubcast();
-    cmd.args([
-        "watch",
-        "--relay",
-        &relay.addr.to_string(),
-        "--channel",
-        &public,
-    ])
-    .args(["--idle-timeout", "20s", "--output"])
-    .arg(&output)
-    .args(watch_args)
-    .stdout(std::process::Stdio::null())
-    .stderr(std::process::Stdio::piped());
-    let mut watch = Proc::spawn("watcher", &mut cmd);
+    let extra: Vec<&std::ffi::OsStr> = watch_args.iter().map(|a| a.as_ref()).collect();
+    let mut watch = common::watcher_with(relay.addr, &public, &output, &extra);
     relay.wait_metric("clubcast_relay_subscribers", 1.0, Duration::from_secs(10));
-    let status = clubcast()
-        .args([
-            "publish",
-            "--max-bitrate",
-            "8mbit",
-            "--to",
-            &relay.addr.to_string(),
-        ])
-        .arg("--input")
-        .arg(&input)
-        .arg("--key")
-        .arg(&key)
-        .output()
-        .unwrap()
-        .status;
-    assert!(status.success());
+    common::publish_file(relay.addr, &input, &key, &[]);
     let status = watch.wait(Duration::from_secs(30));
     let err = common::stderr_of(&mut watch);
     assert!(status.success(), "{err}");

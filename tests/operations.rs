@@ -8,7 +8,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use clubcast::wire::{ChannelId, Message, MessageType, Subscription, MAX_DATAGRAM};
-use common::{clubcast, http_get, signal, subscribe_by_hand, Proc, Relay, TestPublisher};
+use common::{clubcast, http_get, run_ok, signal, subscribe_by_hand, Proc, Relay, TestPublisher};
 
 /// Waits for a log line containing `needle`; all lines seen, for the failure message.
 fn wait_log(relay: &Relay, needle: &str, limit: Duration) -> String {
@@ -179,18 +179,13 @@ fn config_layers_print_and_errors() {
         "max-subscribers = 10\nmax-channels = 11\nworkers = 3\nlog-format = \"json\"\n",
     )
     .unwrap();
-    let out = clubcast()
-        .args(["relay", "--print-config", "--config"])
-        .arg(&file)
-        .args(["--max-subscribers", "30", "--no-pin"])
-        .env("CLUBCAST_MAX_SUBSCRIBERS", "20")
-        .env("CLUBCAST_MAX_CHANNELS", "21")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = run_ok(
+        clubcast()
+            .args(["relay", "--print-config", "--config"])
+            .arg(&file)
+            .args(["--max-subscribers", "30", "--no-pin"])
+            .env("CLUBCAST_MAX_SUBSCRIBERS", "20")
+            .env("CLUBCAST_MAX_CHANNELS", "21"),
     );
     let text = String::from_utf8(out.stdout).unwrap();
     for line in [
@@ -209,12 +204,7 @@ fn config_layers_print_and_errors() {
     // What --print-config prints is a config file the relay reads back to the same result.
     let again = dir.path().join("printed.toml");
     std::fs::write(&again, &text).unwrap();
-    let out = clubcast()
-        .args(["relay", "--print-config", "--config"])
-        .arg(&again)
-        .output()
-        .unwrap();
-    assert_eq!(String::from_utf8(out.stdout).unwrap(), text);
+    assert_eq!(common::print_config(&again), text);
 
     for (contents, env, expect) in [
         (
@@ -251,15 +241,10 @@ fn top_shows_live_rates_and_fails_clearly_without_a_relay() {
     let _subs: Vec<_> = (0..3)
         .map(|_| subscribe_by_hand(relay.addr, publisher.channel))
         .collect();
-    let out = clubcast()
-        .args(["top", "--metrics", &relay.metrics.to_string()])
-        .args(["--count", "2", "--interval", "500ms"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = run_ok(
+        clubcast()
+            .args(["top", "--metrics", &relay.metrics.to_string()])
+            .args(["--count", "2", "--interval", "500ms"]),
     );
     let screen = String::from_utf8(out.stdout).unwrap();
     // Piped output is plain text, no terminal escapes.

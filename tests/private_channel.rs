@@ -4,83 +4,43 @@
 
 mod common;
 
-use std::process::Stdio;
 use std::time::Duration;
 
-use common::{clubcast, Proc, Relay};
+use common::{clubcast, publish_file, run_ok, stderr_of, synthetic_input, watcher_with, Relay};
 
 #[test]
 fn only_watchers_with_the_content_key_play_a_private_channel() {
     let dir = tempfile::tempdir().unwrap();
     let key = dir.path().join("channel.key");
-    let out = clubcast()
-        .args(["keygen", "--private", "--out"])
-        .arg(&key)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = run_ok(clubcast().args(["keygen", "--private", "--out"]).arg(&key));
     let public = String::from_utf8(out.stdout).unwrap().trim().to_string();
     let content = dir.path().join("channel.key.content");
     assert!(String::from_utf8_lossy(&out.stderr).contains("channel.key.content"));
     assert!(content.exists());
 
     let relay = Relay::start(&[]);
-    let watch = |name: &str, extra: &[&std::ffi::OsStr]| {
-        let output = dir.path().join(format!("{name}.ts"));
-        let mut cmd = clubcast();
-        cmd.args([
-            "watch",
-            "--relay",
-            &relay.addr.to_string(),
-            "--channel",
-            &public,
-        ])
-        .args(["--idle-timeout", "20s", "--output"])
-        .arg(&output)
-        .args(extra)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-        (Proc::spawn(name, &mut cmd), output)
-    };
-    let (mut with_key, with_key_out) =
-        watch("with-key", &["--content-key".as_ref(), content.as_os_str()]);
-    let (mut without, _) = watch("without-key", &[]);
+    let with_key_out = dir.path().join("with-key.ts");
+    let mut with_key = watcher_with(
+        relay.addr,
+        &public,
+        &with_key_out,
+        &["--content-key".as_ref(), content.as_os_str()],
+    );
+    let mut without = watcher_with(relay.addr, &public, &dir.path().join("without.ts"), &[]);
     relay.wait_metric("clubcast_relay_subscribers", 2.0, Duration::from_secs(10));
 
-    let input = dir.path().join("in.ts");
-    let mut ts = Vec::new();
-    clubcast::ts::SyntheticTs::new(2_000_000).generate_until(Duration::from_secs(3), &mut ts);
-    std::fs::write(&input, &ts).unwrap();
-    let out = clubcast()
-        .args([
-            "publish",
-            "--max-bitrate",
-            "8mbit",
-            "--to",
-            &relay.addr.to_string(),
-        ])
-        .arg("--input")
-        .arg(&input)
-        .arg("--key")
-        .arg(&key)
-        .arg("--content-key")
-        .arg(&content)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let (input, ts) = synthetic_input(dir.path(), 3, 2_000_000);
+    publish_file(
+        relay.addr,
+        &input,
+        &key,
+        &["--content-key".as_ref(), content.as_os_str()],
     );
 
     assert!(
         with_key.wait(Duration::from_secs(20)).success(),
         "{}",
-        common::stderr_of(&mut with_key)
+        stderr_of(&mut with_key)
     );
     assert_eq!(
         std::fs::read(&with_key_out).unwrap(),
@@ -89,7 +49,7 @@ fn only_watchers_with_the_content_key_play_a_private_channel() {
     );
 
     let status = without.wait(Duration::from_secs(20));
-    let err = common::stderr_of(&mut without);
+    let err = stderr_of(&mut without);
     assert!(!status.success());
     assert!(
         err.contains("channel is private") && err.contains("--content-key"),

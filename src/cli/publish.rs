@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clubcast::client::publish::{run_publish, Input, PublishConfig};
-use clubcast::crypto::{ChannelKey, ContentKey};
+use clubcast::crypto::ChannelKey;
 
 use super::args;
 
@@ -64,12 +64,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
         max_bitrate_bps: args.max_bitrate,
         clubs: args.clubs,
         announce_timeout: args.announce_timeout,
-        content_key: args
-            .content_key
-            .as_deref()
-            .map(ContentKey::read_file)
-            .transpose()
-            .context("cannot load the content key")?,
+        content_key: args::content_key(args.content_key.as_deref())?,
     };
     eprintln!("publishing channel {} to {}", key.public(), args.to);
     let report = run_publish(key, &config, Arc::new(AtomicBool::new(false)))?;

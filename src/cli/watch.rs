@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clubcast::client::watch::{run_watch, WatchConfig};
-use clubcast::crypto::{ChannelPublicKey, ContentKey};
+use clubcast::crypto::ChannelPublicKey;
 use clubcast::fault::FaultSpec;
 use clubcast::viewer::ViewerConfig;
 
@@ -70,12 +70,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
         channel: args.channel,
         viewer: ViewerConfig {
             jitter_window: args.jitter,
-            content_key: args
-                .content_key
-                .as_deref()
-                .map(ContentKey::read_file)
-                .transpose()
-                .context("cannot load the content key")?,
+            content_key: args::content_key(args.content_key.as_deref())?,
             ..ViewerConfig::default()
         },
         idle_timeout: args.idle_timeout,

@@ -139,14 +139,16 @@ enum Batch<'a> {
         writers: &'a mut Vec<Option<SlotWriter>>,
         len: usize,
     },
-    Uring(&'a mut Vec<Option<Received>>),
+    /// Datagrams already in pool slots (io_uring writes them there; AF_XDP payloads are
+    /// copied there from the UMEM).
+    Slots(&'a mut Vec<Option<Received>>),
 }
 
 impl Batch<'_> {
     fn len(&self) -> usize {
         match self {
             Batch::Portable { len, .. } => *len,
-            Batch::Uring(r) => r.len(),
+            Batch::Slots(r) => r.len(),
         }
     }
 
@@ -157,7 +159,7 @@ impl Batch<'_> {
                 Some(_) => recv.get(i),
                 None => (None, &[]),
             },
-            Batch::Uring(r) => match &r[i] {
+            Batch::Slots(r) => match &r[i] {
                 Some(d) => (d.from, pool.written(&d.writer, d.offset, d.len)),
                 None => (None, &[]),
             },
@@ -173,7 +175,7 @@ impl Batch<'_> {
                 recv.detach(i);
                 Some(pool.freeze(writer, len, received_at))
             }
-            Batch::Uring(r) => {
+            Batch::Slots(r) => {
                 let d = r[i].take()?;
                 Some(pool.freeze_at(d.writer, d.offset, d.len, received_at))
             }
@@ -604,7 +606,7 @@ impl Worker {
         rx.received.clear();
         rx.received.extend(rx.reaped.drain(..).map(Some));
         let received_at = clock.now();
-        let mut batch = Batch::Uring(&mut rx.received);
+        let mut batch = Batch::Slots(&mut rx.received);
         self.handle_batch(&mut batch, received_at, clock, b, io);
         if let Io::Uring { ring, .. } = io {
             for d in rx.received.iter_mut().filter_map(Option::take) {
@@ -821,7 +823,7 @@ impl Worker {
             return n > 0;
         }
         let received_at = clock.now();
-        let mut batch = Batch::Uring(&mut rx.received);
+        let mut batch = Batch::Slots(&mut rx.received);
         self.handle_batch(&mut batch, received_at, clock, b, io);
         for d in rx.received.iter_mut().filter_map(Option::take) {
             self.pool.discard(d.writer);

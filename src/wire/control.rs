@@ -16,6 +16,15 @@ const _: () = assert!(Subscribed::LEN <= Subscription::LEN && Announced::LEN <= 
 
 /// Checks the fixed header and length of a control message, returning its flags byte.
 fn parse_header(datagram: &[u8], kind: MessageType, len: usize) -> Result<u8, WireError> {
+    parse_header_within(datagram, kind, len..=len)
+}
+
+/// Like [`parse_header`] for a message whose length lies in `lens`.
+pub(super) fn parse_header_within(
+    datagram: &[u8],
+    kind: MessageType,
+    lens: std::ops::RangeInclusive<usize>,
+) -> Result<u8, WireError> {
     if datagram.len() < 2 {
         return Err(WireError::TooShort(datagram.len()));
     }
@@ -25,10 +34,10 @@ fn parse_header(datagram: &[u8], kind: MessageType, len: usize) -> Result<u8, Wi
     if datagram[1] != kind as u8 {
         return Err(WireError::UnknownType(datagram[1]));
     }
-    if datagram.len() != len {
+    if !lens.contains(&datagram.len()) {
         return Err(WireError::WrongLength {
             kind,
-            expected: len,
+            expected: *lens.start(),
             actual: datagram.len(),
         });
     }
@@ -47,7 +56,12 @@ fn no_flags(flags: u8) -> Result<(), WireError> {
 }
 
 /// Writes the header and returns the message's slice of `buf`, zeroed after the header.
-fn begin(buf: &mut [u8], kind: MessageType, flags: u8, len: usize) -> Result<&mut [u8], WireError> {
+pub(super) fn begin(
+    buf: &mut [u8],
+    kind: MessageType,
+    flags: u8,
+    len: usize,
+) -> Result<&mut [u8], WireError> {
     let out = out_slice(buf, len)?;
     out.fill(0);
     out[0] = MAGIC_V1;

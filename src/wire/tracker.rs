@@ -5,8 +5,9 @@
 
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 
+use super::control::{begin, parse_header_within};
 use super::SIGNATURE_LEN;
-use super::{array, be_u64, out_slice, ChannelId, CookieBytes, MessageType, WireError, MAGIC_V1};
+use super::{array, be_u64, ChannelId, CookieBytes, MessageType, WireError};
 
 /// What a swarm member is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -29,42 +30,6 @@ impl Role {
             other => Err(WireError::UnknownFlags(other)),
         }
     }
-}
-
-fn header(
-    d: &[u8],
-    kind: MessageType,
-    len: std::ops::RangeInclusive<usize>,
-) -> Result<u8, WireError> {
-    if d.len() < 4 {
-        return Err(WireError::TooShort(d.len()));
-    }
-    if d[0] != MAGIC_V1 {
-        return Err(WireError::BadMagic(d[0]));
-    }
-    if d[1] != kind as u8 {
-        return Err(WireError::UnknownType(d[1]));
-    }
-    if !len.contains(&d.len()) {
-        return Err(WireError::WrongLength {
-            kind,
-            expected: *len.start(),
-            actual: d.len(),
-        });
-    }
-    if d[3] != 0 {
-        return Err(WireError::ReservedNonZero);
-    }
-    Ok(d[2])
-}
-
-fn begin(buf: &mut [u8], kind: MessageType, flags: u8, len: usize) -> Result<&mut [u8], WireError> {
-    let out = out_slice(buf, len)?;
-    out.fill(0);
-    out[0] = MAGIC_V1;
-    out[1] = kind as u8;
-    out[2] = flags;
-    Ok(out)
 }
 
 /// Member → tracker: "I am in this channel; who else is?"
@@ -91,7 +56,7 @@ impl TrackerAnnounce {
 
     /// Parses a tracker announce.
     pub fn parse(d: &[u8]) -> Result<Self, WireError> {
-        let flags = header(d, MessageType::TrackerAnnounce, Self::LEN..=Self::LEN)?;
+        let flags = parse_header_within(d, MessageType::TrackerAnnounce, Self::LEN..=Self::LEN)?;
         if flags & !Self::LEAVING != 0 {
             return Err(WireError::UnknownFlags(flags));
         }
@@ -147,7 +112,7 @@ impl<'a> Peers<'a> {
 
     /// Parses a peer list (every entry is checked here, so iterating cannot fail).
     pub fn parse(d: &'a [u8]) -> Result<Self, WireError> {
-        header(
+        parse_header_within(
             d,
             MessageType::Peers,
             Self::FIXED..=Self::FIXED + Self::MAX * Self::ENTRY,
@@ -236,7 +201,7 @@ impl<'a> Descriptor<'a> {
 
     /// Parses a descriptor (its signature is checked by [`crate::crypto`]).
     pub fn parse(d: &'a [u8]) -> Result<Self, WireError> {
-        let flags = header(d, MessageType::Descriptor, Self::LEN..=Self::LEN)?;
+        let flags = parse_header_within(d, MessageType::Descriptor, Self::LEN..=Self::LEN)?;
         if flags & !Self::PRIVATE != 0 {
             return Err(WireError::UnknownFlags(flags));
         }

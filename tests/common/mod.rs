@@ -206,19 +206,62 @@ pub fn metric(text: &str, sample: &str) -> f64 {
         .unwrap()
 }
 
+/// Runs `cmd` to its end; its output, failing the test (with its stderr) if it failed.
+pub fn run_ok(cmd: &mut Command) -> std::process::Output {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Writes `seconds` of a synthetic MPEG-TS stream at `bitrate_bps` to `dir/in.ts`; the path
+/// and the bytes.
+pub fn synthetic_input(dir: &Path, seconds: u64, bitrate_bps: u64) -> (PathBuf, Vec<u8>) {
+    let path = dir.join("in.ts");
+    let mut ts = Vec::new();
+    clubcast::ts::SyntheticTs::new(bitrate_bps)
+        .generate_until(Duration::from_secs(seconds), &mut ts);
+    std::fs::write(&path, &ts).unwrap();
+    (path, ts)
+}
+
+/// Publishes file `input` to `relay` as fast as 8 Mbit/s allows, with `key` and `extra` flags,
+/// and waits for the publisher to finish successfully.
+pub fn publish_file(relay: SocketAddr, input: &Path, key: &Path, extra: &[&std::ffi::OsStr]) {
+    run_ok(
+        clubcast()
+            .args([
+                "publish",
+                "--max-bitrate",
+                "8mbit",
+                "--to",
+                &relay.to_string(),
+            ])
+            .arg("--input")
+            .arg(input)
+            .arg("--key")
+            .arg(key)
+            .args(extra),
+    );
+}
+
+/// `clubcast relay --print-config --config FILE`: the effective settings, as TOML.
+pub fn print_config(file: &Path) -> String {
+    let out = run_ok(
+        clubcast()
+            .args(["relay", "--print-config", "--config"])
+            .arg(file),
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
 /// Runs `clubcast keygen` in `dir`; the key path and the public key.
 pub fn keygen(dir: &Path) -> (PathBuf, String) {
     let path = dir.join("channel.key");
-    let out = clubcast()
-        .args(["keygen", "--out"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = run_ok(clubcast().args(["keygen", "--out"]).arg(&path));
     let public = String::from_utf8(out.stdout).unwrap().trim().to_string();
     assert_eq!(public.len(), 64, "{public}");
     (path, public)
@@ -226,6 +269,16 @@ pub fn keygen(dir: &Path) -> (PathBuf, String) {
 
 /// Starts a watcher writing to `output`.
 pub fn watcher(relay: SocketAddr, channel: &str, output: &Path) -> Proc {
+    watcher_with(relay, channel, output, &[])
+}
+
+/// Starts a watcher writing to `output`, with `extra` flags.
+pub fn watcher_with(
+    relay: SocketAddr,
+    channel: &str,
+    output: &Path,
+    extra: &[&std::ffi::OsStr],
+) -> Proc {
     let mut cmd = clubcast();
     cmd.args([
         "watch",
@@ -238,6 +291,7 @@ pub fn watcher(relay: SocketAddr, channel: &str, output: &Path) -> Proc {
         "--output",
     ])
     .arg(output)
+    .args(extra)
     .stdout(Stdio::null())
     .stderr(Stdio::piped());
     Proc::spawn("watcher", &mut cmd)
