@@ -516,7 +516,11 @@ impl RelayCore {
                 | Message::Announced(_)
                 | Message::TrackerAnnounce(_)
                 | Message::Peers(_)
-                | Message::Descriptor(_),
+                | Message::Descriptor(_)
+                | Message::Join(_)
+                | Message::Accept(_)
+                | Message::Nack(_)
+                | Message::Ack(_),
             ) => Inbound::Dropped(DropReason::UnexpectedMessage),
         };
         match verdict {

@@ -1,7 +1,25 @@
-//! The swarm: peers that carry the stream (clubs, re-upload, repair, catch-up). Being built;
-//! so far it holds the LEDBAT controller that background transfers (catch-up, repair) run
-//! under, so they yield to the live pieces.
+//! The swarm: members that carry the stream — peers that re-upload, relays that amplify, the
+//! publisher that seeds — as one sans-IO state machine ([`SwarmNode`]) shared by the real
+//! clients, the relay and the simulator. Clubs, in-club push, paced and congestion-controlled
+//! uploads, repair and catch-up under LEDBAT, and the replacement and banning of bad upstreams
+//! live here; sockets and clocks do not.
 
 pub mod ledbat;
+mod link;
+mod node;
+mod pacer;
+mod ring;
+mod stats;
 
 pub use ledbat::{Ledbat, LedbatConfig};
+pub use link::{Link, LiveRate};
+pub use node::{
+    Behaviour, ChannelInfo, Datagram, Ed25519Verifier, PieceVerifier, SwarmConfig, SwarmNode,
+    Transmit, ALL_CLUBS,
+};
+pub use pacer::TokenBucket;
+pub use ring::{PieceBytes, PieceRing};
+pub use stats::SwarmStats;
+
+#[cfg(test)]
+mod tests;

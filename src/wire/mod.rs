@@ -8,10 +8,12 @@
 
 mod control;
 mod piece;
+mod swarm;
 mod tracker;
 
 pub use control::{Announce, Announced, Cookie, CookieBytes, Hello, Subscribed, Subscription};
 pub use piece::{Piece, PieceFlags, PieceHeader};
+pub use swarm::{Accept, Ack, AckEntry, ClubMask, Join, Nack};
 pub use tracker::{Descriptor, PeerEntry, Peers, Role, TrackerAnnounce};
 
 /// Magic and version byte that opens every v1 datagram.
@@ -62,6 +64,14 @@ pub enum MessageType {
     Peers = 0x31,
     /// Publisher → tracker → members: the channel's signed descriptor.
     Descriptor = 0x32,
+    /// Member → member: push me these clubs / be my club mate (and keepalive).
+    Join = 0x40,
+    /// Member → member: what a JOIN was granted.
+    Accept = 0x41,
+    /// Downstream → upstream: resend these pieces.
+    Nack = 0x42,
+    /// Downstream → upstream: these pieces arrived, at these times.
+    Ack = 0x43,
 }
 
 impl MessageType {
@@ -80,6 +90,10 @@ impl MessageType {
             0x30 => MessageType::TrackerAnnounce,
             0x31 => MessageType::Peers,
             0x32 => MessageType::Descriptor,
+            0x40 => MessageType::Join,
+            0x41 => MessageType::Accept,
+            0x42 => MessageType::Nack,
+            0x43 => MessageType::Ack,
             _ => return None,
         })
     }
@@ -161,6 +175,14 @@ pub enum Message<'a> {
     Peers(Peers<'a>),
     /// Signed channel descriptor.
     Descriptor(Descriptor<'a>),
+    /// Swarm link request or keepalive.
+    Join(Join),
+    /// Swarm link answer.
+    Accept(Accept),
+    /// Repair request.
+    Nack(Nack),
+    /// Arrival report.
+    Ack(Ack<'a>),
 }
 
 impl<'a> Message<'a> {
@@ -188,6 +210,10 @@ impl<'a> Message<'a> {
             }
             MessageType::Peers => Message::Peers(Peers::parse(datagram)?),
             MessageType::Descriptor => Message::Descriptor(Descriptor::parse(datagram)?),
+            MessageType::Join => Message::Join(Join::parse(datagram)?),
+            MessageType::Accept => Message::Accept(Accept::parse(datagram)?),
+            MessageType::Nack => Message::Nack(Nack::parse(datagram)?),
+            MessageType::Ack => Message::Ack(Ack::parse(datagram)?),
         })
     }
 
@@ -217,6 +243,15 @@ impl<'a> Message<'a> {
             }
             Message::Descriptor(d) => {
                 let bytes = d.as_bytes();
+                let out = out_slice(buf, bytes.len())?;
+                out.copy_from_slice(bytes);
+                Ok(bytes.len())
+            }
+            Message::Join(m) => m.encode(buf),
+            Message::Accept(m) => m.encode(buf),
+            Message::Nack(m) => m.encode(buf),
+            Message::Ack(m) => {
+                let bytes = m.as_bytes();
                 let out = out_slice(buf, bytes.len())?;
                 out.copy_from_slice(bytes);
                 Ok(bytes.len())

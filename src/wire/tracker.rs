@@ -22,7 +22,7 @@ pub enum Role {
 }
 
 impl Role {
-    fn from_byte(b: u8) -> Result<Self, WireError> {
+    pub(super) fn from_byte(b: u8) -> Result<Self, WireError> {
         match b {
             1 => Ok(Role::Peer),
             2 => Ok(Role::Relay),

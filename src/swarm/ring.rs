@@ -1,0 +1,151 @@
+//! The piece ring: the last few seconds of verified pieces, by sequence number. It answers
+//! "have I got this one?" (duplicates), serves repairs and catch-up, and refuses pieces older
+//! than anything it still holds.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::time::Timestamp;
+
+/// A verified piece as every member shares it: the datagram's bytes, reference-counted so a
+/// piece held in the ring and queued for many links exists once.
+pub type PieceBytes = Arc<[u8]>;
+
+#[derive(Debug, Clone)]
+struct Entry {
+    bytes: PieceBytes,
+    arrived: Timestamp,
+    club: u8,
+}
+
+/// Recent pieces, evicted by age.
+#[derive(Debug)]
+pub struct PieceRing {
+    keep: Duration,
+    pieces: HashMap<u64, Entry>,
+    order: VecDeque<(Timestamp, u64)>,
+    /// Sequence numbers at or below this were evicted: a piece this old is stale.
+    floor: Option<u64>,
+}
+
+impl PieceRing {
+    /// A ring that keeps pieces for `keep` after they arrive.
+    pub fn new(keep: Duration) -> Self {
+        PieceRing {
+            keep,
+            pieces: HashMap::new(),
+            order: VecDeque::new(),
+            floor: None,
+        }
+    }
+
+    /// Whether `seq` is held.
+    pub fn contains(&self, seq: u64) -> bool {
+        self.pieces.contains_key(&seq)
+    }
+
+    /// Whether `seq` is older than anything the ring still holds or ever evicted.
+    pub fn is_stale(&self, seq: u64) -> bool {
+        self.floor.is_some_and(|f| seq <= f)
+    }
+
+    /// Stores a piece; false if it was already held.
+    pub fn insert(&mut self, now: Timestamp, seq: u64, club: u8, bytes: PieceBytes) -> bool {
+        if self.pieces.contains_key(&seq) {
+            return false;
+        }
+        self.pieces.insert(
+            seq,
+            Entry {
+                bytes,
+                arrived: now,
+                club,
+            },
+        );
+        self.order.push_back((now, seq));
+        self.evict(now);
+        true
+    }
+
+    /// The piece `seq` if it arrived no longer than `within` before `now`.
+    pub fn get_fresh(&self, now: Timestamp, seq: u64, within: Duration) -> Option<&PieceBytes> {
+        let e = self.pieces.get(&seq)?;
+        (now.saturating_since(e.arrived) <= within).then_some(&e.bytes)
+    }
+
+    /// Pieces of the clubs `wanted` says yes to that arrived within `within` of `now`, oldest
+    /// first.
+    pub fn recent(
+        &self,
+        now: Timestamp,
+        within: Duration,
+        wanted: impl Fn(u8) -> bool,
+    ) -> Vec<(u64, PieceBytes)> {
+        let mut out: Vec<(u64, PieceBytes)> = self
+            .order
+            .iter()
+            .rev()
+            .take_while(|(t, _)| now.saturating_since(*t) <= within)
+            .filter_map(|(_, s)| {
+                let e = self.pieces.get(s)?;
+                wanted(e.club).then(|| (*s, e.bytes.clone()))
+            })
+            .collect();
+        out.sort_by_key(|(s, _)| *s);
+        out
+    }
+
+    /// Pieces held.
+    pub fn len(&self) -> usize {
+        self.pieces.len()
+    }
+
+    /// Whether the ring is empty.
+    pub fn is_empty(&self) -> bool {
+        self.pieces.is_empty()
+    }
+
+    fn evict(&mut self, now: Timestamp) {
+        while let Some(&(t, s)) = self.order.front() {
+            if now.saturating_since(t) <= self.keep {
+                break;
+            }
+            self.order.pop_front();
+            self.pieces.remove(&s);
+            self.floor = Some(self.floor.map_or(s, |f| f.max(s)));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(ms: u64) -> Timestamp {
+        Timestamp::from_micros(ms * 1000)
+    }
+
+    #[test]
+    fn holds_recent_pieces_and_evicts_by_age() {
+        let mut r = PieceRing::new(Duration::from_millis(100));
+        let b: PieceBytes = Arc::from(&[1u8, 2, 3][..]);
+        assert!(r.insert(at(0), 10, 0, b.clone()));
+        assert!(!r.insert(at(1), 10, 0, b.clone()), "duplicate");
+        assert!(r.insert(at(50), 11, 1, b.clone()));
+        assert!(r
+            .get_fresh(at(60), 10, Duration::from_millis(100))
+            .is_some());
+        assert!(r.get_fresh(at(60), 10, Duration::from_millis(30)).is_none());
+        assert_eq!(
+            r.recent(at(60), Duration::from_millis(100), |c| c == 1)
+                .iter()
+                .map(|(s, _)| *s)
+                .collect::<Vec<_>>(),
+            vec![11]
+        );
+        r.insert(at(140), 12, 0, b);
+        assert!(!r.contains(10) && r.contains(11));
+        assert!(r.is_stale(10) && !r.is_stale(11));
+    }
+}

@@ -1,0 +1,387 @@
+//! The swarm core on a small in-memory network with virtual time: publisher, peers, optional
+//! relay, loss and adversaries. (The simulator in `sim/` does the same at scale.)
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use super::*;
+use crate::crypto::ChannelKey;
+use crate::publisher::Publisher;
+use crate::time::Timestamp;
+use crate::wire::{Descriptor, PeerEntry, Piece, PieceFlags, Role, MAX_DATAGRAM};
+
+fn addr(i: usize) -> SocketAddr {
+    SocketAddr::from(([10, 0, (i / 250) as u8, (i % 250) as u8 + 1], 7000))
+}
+
+struct Net {
+    nodes: Vec<SwarmNode>,
+    /// (deliver at, seq for ordering, from, to, bytes)
+    in_flight: BTreeMap<(Timestamp, u64), (SocketAddr, usize, Vec<u8>)>,
+    order: u64,
+    index: std::collections::HashMap<SocketAddr, usize>,
+    loss: f64,
+    rng: StdRng,
+    /// Pieces each node played (first copies, verified).
+    played: Vec<HashSet<u64>>,
+    sent_by: Vec<u64>,
+}
+
+struct Setup {
+    peers: usize,
+    clubs: u8,
+    relay: bool,
+    loss: f64,
+    publisher_cap: f64,
+    peer_cap: f64,
+    behaviours: Vec<Behaviour>,
+}
+
+const BITRATE: u64 = 1_000_000;
+
+fn build(s: &Setup, key: &ChannelKey) -> Net {
+    let mut buf = [0u8; MAX_DATAGRAM];
+    let public = key.public();
+    let n = Descriptor::encode_signed(
+        &public.to_bytes(),
+        1000,
+        s.clubs,
+        false,
+        BITRATE,
+        &mut buf,
+        |m| key.sign(m),
+    )
+    .unwrap();
+    let info = ChannelInfo {
+        clubs: s.clubs,
+        bitrate_bps: BITRATE,
+        first_seq: 1000,
+        private: false,
+    };
+    let mut nodes = Vec::new();
+    let publisher = SwarmNode::publisher(
+        public,
+        info.clone(),
+        buf[..n].to_vec(),
+        SwarmConfig {
+            upload_limit_bps: Some((BITRATE as f64 * s.publisher_cap) as u64),
+            seed: 1,
+            ..SwarmConfig::default()
+        },
+    );
+    nodes.push(publisher);
+    let mut entries = vec![PeerEntry {
+        addr: addr(0),
+        role: Role::Publisher,
+        club: ALL_CLUBS,
+    }];
+    let first_peer = if s.relay {
+        entries.push(PeerEntry {
+            addr: addr(1),
+            role: Role::Relay,
+            club: ALL_CLUBS,
+        });
+        let mut relay = SwarmNode::new(
+            public,
+            SwarmConfig {
+                role: Role::Relay,
+                max_downstreams: 500,
+                seed: 2,
+                ..SwarmConfig::default()
+            },
+        );
+        relay.set_info(info.clone());
+        nodes.push(relay);
+        2
+    } else {
+        1
+    };
+    for i in 0..s.peers {
+        let behaviour = s.behaviours.get(i).copied().unwrap_or_default();
+        let mut p = SwarmNode::new(
+            public,
+            SwarmConfig {
+                upload_limit_bps: Some((BITRATE as f64 * s.peer_cap) as u64),
+                behaviour,
+                seed: 100 + i as u64,
+                ..SwarmConfig::default()
+            },
+        );
+        p.set_info(info.clone());
+        nodes.push(p);
+        let _ = first_peer;
+    }
+    // Everyone knows the publisher and relay; peers learn each other's clubs by choosing
+    // in a fixed order (like a tracker's answers would tell them).
+    let total = nodes.len();
+    let mut net = Net {
+        index: (0..total).map(|i| (addr(i), i)).collect(),
+        nodes,
+        in_flight: BTreeMap::new(),
+        order: 0,
+        loss: s.loss,
+        rng: StdRng::seed_from_u64(9),
+        played: vec![HashSet::new(); total],
+        sent_by: vec![0; total],
+    };
+    // Peers choose clubs one by one, each seeing those before it.
+    for i in first_peer..total {
+        net.nodes[i].add_candidates(entries.clone());
+        net.nodes[i].handle_timeout(Timestamp::from_micros(600_000));
+        entries.push(PeerEntry {
+            addr: addr(i),
+            role: Role::Peer,
+            club: net.nodes[i].club(),
+        });
+    }
+    for i in 0..total {
+        let others: Vec<PeerEntry> = entries
+            .iter()
+            .filter(|e| e.addr != addr(i))
+            .copied()
+            .collect();
+        net.nodes[i].add_candidates(others);
+    }
+    net
+}
+
+impl Net {
+    fn step(&mut self, now: Timestamp) {
+        // Deliver what is due.
+        while let Some((&(at, o), _)) = self.in_flight.first_key_value() {
+            if at > now {
+                break;
+            }
+            let (from, to, data) = self.in_flight.remove(&(at, o)).unwrap();
+            self.nodes[to].handle_datagram(now, from, &data);
+        }
+        for i in 0..self.nodes.len() {
+            self.nodes[i].handle_timeout(now);
+            while let Some(p) = self.nodes[i].poll_piece() {
+                let piece = Piece::parse(&p).unwrap();
+                self.played[i].insert(piece.seq());
+            }
+            while let Some(t) = self.nodes[i].poll_transmit(now) {
+                let Some(&to) = self.index.get(&t.to) else {
+                    continue;
+                };
+                if matches!(t.data, Datagram::Piece(_)) {
+                    self.sent_by[i] += t.data.as_bytes().len() as u64;
+                }
+                if self.rng.gen::<f64>() < self.loss {
+                    continue;
+                }
+                self.order += 1;
+                let delay = Duration::from_micros(5_000 + self.rng.gen_range(0..2_000));
+                self.in_flight.insert(
+                    (now + delay, self.order),
+                    (addr(i), to, t.data.as_bytes().to_vec()),
+                );
+            }
+        }
+    }
+}
+
+/// Runs `secs` of a 1 Mbit/s stream; returns the net and the seqs published.
+fn run(s: &Setup, secs: u64) -> (Net, Vec<u64>) {
+    let key = ChannelKey::from_seed(&[7; 32]);
+    let mut net = build(s, &key);
+    let mut publisher = Publisher::new(key, 1000, s.clubs);
+    let mut buf = [0u8; MAX_DATAGRAM];
+    let payload = [0x47u8; 1128];
+    // 1 Mbit/s of 1 128-byte payloads: one piece every ~9 ms.
+    let interval = 1128 * 8 * 1_000_000 / BITRATE;
+    let mut published = Vec::new();
+    let mut next_piece = 1_000_000u64;
+    let end = 1_000_000 + secs * 1_000_000;
+    let mut t = 600_000u64;
+    while t < end + 2_000_000 {
+        let now = Timestamp::from_micros(t);
+        if t >= next_piece && t < end {
+            let seq = publisher.next_seq();
+            let n = publisher
+                .encode_piece(&payload, PieceFlags::empty(), t, &mut buf)
+                .unwrap();
+            net.nodes[0].publish(now, Arc::from(&buf[..n]));
+            published.push(seq);
+            next_piece += interval;
+        }
+        net.step(now);
+        t += 1_000;
+    }
+    (net, published)
+}
+
+fn continuity(net: &Net, node: usize, published: &[u64]) -> f64 {
+    let got = published
+        .iter()
+        .filter(|s| net.played[node].contains(s))
+        .count();
+    got as f64 / published.len() as f64
+}
+
+#[test]
+fn every_peer_plays_the_whole_stream_within_upload_caps() {
+    let s = Setup {
+        peers: 24,
+        clubs: 8,
+        relay: false,
+        loss: 0.0,
+        publisher_cap: 2.0,
+        peer_cap: 1.5,
+        behaviours: vec![],
+    };
+    let (net, published) = run(&s, 6);
+    for i in 1..net.nodes.len() {
+        if continuity(&net, i, &published) < 1.0 {
+            for (j, n) in net.nodes.iter().enumerate() {
+                eprintln!(
+                    "node {j} club {} links {:?} refused {} granted {}",
+                    n.club(),
+                    n.link_counts(),
+                    n.stats().joins_refused,
+                    n.stats().joins_granted
+                );
+            }
+            eprintln!("{}", net.nodes[i].describe_links());
+        }
+        assert_eq!(
+            continuity(&net, i, &published),
+            1.0,
+            "peer {i} missed pieces: {:?}",
+            net.nodes[i].stats()
+        );
+    }
+    let secs = 8.0;
+    let publisher_rate = net.sent_by[0] as f64 * 8.0 / secs / BITRATE as f64;
+    assert!(
+        publisher_rate <= 2.0,
+        "publisher sent {publisher_rate:.2}x the stream"
+    );
+    for i in 1..net.nodes.len() {
+        assert!(
+            net.sent_by[i] as f64 * 8.0 / 6.0 <= 1.5 * BITRATE as f64 * 1.05,
+            "peer {i} over its cap"
+        );
+    }
+    let uploaders = (1..net.nodes.len()).filter(|i| net.sent_by[*i] > 0).count();
+    assert!(
+        uploaders >= net.nodes.len() - 2,
+        "uploads not spread: {:?}",
+        net.sent_by
+    );
+}
+
+#[test]
+fn forgers_are_banned_and_nothing_forged_is_played() {
+    let mut behaviours = vec![Behaviour::Honest; 16];
+    behaviours[3] = Behaviour::Forger;
+    behaviours[9] = Behaviour::Forger;
+    let s = Setup {
+        peers: 16,
+        clubs: 5,
+        relay: false,
+        loss: 0.0,
+        publisher_cap: 2.0,
+        peer_cap: 2.0,
+        behaviours,
+    };
+    let (net, published) = run(&s, 5);
+    let banned: u64 = net.nodes.iter().map(|n| n.stats().peers_banned).sum();
+    assert!(banned >= 1, "no forger was banned");
+    for (i, n) in net.nodes.iter().enumerate().skip(1) {
+        if i == 4 || i == 10 {
+            continue;
+        }
+        if continuity(&net, i, &published) < 0.99 {
+            for j in [5usize, 6, 4] {
+                eprintln!(
+                    "== node {j} club {} {:?}\n{}",
+                    net.nodes[j].club(),
+                    net.nodes[j].stats(),
+                    net.nodes[j].describe_links()
+                );
+            }
+        }
+        assert!(
+            continuity(&net, i, &published) >= 0.99,
+            "peer {i} club {}: {:?}\n{}",
+            n.club(),
+            n.stats(),
+            n.describe_links()
+        );
+        for b in [addr(4), addr(10)] {
+            if n.stats().bad_pieces > 0 {
+                let _ = b;
+            }
+        }
+    }
+}
+
+#[test]
+fn repair_keeps_continuity_under_five_percent_loss() {
+    let s = Setup {
+        peers: 20,
+        clubs: 7,
+        relay: false,
+        loss: 0.05,
+        publisher_cap: 2.0,
+        peer_cap: 1.5,
+        behaviours: vec![],
+    };
+    let (net, published) = run(&s, 6);
+    let mut worst = 1.0f64;
+    for i in 1..net.nodes.len() {
+        let c = continuity(&net, i, &published);
+        if c < 0.995 {
+            let miss: Vec<usize> = published
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| !net.played[i].contains(s))
+                .map(|(j, _)| j)
+                .collect();
+            eprintln!(
+                "== node {i} club {} continuity {c} missing {:?} given_up {} unavailable {}",
+                net.nodes[i].club(),
+                miss,
+                net.nodes[i].stats().repairs_given_up,
+                net.nodes[i].stats().repairs_unavailable
+            );
+        }
+        worst = worst.min(c);
+    }
+    let repaired: u64 = net.nodes.iter().map(|n| n.stats().repaired).sum();
+    assert!(repaired > 0);
+    assert!(worst >= 0.995, "worst continuity {worst}");
+}
+
+#[test]
+fn a_relay_amplifies_a_weak_publisher() {
+    let s = Setup {
+        peers: 30,
+        clubs: 6,
+        relay: true,
+        loss: 0.0,
+        publisher_cap: 1.2,
+        peer_cap: 1.0,
+        behaviours: vec![],
+    };
+    let (net, published) = run(&s, 5);
+    for i in 2..net.nodes.len() {
+        assert!(
+            continuity(&net, i, &published) >= 0.999,
+            "peer {i}: {:?}\n{}\nrelay {:?}\n{}\npublisher {:?}\n{}",
+            net.nodes[i].stats(),
+            net.nodes[i].describe_links(),
+            net.nodes[1].stats(),
+            net.nodes[1].describe_links(),
+            net.nodes[0].stats(),
+            net.nodes[0].describe_links()
+        );
+    }
+}
