@@ -5,6 +5,7 @@
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use rand::rngs::StdRng;
@@ -138,7 +139,7 @@ pub struct FaultInjector {
     /// Probability of entering / leaving the bad state per datagram.
     enter_bad: f64,
     leave_bad: f64,
-    queue: BinaryHeap<Reverse<(Timestamp, u64, Vec<u8>)>>,
+    queue: BinaryHeap<Reverse<(Timestamp, u64, Option<SocketAddr>, Vec<u8>)>>,
     order: u64,
     stats: FaultStats,
 }
@@ -172,6 +173,12 @@ impl FaultInjector {
 
     /// Offers a datagram that arrived at `now`.
     pub fn push(&mut self, now: Timestamp, datagram: &[u8]) {
+        self.push_from(now, None, datagram);
+    }
+
+    /// Offers a datagram that arrived at `now` from `from` (kept with it, for
+    /// [`FaultInjector::pop_from`]).
+    pub fn push_from(&mut self, now: Timestamp, from: Option<SocketAddr>, datagram: &[u8]) {
         self.stats.seen += 1;
         self.bad = if self.bad {
             !self.rng.gen_bool(self.leave_bad)
@@ -199,21 +206,26 @@ impl FaultInjector {
             }
             self.order += 1;
             self.queue
-                .push(Reverse((due, self.order, datagram.to_vec())));
+                .push(Reverse((due, self.order, from, datagram.to_vec())));
         }
     }
 
     /// When the next datagram is due, if any is held.
     pub fn next_due(&self) -> Option<Timestamp> {
-        self.queue.peek().map(|Reverse((due, _, _))| *due)
+        self.queue.peek().map(|Reverse((due, _, _, _))| *due)
     }
 
     /// The next datagram due by `now`.
     pub fn pop(&mut self, now: Timestamp) -> Option<Vec<u8>> {
+        self.pop_from(now).map(|(_, d)| d)
+    }
+
+    /// The next datagram due by `now`, with where it came from.
+    pub fn pop_from(&mut self, now: Timestamp) -> Option<(Option<SocketAddr>, Vec<u8>)> {
         if self.next_due()? > now {
             return None;
         }
-        self.queue.pop().map(|Reverse((_, _, d))| d)
+        self.queue.pop().map(|Reverse((_, _, from, d))| (from, d))
     }
 }
 

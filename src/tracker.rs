@@ -15,6 +15,7 @@ use rand::SeedableRng;
 
 use crate::crypto::verify_descriptor;
 use crate::relay::cookie::{CookieCheck, CookieJar};
+use crate::swarm::NO_CLUB;
 use crate::time::Timestamp;
 use crate::wire::{ChannelId, Cookie, Descriptor, Message, PeerEntry, Peers, Role, MAX_DATAGRAM};
 
@@ -77,7 +78,25 @@ fn channel_entry(
 struct Channel {
     descriptor: Option<Vec<u8>>,
     epoch_us: u64,
+    clubs: u8,
     members: HashMap<SocketAddr, Member>,
+}
+
+impl Channel {
+    /// The club with the fewest peers other than `asker` (lowest first on ties), once the
+    /// descriptor has said how many clubs there are.
+    fn least_populated_club(&self, asker: SocketAddr) -> Option<u8> {
+        if self.clubs == 0 {
+            return None;
+        }
+        let mut counts = vec![0usize; usize::from(self.clubs)];
+        for (addr, m) in &self.members {
+            if *addr != asker && m.role == Role::Peer && m.club < self.clubs {
+                counts[usize::from(m.club)] += 1;
+            }
+        }
+        (0..self.clubs).min_by_key(|c| counts[usize::from(*c)])
+    }
 }
 
 /// The tracker's state.
@@ -166,6 +185,7 @@ impl TrackerCore {
         }
         channel.descriptor = Some(d.as_bytes().to_vec());
         channel.epoch_us = d.epoch_us();
+        channel.clubs = d.clubs();
         self.stats.descriptors += 1;
     }
 
@@ -191,11 +211,16 @@ impl TrackerCore {
             self.stats.refused += 1;
             return;
         }
+        // A peer without a club is given the club with the fewest peers, so clubs stay even
+        // however many join at once.
+        let assigned = (a.role == Role::Peer && a.club == NO_CLUB)
+            .then(|| channel.least_populated_club(from))
+            .flatten();
         channel.members.insert(
             from,
             Member {
                 role: a.role,
-                club: a.club,
+                club: assigned.unwrap_or(a.club),
                 expires: now + ttl,
             },
         );
@@ -217,7 +242,7 @@ impl TrackerCore {
         if let Some(d) = &channel.descriptor {
             send(d);
         }
-        if let Ok(n) = Peers::encode(a.channel, &others, &mut buf) {
+        if let Ok(n) = Peers::encode(a.channel, &others, assigned, &mut buf) {
             send(&buf[..n]);
         }
         self.stats.announces += 1;

@@ -8,23 +8,59 @@ use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use anyhow::Context;
+use std::sync::Arc;
+
+use clubcast::client::swarm::{run_swarm_watch, SwarmWatchConfig};
 use clubcast::client::watch::{run_watch, WatchConfig};
 use clubcast::crypto::ChannelPublicKey;
 use clubcast::fault::FaultSpec;
+use clubcast::metrics::{MetricsServer, SwarmMetrics};
+use clubcast::swarm::{Behaviour, SwarmConfig};
 use clubcast::viewer::ViewerConfig;
 
 use super::args;
 
-/// Watch a channel through a relay and write its MPEG-TS to stdout or a file.
+/// Watch a channel through a relay (--relay) or as a member of its swarm (--tracker), and
+/// write its MPEG-TS to stdout or a file.
 ///
-/// Subscribes, verifies every piece against the channel key,
+/// Verifies every piece against the channel key,
 /// reorders within the jitter window, and writes the MPEG-TS to stdout or a file, so that
 /// `clubcast watch ... | ffplay -` plays it. Exits 0 when the publisher ends the stream.
+///
+/// With --tracker the watcher joins the channel's swarm: it waits for the channel to appear,
+/// takes its club's pieces from the publisher or club mates and the other clubs from their
+/// members, and re-uploads its own club to others, never above --upload-limit.
 #[derive(Debug, clap::Args)]
 pub(crate) struct Args {
     /// Relay to subscribe at.
+    #[arg(long, value_name = "ADDR", value_parser = args::socket_addr, required_unless_present = "tracker", conflicts_with = "tracker")]
+    relay: Option<SocketAddr>,
+
+    /// Join the channel's swarm through this tracker instead of subscribing at a relay.
     #[arg(long, value_name = "ADDR", value_parser = args::socket_addr)]
-    relay: SocketAddr,
+    tracker: Option<SocketAddr>,
+
+    /// Swarm: most this watcher uploads to other members (e.g. 3mbit; default: unlimited).
+    #[arg(long, value_name = "RATE", value_parser = args::bitrate, requires = "tracker")]
+    upload_limit: Option<u64>,
+
+    /// Swarm: local UDP address to receive on (other members reach this watcher here).
+    #[arg(long, default_value = "0.0.0.0:0", value_name = "ADDR", value_parser = args::socket_addr)]
+    listen: SocketAddr,
+
+    /// Swarm: serve /metrics (upload and download by club, repairs, peers replaced and banned,
+    /// delay behind the source) on this TCP address.
+    #[arg(long, value_name = "ADDR", value_parser = args::socket_addr, requires = "tracker")]
+    metrics: Option<SocketAddr>,
+
+    /// Swarm: after the stream ends, keep serving other members this long before leaving.
+    #[arg(long, default_value = "2s", value_name = "DURATION", value_parser = args::duration)]
+    linger: Duration,
+
+    /// Swarm, for testing: misbehave as `forge` (corrupt what is forwarded), `free-ride`
+    /// (never upload) or `delay=DURATION` (forward late).
+    #[arg(long, value_name = "KIND", value_parser = adversary, hide = true)]
+    adversary: Option<Behaviour>,
 
     /// Channel to watch: the public key printed by `clubcast keygen` (64 hex digits).
     #[arg(long, value_name = "KEY", value_parser = channel)]
@@ -34,9 +70,10 @@ pub(crate) struct Args {
     #[arg(long, default_value = "-", value_name = "DEST")]
     output: String,
 
-    /// How long a missing piece is waited for before it is skipped.
-    #[arg(long, default_value = "200ms", value_name = "DURATION", value_parser = args::duration)]
-    jitter: Duration,
+    /// How long a missing piece is waited for before it is skipped (default: 200ms from a
+    /// relay, 1s in a swarm, where repairs need a round trip or two).
+    #[arg(long, value_name = "DURATION", value_parser = args::duration)]
+    jitter: Option<Duration>,
 
     /// Exit with an error after this long without a piece (default: wait for ever).
     #[arg(long, value_name = "DURATION", value_parser = args::duration)]
@@ -53,6 +90,19 @@ pub(crate) struct Args {
     content_key: Option<PathBuf>,
 }
 
+fn adversary(s: &str) -> Result<Behaviour, String> {
+    match s {
+        "forge" => Ok(Behaviour::Forger),
+        "free-ride" => Ok(Behaviour::FreeRider),
+        _ => match s.strip_prefix("delay=") {
+            Some(d) => Ok(Behaviour::Delayer(args::duration(d)?)),
+            None => Err(format!(
+                "{s:?}: expected forge, free-ride or delay=DURATION"
+            )),
+        },
+    }
+}
+
 fn channel(s: &str) -> Result<ChannelPublicKey, String> {
     ChannelPublicKey::from_hex(s).map_err(|e| format!("not a channel key: {e}"))
 }
@@ -65,18 +115,22 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
             .with_context(|| format!("cannot create output file {}", args.output))?;
         Box::new(BufWriter::new(file))
     };
+    let content_key = args::content_key(args.content_key.as_deref())?;
+    let Some(relay) = args.relay else {
+        return run_swarm(args, content_key, &mut output);
+    };
     let config = WatchConfig {
-        relay: args.relay,
+        relay,
         channel: args.channel,
         viewer: ViewerConfig {
-            jitter_window: args.jitter,
-            content_key: args::content_key(args.content_key.as_deref())?,
+            jitter_window: args.jitter.unwrap_or(Duration::from_millis(200)),
+            content_key,
             ..ViewerConfig::default()
         },
         idle_timeout: args.idle_timeout,
         faults: args.faults,
     };
-    tracing::info!("watching channel {} at {}", args.channel, args.relay);
+    tracing::info!("watching channel {} at {relay}", args.channel);
     let report = run_watch(&config, &mut output, &AtomicBool::new(false), &mut |_| {})?;
     let s = report.stats;
     if let Some(f) = report.faults {
@@ -88,6 +142,76 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
     eprintln!(
         "end of stream: played {} pieces ({} bytes), lost {}, late {}, duplicates {}, bad signatures {}",
         s.pieces_played, s.bytes_played, s.pieces_lost, s.late, s.duplicates, s.bad_signatures
+    );
+    Ok(())
+}
+
+fn run_swarm(
+    args: Args,
+    content_key: Option<clubcast::crypto::ContentKey>,
+    output: &mut dyn Write,
+) -> anyhow::Result<()> {
+    let tracker = args.tracker.context("give --relay or --tracker")?;
+    let metrics = SwarmMetrics::new("peer");
+    if let Some(addr) = args.metrics {
+        let server = MetricsServer::start(addr, Arc::clone(&metrics))
+            .with_context(|| format!("cannot serve metrics on {addr}"))?;
+        tracing::info!("metrics on http://{}/metrics", server.local_addr());
+    }
+    let config = SwarmWatchConfig {
+        channel: args.channel,
+        listen: args.listen,
+        swarm: SwarmConfig {
+            tracker: Some(tracker),
+            upload_limit_bps: args.upload_limit,
+            behaviour: args.adversary.unwrap_or_default(),
+            seed: rand::random(),
+            ..SwarmConfig::default()
+        },
+        viewer: ViewerConfig {
+            jitter_window: args.jitter.unwrap_or(Duration::from_secs(1)),
+            content_key,
+            ..ViewerConfig::default()
+        },
+        idle_timeout: args.idle_timeout,
+        faults: args.faults,
+        linger: args.linger,
+    };
+    let channel = args.channel;
+    let report = run_swarm_watch(
+        &config,
+        output,
+        &AtomicBool::new(false),
+        Some(&metrics),
+        &mut |addr| {
+            tracing::info!(
+                "joining the swarm of channel {channel} through tracker {tracker} from {addr}"
+            )
+        },
+    )?;
+    if let Some(f) = report.faults {
+        eprintln!(
+            "faults injected: {} of {} datagrams dropped, {} duplicated, {} reordered",
+            f.dropped, f.seen, f.duplicated, f.reordered
+        );
+    }
+    let v = report.viewer;
+    let w = report.swarm;
+    eprintln!(
+        "end of stream: played {} pieces ({} bytes), lost {}, late {}, duplicates {}, bad signatures {}",
+        v.pieces_played, v.bytes_played, v.pieces_lost, v.late, w.duplicates, w.bad_pieces
+    );
+    eprintln!(
+        "swarm: uploaded {} bytes, downloaded {} bytes, repaired {} of {} asked, served {} repairs, replaced {} upstreams, banned {} members, delay behind source p50 {} ms p99 {} ms",
+        w.upload_bytes(),
+        w.download_bytes(),
+        w.repaired,
+        w.repairs_asked,
+        w.repairs_served,
+        w.peers_replaced,
+        w.peers_banned,
+        metrics.delay_us(0.5) / 1000,
+        metrics.delay_us(0.99) / 1000
     );
     Ok(())
 }

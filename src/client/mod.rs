@@ -2,6 +2,7 @@
 //! around the sans-IO [`crate::publisher::Publisher`] and [`crate::viewer::Viewer`].
 
 pub mod publish;
+pub mod swarm;
 pub mod watch;
 
 use std::io;

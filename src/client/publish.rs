@@ -1,4 +1,6 @@
-//! `clubcast publish`: read MPEG-TS, cut it into signed pieces, push them to a relay.
+//! `clubcast publish`: read MPEG-TS, cut it into signed pieces, push them to a relay and/or
+//! seed them into the swarm (a [`MemberThread`] that registers the channel's signed descriptor
+//! with the tracker and pushes each piece to seeds of its club, within an upload limit).
 //!
 //! A reader thread turns the input (stdin, a file, a UDP port, or the built-in synthetic
 //! stream) into byte chunks; the sending loop cuts whole TS packets into pieces of six, paces
@@ -18,9 +20,12 @@ use std::time::{Duration, Instant};
 use crate::backend::{PortableSocket, RecvBatch};
 use crate::crypto::{ChannelKey, ContentKey};
 use crate::publisher::Publisher;
+use crate::swarm::{ChannelInfo, SwarmConfig, SwarmNode, SwarmStats};
 use crate::time::{wall_clock_us, MonotonicClock};
 use crate::ts::{self, PacketChunker, PcrClock, SyntheticTs, PACKETS_PER_PIECE, PACKET_LEN};
-use crate::wire::{PieceFlags, MAX_DATAGRAM};
+use crate::wire::{Descriptor, PieceFlags, MAX_DATAGRAM};
+
+use super::swarm::MemberThread;
 
 /// Where the MPEG-TS comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,7 +67,9 @@ pub struct PublishConfig {
     /// The input.
     pub input: Input,
     /// Relay to push pieces to.
-    pub relay: SocketAddr,
+    pub relay: Option<SocketAddr>,
+    /// Seed the swarm through a tracker.
+    pub swarm: Option<PublishSwarm>,
     /// Pace a file by its PCRs (its real bitrate) instead of as fast as `max_bitrate` allows.
     pub realtime: bool,
     /// Never send faster than this many bits per second.
@@ -73,6 +80,22 @@ pub struct PublishConfig {
     pub announce_timeout: Duration,
     /// Private channel: encrypt payloads with this content key.
     pub content_key: Option<ContentKey>,
+}
+
+/// How the publisher seeds the swarm.
+#[derive(Debug, Clone)]
+pub struct PublishSwarm {
+    /// The tracker.
+    pub tracker: SocketAddr,
+    /// Local address for the swarm socket.
+    pub listen: SocketAddr,
+    /// Most the publisher uploads to the swarm, bits per second.
+    pub upload_limit_bps: Option<u64>,
+    /// The stream's nominal bitrate, announced in the descriptor (members size their uploads
+    /// by it).
+    pub stream_bitrate_bps: u64,
+    /// After the last piece, keep serving repairs this long.
+    pub linger: Duration,
 }
 
 /// What a publishing session did.
@@ -86,6 +109,8 @@ pub struct PublishReport {
     pub skipped_bytes: u64,
     /// Wall time from first piece to last.
     pub elapsed: Duration,
+    /// What the swarm member did, when seeding a swarm.
+    pub swarm: Option<SwarmStats>,
 }
 
 /// Why publishing failed.
@@ -126,9 +151,23 @@ pub fn run_publish(
     config: &PublishConfig,
     stop: Arc<AtomicBool>,
 ) -> Result<PublishReport, PublishError> {
+    let towards = match (config.relay, &config.swarm) {
+        (Some(r), _) => r,
+        (None, Some(s)) => s.tracker,
+        (None, None) => {
+            return Err(PublishError::BadInput(
+                "nowhere to publish: give a relay, a tracker, or both".into(),
+            ))
+        }
+    };
+    let socket = super::socket_towards(towards, super::CLIENT_SOCKET_BUFFER)?;
+    let epoch_us = wall_clock_us();
+    let swarm = match &config.swarm {
+        Some(s) => Some(start_swarm(&key, epoch_us, config, s)?),
+        None => None,
+    };
     let chunks = spawn_reader(&config.input, Arc::clone(&stop))?;
-    let socket = super::socket_towards(config.relay, super::CLIENT_SOCKET_BUFFER)?;
-    let mut publisher = Publisher::new(key, wall_clock_us(), config.clubs);
+    let mut publisher = Publisher::new(key, epoch_us, config.clubs);
     if let Some(k) = &config.content_key {
         publisher = publisher.with_content_key(k.clone());
     }
@@ -138,14 +177,17 @@ pub fn run_publish(
         publisher,
         socket,
         relay: config.relay,
+        swarm,
         clock: MonotonicClock::new(),
         buf: vec![0; MAX_DATAGRAM],
         recv: RecvBatch::new(),
         pacer: Pacer::new(config.max_bitrate_bps, config.realtime),
         report: PublishReport::default(),
     };
-    session.announce(config.announce_timeout)?;
-    tracing::info!(relay = %config.relay, channel = %session.publisher.public_key(), "channel announced; publishing");
+    if let Some(relay) = config.relay {
+        session.announce(relay, config.announce_timeout)?;
+        tracing::info!(%relay, channel = %session.publisher.public_key(), "channel announced; publishing");
+    }
 
     let started = Instant::now();
     let mut chunker = PacketChunker::new();
@@ -183,13 +225,58 @@ pub fn run_publish(
     }
     session.report.skipped_bytes = chunker.skipped_bytes() + chunker.partial_bytes() as u64;
     session.report.elapsed = started.elapsed();
+    if let (Some(member), Some(s)) = (session.swarm.take(), &config.swarm) {
+        session.report.swarm = Some(member.finish(s.linger)?);
+    }
     Ok(session.report)
+}
+
+/// Starts the publisher's swarm member: signs the descriptor and seeds from a thread.
+fn start_swarm(
+    key: &ChannelKey,
+    epoch_us: u64,
+    config: &PublishConfig,
+    s: &PublishSwarm,
+) -> Result<MemberThread, PublishError> {
+    let public = key.public();
+    let mut buf = [0u8; MAX_DATAGRAM];
+    let n = Descriptor::encode_signed(
+        &public.to_bytes(),
+        epoch_us,
+        config.clubs,
+        config.content_key.is_some(),
+        s.stream_bitrate_bps,
+        &mut buf,
+        |m| key.sign(m),
+    )
+    .map_err(|e| PublishError::BadInput(e.to_string()))?;
+    let info = ChannelInfo {
+        clubs: config.clubs,
+        bitrate_bps: s.stream_bitrate_bps,
+        first_seq: epoch_us,
+        private: config.content_key.is_some(),
+    };
+    let node = SwarmNode::publisher(
+        public,
+        info,
+        buf[..n].to_vec(),
+        SwarmConfig {
+            tracker: Some(s.tracker),
+            upload_limit_bps: s.upload_limit_bps,
+            seed: rand::random(),
+            ..SwarmConfig::default()
+        },
+    );
+    let member = MemberThread::spawn("swarm-publisher", s.listen, node, None)?;
+    tracing::info!(tracker = %s.tracker, swarm = %member.local_addr(), "seeding the swarm");
+    Ok(member)
 }
 
 struct Session {
     publisher: Publisher,
     socket: PortableSocket,
-    relay: SocketAddr,
+    relay: Option<SocketAddr>,
+    swarm: Option<MemberThread>,
     clock: MonotonicClock,
     buf: Vec<u8>,
     recv: RecvBatch,
@@ -199,13 +286,13 @@ struct Session {
 
 impl Session {
     /// Announces until the relay acknowledges or `timeout` passes.
-    fn announce(&mut self, timeout: Duration) -> Result<(), PublishError> {
+    fn announce(&mut self, relay: SocketAddr, timeout: Duration) -> Result<(), PublishError> {
         let deadline = Instant::now() + timeout;
         while !self.publisher.is_announced() {
             let now = Instant::now();
             if now >= deadline {
                 return Err(PublishError::RelayUnreachable {
-                    relay: self.relay,
+                    relay,
                     waited: timeout,
                 });
             }
@@ -223,12 +310,13 @@ impl Session {
     }
 
     fn send_announce_if_due(&mut self) {
+        let Some(relay) = self.relay else { return };
         if let Some(n) = self
             .publisher
             .poll_announce(self.clock.now(), &mut self.buf)
         {
             // A lost or refused announce is retried on the next tick.
-            let _ = self.socket.send_to(&self.buf[..n], self.relay);
+            let _ = self.socket.send_to(&self.buf[..n], relay);
         }
     }
 
@@ -236,7 +324,7 @@ impl Session {
         while self.socket.recv_batch(&mut self.recv)? > 0 {
             for i in 0..self.recv.len() {
                 let (from, data) = self.recv.get(i);
-                if from == Some(self.relay) {
+                if from.is_some() && from == self.relay {
                     self.publisher.handle_datagram(data);
                 }
             }
@@ -261,7 +349,14 @@ impl Session {
             .map_err(|e| PublishError::BadInput(e.to_string()))?;
         // The relay may be momentarily unreachable or our buffer full: UDP is best effort, the
         // viewer's jitter buffer skips what is lost.
-        if self.socket.send_to(&self.buf[..n], self.relay).is_ok() {
+        if let Some(member) = &self.swarm {
+            member.publish(&self.buf[..n]);
+        }
+        let sent = match self.relay {
+            Some(relay) => self.socket.send_to(&self.buf[..n], relay).is_ok(),
+            None => true,
+        };
+        if sent {
             self.report.pieces += 1;
             self.report.payload_bytes += payload.len() as u64;
         }

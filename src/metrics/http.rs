@@ -12,6 +12,25 @@ use std::time::{Duration, Instant};
 
 use super::RelayMetrics;
 
+/// What the endpoint serves: a Prometheus text exposition, and whether the process is ready.
+pub trait MetricsSource: Send + Sync + 'static {
+    /// The `/metrics` body.
+    fn render(&self) -> String;
+    /// Whether `/readyz` says ready.
+    fn ready(&self) -> bool {
+        true
+    }
+}
+
+impl MetricsSource for Arc<RelayMetrics> {
+    fn render(&self) -> String {
+        RelayMetrics::render(self)
+    }
+    fn ready(&self) -> bool {
+        RelayMetrics::ready(self)
+    }
+}
+
 const MAX_REQUEST_HEAD: u64 = 8 * 1024;
 /// Longest a client may take to send its request, however it dribbles the bytes.
 const REQUEST_DEADLINE: Duration = Duration::from_secs(2);
@@ -42,7 +61,7 @@ pub struct MetricsServer {
 
 impl MetricsServer {
     /// Binds `addr` and serves `metrics` from a background thread for the life of the process.
-    pub fn start(addr: SocketAddr, metrics: Arc<RelayMetrics>) -> io::Result<Self> {
+    pub fn start(addr: SocketAddr, metrics: impl MetricsSource) -> io::Result<Self> {
         let listener = TcpListener::bind(addr)?;
         let local_addr = listener.local_addr()?;
         thread::Builder::new()
@@ -62,7 +81,7 @@ impl MetricsServer {
     }
 }
 
-fn serve(stream: TcpStream, metrics: &Arc<RelayMetrics>) -> io::Result<()> {
+fn serve(stream: TcpStream, metrics: &impl MetricsSource) -> io::Result<()> {
     stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
     let request = DeadlineReader {
         stream: &stream,

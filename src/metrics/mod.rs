@@ -8,9 +8,11 @@
 
 mod http;
 mod process;
+pub mod swarm;
 pub mod text;
 
-pub use http::MetricsServer;
+pub use http::{MetricsServer, MetricsSource};
+pub use swarm::SwarmMetrics;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

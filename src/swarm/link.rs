@@ -119,8 +119,11 @@ pub struct Link {
     pub established: bool,
     /// When we last heard anything from it.
     pub last_heard: Timestamp,
-    /// When it last kept the link alive (a JOIN, or an ACCEPT for links we asked for).
+    /// When the link we asked for (or a mate link) was last confirmed (an ACCEPT, or for mates
+    /// either side's JOIN).
     pub last_keepalive: Timestamp,
+    /// When the other side last sent a JOIN (keeps alive what we push to it).
+    pub their_join: Timestamp,
     /// When we asked for it or last re-sent our JOIN.
     pub last_join: Timestamp,
     /// Pieces from it that were new to us.
@@ -167,6 +170,7 @@ impl Link {
             established: !initiated,
             last_heard: now,
             last_keepalive: now,
+            their_join: now,
             last_join: now,
             pieces_new: 0,
             pieces_dup: 0,

@@ -15,7 +15,7 @@ pub use ledbat::{Ledbat, LedbatConfig};
 pub use link::{Link, LiveRate};
 pub use node::{
     Behaviour, ChannelInfo, Datagram, Ed25519Verifier, PieceVerifier, SwarmConfig, SwarmNode,
-    Transmit, ALL_CLUBS,
+    Transmit, ALL_CLUBS, NO_CLUB,
 };
 pub use pacer::TokenBucket;
 pub use ring::{PieceBytes, PieceRing};

@@ -40,6 +40,8 @@ use crate::wire::{
 
 /// The club value of a member of every club (relays) and of the publisher.
 pub const ALL_CLUBS: u8 = 0xff;
+/// The club value of a peer that has not chosen its club yet.
+pub const NO_CLUB: u8 = 0xfe;
 
 /// How a member behaves: honest, or one of the adversaries the tests and simulator use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -274,7 +276,7 @@ impl SwarmNode {
     /// from the descriptor the tracker serves.
     pub fn new(key: ChannelPublicKey, config: SwarmConfig) -> Self {
         let club = if config.role == Role::Peer {
-            0
+            NO_CLUB
         } else {
             ALL_CLUBS
         };
@@ -346,14 +348,20 @@ impl SwarmNode {
         self
     }
 
-    /// Tells the member about other members directly (without a tracker).
+    /// Tells the member about other members (from a tracker's list, or directly). What a
+    /// member says of itself (role, club) is updated; back-offs are kept.
     pub fn add_candidates(&mut self, entries: impl IntoIterator<Item = PeerEntry>) {
         for e in entries {
-            self.candidates.entry(e.addr).or_insert(Candidate {
+            if self.banned.contains(&e.addr) {
+                continue;
+            }
+            let c = self.candidates.entry(e.addr).or_insert(Candidate {
                 role: e.role,
                 club: e.club,
                 backoff_until: Timestamp::ZERO,
             });
+            c.role = e.role;
+            c.club = e.club;
         }
     }
 
@@ -395,6 +403,21 @@ impl SwarmNode {
             .filter(|l| !l.mate && !l.send.is_empty())
             .count();
         (mates, up, down)
+    }
+
+    /// Per club: (downstream links we push it on, whether we have a source for it).
+    pub fn club_view(&self) -> Vec<(usize, bool)> {
+        (0..self.k())
+            .map(|c| {
+                let down = self
+                    .links
+                    .values()
+                    .filter(|l| !l.mate && l.send.contains(c))
+                    .count();
+                let src = self.links.values().any(|l| l.is_source_of(c));
+                (down, src)
+            })
+            .collect()
     }
 
     /// One line per link, for debugging and `clubcast watch -v`.
@@ -473,11 +496,7 @@ impl SwarmNode {
     /// receives from an upstream (a second hop for clubs too small to serve everyone).
     fn clubs_offered(&self) -> ClubMask {
         match self.config.role {
-            Role::Peer => self
-                .links
-                .values()
-                .filter(|l| !l.mate && l.established)
-                .fold(ClubMask::one(self.club), |m, l| m.union(l.recv)),
+            Role::Peer => ClubMask::one(self.club),
             _ => ClubMask::all(self.k()),
         }
     }
@@ -510,6 +529,12 @@ impl SwarmNode {
             Message::Peers(p) if is_tracker && p.channel() == self.channel => {
                 self.add_candidates(p.iter());
                 self.stats.peer_lists += 1;
+                if let Some(c) = p.assigned_club().filter(|c| *c < self.k()) {
+                    if !self.club_chosen && self.info.is_some() {
+                        self.club = c;
+                        self.club_chosen = true;
+                    }
+                }
             }
             Message::Hello(h) => {
                 // A member asking for a cookie before it JOINs.
@@ -540,6 +565,7 @@ impl SwarmNode {
 
     /// A member's cookie: (re)send our JOIN to it with the cookie echoed.
     fn on_member_cookie(&mut self, now: Timestamp, from: SocketAddr, cookie: CookieBytes) {
+        tracing::trace!(%from, "COOKIE");
         let Some(link) = self.links.get(&from) else {
             return;
         };
@@ -732,10 +758,9 @@ impl SwarmNode {
         let start = match self.gaps_checked {
             Some(c) if c >= upto => return,
             Some(c) => (c + 1).max(upto.saturating_sub(256)),
-            None => {
-                self.gaps_checked = Some(upto);
-                return;
-            }
+            // The first piece: look back as far as catch-up reaches (to the stream's start
+            // for a member that was there when it began).
+            None => upto.saturating_sub(self.catch_up_pieces()),
         };
         let first = self.info.as_ref().map_or(0, |i| i.first_seq);
         for s in start.max(first)..=upto {
@@ -749,6 +774,14 @@ impl SwarmNode {
             }
         }
         self.gaps_checked = Some(upto);
+    }
+
+    /// Pieces in the catch-up window at the stream's bitrate.
+    fn catch_up_pieces(&self) -> u64 {
+        self.info.as_ref().map_or(0, |i| {
+            let per_s = i.bitrate_bps / 8 / PAYLOAD;
+            per_s * self.config.catch_up.as_millis() as u64 / 1000
+        })
     }
 
     /// How long a club may be silent before its upstream is replaced.
@@ -831,6 +864,7 @@ impl SwarmNode {
     }
 
     fn on_join(&mut self, now: Timestamp, from: SocketAddr, j: &Join) {
+        tracing::trace!(%from, club = j.club, want = j.want.0, mate = j.mate, leaving = j.leaving, "JOIN");
         if self.cookies.check(now, from, &j.cookie) == CookieCheck::Invalid {
             // Prove the address first: a COOKIE no larger than the JOIN, and nothing else.
             let reply = Cookie {
@@ -861,23 +895,27 @@ impl SwarmNode {
             club: j.club,
             backoff_until: Timestamp::ZERO,
         });
-        let (granted, mate) = match self.links.get(&from) {
+        let (granted, mate) = match self.links.get_mut(&from) {
             Some(l) if l.mate || !l.send.is_empty() => {
-                // A keepalive of a link we granted.
-                (
-                    l.send.union(if l.mate {
-                        ClubMask::one(self.club)
-                    } else {
-                        ClubMask::NONE
-                    }),
-                    l.mate,
-                )
+                // A keepalive of a link we granted: it keeps only what it still wants.
+                if !l.mate {
+                    l.send = l.send.intersect(j.want);
+                }
+                let own = if l.mate {
+                    ClubMask::one(self.club)
+                } else {
+                    ClubMask::NONE
+                };
+                (l.send.union(own), l.mate)
             }
             _ => self.grant(now, from, j),
         };
         if let Some(l) = self.links.get_mut(&from) {
-            l.last_keepalive = now;
+            l.their_join = now;
             l.last_heard = now;
+            if l.mate {
+                l.last_keepalive = now;
+            }
         }
         let accept = Accept {
             channel: self.channel,
@@ -1020,6 +1058,7 @@ impl SwarmNode {
     }
 
     fn on_accept(&mut self, now: Timestamp, from: SocketAddr, a: &Accept) {
+        tracing::trace!(%from, granted = a.granted.0, mate = a.mate, "ACCEPT");
         let Some(l) = self.links.get_mut(&from) else {
             return;
         };
@@ -1029,7 +1068,17 @@ impl SwarmNode {
         l.last_keepalive = now;
         if a.granted.is_empty() {
             // Refused (full): try someone else, and not this one for a while.
-            self.links.remove(&from);
+            match self.links.get_mut(&from) {
+                Some(l) if !l.send.is_empty() => {
+                    l.initiated = false;
+                    l.wanted = ClubMask::NONE;
+                    l.wants_mate = false;
+                    l.established = true;
+                }
+                _ => {
+                    self.links.remove(&from);
+                }
+            }
             if let Some(c) = self.candidates.get_mut(&from) {
                 c.backoff_until = now + REFUSED_BACKOFF;
             }
@@ -1308,17 +1357,20 @@ impl SwarmNode {
     }
 
     fn tracker_upkeep(&mut self, now: Timestamp) {
-        let Some(t) = &mut self.tracker else { return };
-        if now < t.next_announce {
+        if self.tracker.as_ref().is_none_or(|t| now < t.next_announce) {
             return;
         }
-        let addr = t.addr;
-        let interval = if self.info.is_some() && self.club_chosen {
-            self.config.announce_interval
-        } else {
+        let interval = if !self.club_chosen || self.info.is_none() {
             // Waiting for the channel to appear, or for a peer list: ask again soon.
             Duration::from_millis(500)
+        } else if self.picture_incomplete() {
+            // Members that have not said their club yet, or clubs nobody is known in.
+            Duration::from_secs(1)
+        } else {
+            self.config.announce_interval
         };
+        let Some(t) = &mut self.tracker else { return };
+        let addr = t.addr;
         t.next_announce = now + interval;
         let cookie = t.cookie;
         let nonce = t.nonce;
@@ -1353,6 +1405,22 @@ impl SwarmNode {
         }
     }
 
+    /// Whether the tracker's next list may tell more: members that had not chosen a club, or
+    /// a club with no member known.
+    fn picture_incomplete(&self) -> bool {
+        let k = self.k();
+        let mut known = ClubMask::NONE;
+        for c in self.candidates.values() {
+            if c.role == Role::Peer && c.club == NO_CLUB {
+                return true;
+            }
+            if c.role == Role::Peer && c.club < k {
+                known = known.union(ClubMask::one(c.club));
+            }
+        }
+        self.config.role != Role::Publisher && known.len() < u32::from(k)
+    }
+
     /// A peer joins the club with the fewest members it has heard of.
     fn choose_club(&mut self, now: Timestamp) {
         if self.club_chosen {
@@ -1381,17 +1449,30 @@ impl SwarmNode {
         }
     }
 
+    /// Each side of a link lives on its own keepalives: what we push, on the other side's
+    /// JOINs; what we asked for, on its ACCEPTs; a mate link, on either.
     fn expire_links(&mut self, now: Timestamp) {
         let timeout = self.config.link_timeout;
-        let expired: Vec<SocketAddr> = self
-            .links
-            .iter()
-            .filter(|(_, l)| now.saturating_since(l.last_keepalive) > timeout)
-            .map(|(a, _)| *a)
-            .collect();
-        for a in expired {
-            self.drop_link(now, a, false);
-            self.stats.links_expired += 1;
+        let mut dead = Vec::new();
+        for (a, l) in self.links.iter_mut() {
+            if !l.mate && !l.send.is_empty() && now.saturating_since(l.their_join) > timeout {
+                l.send = ClubMask::NONE;
+                self.stats.links_expired += 1;
+            }
+            let asked_stale =
+                (l.initiated || l.mate) && now.saturating_since(l.last_keepalive) > timeout;
+            let empty = !l.initiated && !l.mate && l.send.is_empty();
+            if asked_stale || empty {
+                dead.push((*a, asked_stale));
+            }
+        }
+        for (a, asked_stale) in dead {
+            if asked_stale {
+                self.stats.links_expired += 1;
+                self.drop_link(now, a, false);
+            } else {
+                self.links.remove(&a);
+            }
         }
     }
 
@@ -1438,16 +1519,35 @@ impl SwarmNode {
     }
 
     fn drop_link(&mut self, now: Timestamp, addr: SocketAddr, backoff: bool) {
-        if let Some(l) = self.links.remove(&addr) {
-            if l.initiated {
-                let mut leave = self.join_for_link(&l, l.cookie);
-                leave.leaving = true;
-                self.send_control(addr, |b| leave.encode(b));
-            }
-        }
+        self.stop_receiving(addr);
         if backoff {
             if let Some(c) = self.candidates.get_mut(&addr) {
-                c.backoff_until = now + Duration::from_secs(10);
+                c.backoff_until = now + REPLACED_BACKOFF;
+            }
+        }
+    }
+
+    /// Ends what we receive from `addr` (telling it, if we asked for the link), and keeps the
+    /// link only if we still push to it as its upstream.
+    fn stop_receiving(&mut self, addr: SocketAddr) {
+        let Some(l) = self.links.get(&addr) else {
+            return;
+        };
+        if l.initiated {
+            let mut leave = self.join_for_link(l, l.cookie);
+            leave.leaving = true;
+            self.send_control(addr, |b| leave.encode(b));
+        }
+        match self.links.get_mut(&addr) {
+            Some(l) if !l.mate && !l.send.is_empty() => {
+                l.recv = ClubMask::NONE;
+                l.wanted = ClubMask::NONE;
+                l.wants_mate = false;
+                l.initiated = false;
+                l.established = true;
+            }
+            _ => {
+                self.links.remove(&addr);
             }
         }
     }
@@ -1613,27 +1713,6 @@ impl SwarmNode {
             self.ask(now, addr, want.intersect(needed), false);
             needed = needed.minus(want);
         }
-        // A club none of whose members can take us: ask another peer that receives it (a
-        // second hop), and failing that the member whose back-off ends first.
-        for c in needed.iter() {
-            if self.pending_joins() >= MAX_PENDING_JOINS {
-                break;
-            }
-            let fallback = self
-                .candidates
-                .iter()
-                .filter(|(a, m)| {
-                    m.role == Role::Peer
-                        && !self.banned.contains(*a)
-                        && (m.club == c || m.backoff_until <= now)
-                        && self.links.get(*a).is_none_or(|l| !l.initiated && !l.mate)
-                })
-                .min_by_key(|(a, m)| (m.club == c, m.backoff_until, (*a).port(), **a))
-                .map(|(a, _)| *a);
-            if let Some(addr) = fallback {
-                self.ask(now, addr, ClubMask::one(c), false);
-            }
-        }
     }
 
     /// Sends a JOIN asking `addr` for `want` (or to be a mate).
@@ -1763,6 +1842,8 @@ const PAYLOAD: u64 = 1128;
 /// No new piece for this long: look for gaps up to the newest piece (the stream paused or
 /// ended, so no later piece will reveal them).
 const STREAM_PAUSE: Duration = Duration::from_millis(150);
+/// A member replaced as an upstream is not asked again for this long.
+const REPLACED_BACKOFF: Duration = Duration::from_secs(3);
 /// A member that refused a JOIN is not asked again for this long.
 const REFUSED_BACKOFF: Duration = Duration::from_secs(2);
 const COOKIE_BUCKET: Duration = Duration::from_secs(30);

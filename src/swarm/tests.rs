@@ -326,7 +326,7 @@ fn forgers_are_banned_and_nothing_forged_is_played() {
 #[test]
 fn repair_keeps_continuity_under_five_percent_loss() {
     let s = Setup {
-        peers: 20,
+        peers: 21,
         clubs: 7,
         relay: false,
         loss: 0.05,
@@ -346,11 +346,10 @@ fn repair_keeps_continuity_under_five_percent_loss() {
                 .map(|(j, _)| j)
                 .collect();
             eprintln!(
-                "== node {i} club {} continuity {c} missing {:?} given_up {} unavailable {}",
+                "== node {i} club {} continuity {c} missing {:?}\n{}",
                 net.nodes[i].club(),
                 miss,
-                net.nodes[i].stats().repairs_given_up,
-                net.nodes[i].stats().repairs_unavailable
+                net.nodes[i].describe_links()
             );
         }
         worst = worst.min(c);

@@ -180,6 +180,26 @@ impl Viewer {
         datagram: &[u8],
     ) -> Result<Received, ViewerDrop> {
         let result = self.handle_inner(now, datagram);
+        self.count(&result);
+        result
+    }
+
+    /// Takes a piece a swarm member has already verified against this channel's key: decrypts
+    /// it if the channel is private and buffers it for playing, with no second signature check.
+    pub fn accept_verified(
+        &mut self,
+        now: Timestamp,
+        datagram: &[u8],
+    ) -> Result<Received, ViewerDrop> {
+        let result = match Message::parse(datagram)? {
+            Message::Piece(piece) => self.buffer_piece(now, &piece, false),
+            _ => Err(ViewerDrop::Unexpected),
+        };
+        self.count(&result);
+        result
+    }
+
+    fn count(&mut self, result: &Result<Received, ViewerDrop>) {
         match result {
             Ok(Received::Piece { .. }) => self.stats.pieces_received += 1,
             Ok(Received::Control) => {}
@@ -189,48 +209,57 @@ impl Viewer {
             Err(ViewerDrop::Encrypted | ViewerDrop::Undecryptable) => self.stats.unreadable += 1,
             Err(_) => self.stats.other_drops += 1,
         }
-        result
+    }
+
+    /// Verifies (if `verify`), decrypts and buffers one piece.
+    fn buffer_piece(
+        &mut self,
+        now: Timestamp,
+        piece: &crate::wire::Piece<'_>,
+        verify: bool,
+    ) -> Result<Received, ViewerDrop> {
+        if piece.channel() != self.key.channel_id() {
+            return Err(ViewerDrop::WrongChannel);
+        }
+        if verify {
+            self.key
+                .verify_piece(piece)
+                .map_err(|_| ViewerDrop::BadSignature)?;
+        }
+        let (seq, publish_time_us) = (piece.seq(), piece.publish_time_us());
+        self.live = true;
+        let (flags, payload) = if piece.flags().contains(PieceFlags::ENCRYPTED) {
+            let key = self
+                .config
+                .content_key
+                .as_ref()
+                .ok_or(ViewerDrop::Encrypted)?;
+            let n = key
+                .open(piece.channel(), seq, piece.payload(), &mut self.plaintext)
+                .map_err(|_| ViewerDrop::Undecryptable)?;
+            (
+                piece.flags().without(PieceFlags::ENCRYPTED),
+                &self.plaintext[..n],
+            )
+        } else {
+            (piece.flags(), piece.payload())
+        };
+        match self
+            .jitter
+            .insert(now, seq, flags, publish_time_us, payload)
+        {
+            Insert::Accepted => Ok(Received::Piece {
+                seq,
+                publish_time_us,
+            }),
+            Insert::Duplicate => Err(ViewerDrop::Duplicate),
+            Insert::Late => Err(ViewerDrop::Late),
+        }
     }
 
     fn handle_inner(&mut self, now: Timestamp, datagram: &[u8]) -> Result<Received, ViewerDrop> {
         match Message::parse(datagram)? {
-            Message::Piece(piece) => {
-                if piece.channel() != self.key.channel_id() {
-                    return Err(ViewerDrop::WrongChannel);
-                }
-                self.key
-                    .verify_piece(&piece)
-                    .map_err(|_| ViewerDrop::BadSignature)?;
-                let (seq, publish_time_us) = (piece.seq(), piece.publish_time_us());
-                self.live = true;
-                let (flags, payload) = if piece.flags().contains(PieceFlags::ENCRYPTED) {
-                    let key = self
-                        .config
-                        .content_key
-                        .as_ref()
-                        .ok_or(ViewerDrop::Encrypted)?;
-                    let n = key
-                        .open(piece.channel(), seq, piece.payload(), &mut self.plaintext)
-                        .map_err(|_| ViewerDrop::Undecryptable)?;
-                    (
-                        piece.flags().without(PieceFlags::ENCRYPTED),
-                        &self.plaintext[..n],
-                    )
-                } else {
-                    (piece.flags(), piece.payload())
-                };
-                match self
-                    .jitter
-                    .insert(now, seq, flags, publish_time_us, payload)
-                {
-                    Insert::Accepted => Ok(Received::Piece {
-                        seq,
-                        publish_time_us,
-                    }),
-                    Insert::Duplicate => Err(ViewerDrop::Duplicate),
-                    Insert::Late => Err(ViewerDrop::Late),
-                }
-            }
+            Message::Piece(piece) => self.buffer_piece(now, &piece, true),
             Message::Cookie(c) => {
                 self.cookie = c.cookie;
                 self.state = State::Subscribing;

@@ -118,7 +118,7 @@ impl<'a> Peers<'a> {
             Self::FIXED..=Self::FIXED + Self::MAX * Self::ENTRY,
         )?;
         let count = usize::from(d[12]);
-        if d[13..16] != [0, 0, 0] {
+        if d[14..16] != [0, 0] {
             return Err(WireError::ReservedNonZero);
         }
         if d.len() != Self::FIXED + count * Self::ENTRY {
@@ -137,6 +137,13 @@ impl<'a> Peers<'a> {
     /// The channel.
     pub fn channel(&self) -> ChannelId {
         ChannelId(array(&self.bytes[4..12]))
+    }
+
+    /// The club the tracker assigns to the asker, if it asked for one (it announced without
+    /// a club).
+    pub fn assigned_club(&self) -> Option<u8> {
+        // Written as club + 1; zero is no assignment.
+        self.bytes[13].checked_sub(1)
     }
 
     /// The members listed.
@@ -160,10 +167,12 @@ impl<'a> Peers<'a> {
         self.bytes
     }
 
-    /// Writes a peer list of `channel` (at most [`Peers::MAX`] entries) into `buf`.
+    /// Writes a peer list of `channel` (at most [`Peers::MAX`] entries), with the club
+    /// `assigned` to the asker if any, into `buf`.
     pub fn encode(
         channel: ChannelId,
         peers: &[PeerEntry],
+        assigned: Option<u8>,
         buf: &mut [u8],
     ) -> Result<usize, WireError> {
         if peers.len() > Self::MAX {
@@ -173,6 +182,7 @@ impl<'a> Peers<'a> {
         let out = begin(buf, MessageType::Peers, 0, len)?;
         out[4..12].copy_from_slice(&channel.0);
         out[12] = peers.len() as u8;
+        out[13] = assigned.map_or(0, |c| c.saturating_add(1));
         for (e, p) in out[Self::FIXED..].chunks_exact_mut(Self::ENTRY).zip(peers) {
             let ip = match p.addr.ip() {
                 IpAddr::V4(v4) => v4.to_ipv6_mapped(),
@@ -306,15 +316,16 @@ mod tests {
             })
             .collect();
         let channel = ChannelId([3; 8]);
-        let n = Peers::encode(channel, &list, &mut buf).unwrap();
+        let n = Peers::encode(channel, &list, Some(3), &mut buf).unwrap();
         assert!(n <= super::super::MAX_DATAGRAM);
         let parsed = Peers::parse(&buf[..n]).unwrap();
         assert_eq!(parsed.channel(), channel);
+        assert_eq!(parsed.assigned_club(), Some(3));
         assert_eq!(parsed.iter().collect::<Vec<_>>(), list);
         assert!(Peers::parse(&buf[..n - 1]).is_err(), "truncated");
         let mut too_many = list.clone();
         too_many.push(list[0]);
-        assert!(Peers::encode(channel, &too_many, &mut buf).is_err());
+        assert!(Peers::encode(channel, &too_many, None, &mut buf).is_err());
 
         let n = Descriptor::encode_signed(&[7; 32], 99, 4, true, 4_000_000, &mut buf, |_| [5; 64])
             .unwrap();
