@@ -129,6 +129,9 @@ pub struct FaultStats {
     pub reordered: u64,
 }
 
+/// A datagram held back: when it is due, arrival order, where it came from, its bytes.
+type Held = (Timestamp, u64, Option<SocketAddr>, Vec<u8>);
+
 /// Applies a [`FaultSpec`] to a stream of datagrams.
 #[derive(Debug)]
 pub struct FaultInjector {
@@ -139,7 +142,7 @@ pub struct FaultInjector {
     /// Probability of entering / leaving the bad state per datagram.
     enter_bad: f64,
     leave_bad: f64,
-    queue: BinaryHeap<Reverse<(Timestamp, u64, Option<SocketAddr>, Vec<u8>)>>,
+    queue: BinaryHeap<Reverse<Held>>,
     order: u64,
     stats: FaultStats,
 }

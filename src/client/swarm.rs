@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use crossbeam::channel::{Receiver, Sender, TryRecvError};
+use crossbeam::channel::{Receiver, Sender};
 
 use super::watch::{WatchEnd, WatchError};
 use crate::backend::{PortableSocket, RecvBatch};
@@ -348,14 +348,9 @@ fn member_loop(
 ) -> io::Result<()> {
     let mut last_stats = Instant::now();
     while !stop.load(Ordering::Relaxed) {
-        loop {
-            match pieces.try_recv() {
-                Ok(p) => {
-                    let now = member.now();
-                    member.node_mut().publish(now, p);
-                }
-                Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
-            }
+        while let Ok(p) = pieces.try_recv() {
+            let now = member.now();
+            member.node_mut().publish(now, p);
         }
         member.turn(Duration::from_millis(1))?;
         if last_stats.elapsed() >= Duration::from_millis(100) {
