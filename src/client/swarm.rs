@@ -192,6 +192,17 @@ pub fn run_swarm_watch(
         member.turn(MAX_WAIT)?;
         let now = member.now();
         while let Some(bytes) = member.node_mut().poll_piece() {
+            if viewer.stats().pieces_received == 0 {
+                start_playout(&mut viewer, member.node(), &bytes);
+                if let (Some(info), Ok(p)) = (member.node().info(), Piece::parse(&bytes)) {
+                    tracing::debug!(
+                        seq = p.seq() - info.first_seq.min(p.seq()),
+                        behind_ms = wall_clock_us().saturating_sub(p.publish_time_us()) / 1000,
+                        club = member.node().club(),
+                        "first piece"
+                    );
+                }
+            }
             if let Ok(Received::Piece {
                 publish_time_us, ..
             }) = viewer.accept_verified(now, &bytes)
@@ -262,6 +273,19 @@ pub fn run_swarm_watch(
         swarm: member.node().stats().clone(),
         faults: member.fault_stats(),
     })
+}
+
+/// A member whose first piece is within catch-up reach of the stream's first piece was there
+/// when the stream began: it plays from the very first piece, which repair and catch-up
+/// bring even if later ones arrived first.
+fn start_playout(viewer: &mut Viewer, node: &SwarmNode, first: &[u8]) {
+    let (Some(info), Ok(piece)) = (node.info(), Piece::parse(first)) else {
+        return;
+    };
+    let per_second = (info.bitrate_bps / 8 / 1128).max(1);
+    if piece.seq() >= info.first_seq && piece.seq() - info.first_seq <= per_second {
+        viewer.expect_from(info.first_seq);
+    }
 }
 
 /// A swarm member running on its own thread (the publisher's seeding, a relay's amplifier):
@@ -363,6 +387,11 @@ fn member_loop(
             last_stats = Instant::now();
         }
     }
+    tracing::debug!(
+        "{:?}, links at the end:\n{}",
+        member.node().stats(),
+        member.node().describe_links()
+    );
     member.leave();
     if let Ok(mut s) = stats.lock() {
         s.clone_from(member.node().stats());

@@ -267,7 +267,7 @@ const TICK: Duration = Duration::from_millis(20);
 /// ACKs are flushed after this long or when full.
 const ACK_DELAY: Duration = Duration::from_millis(20);
 /// Gaps NACKed at most this many times.
-const MAX_NACKS: u32 = 4;
+const MAX_NACKS: u32 = 10;
 /// Links asked for at once while looking for sources.
 const MAX_PENDING_JOINS: usize = 8;
 
@@ -427,9 +427,10 @@ impl SwarmNode {
             .iter()
             .map(|(a, l)| {
                 format!(
-                    "{a} club={} mate={} init={} est={} send={:#x} recv={:#x} want={:#x} new={} dup={} missed={} lost={}",
+                    "{a} club={} mate={} init={} est={} send={:#x} recv={:#x} want={:#x} new={} dup={} missed={} lost={} bg={} cwnd={} flight={}",
                     l.club, l.mate, l.initiated, l.established, l.send.0, l.recv.0, l.wanted.0,
-                    l.pieces_new, l.pieces_dup, l.pieces_missed, l.lost
+                    l.pieces_new, l.pieces_dup, l.pieces_missed, l.lost, l.background.len(),
+                    l.ledbat.window(), l.ledbat.in_flight()
                 )
             })
             .collect();
@@ -467,9 +468,13 @@ impl SwarmNode {
         };
         let units = limit / 8 / self.unit_bytes();
         match self.config.role {
-            // Mates come first: a peer keeps room to push its club to each.
-            Role::Peer => units.saturating_sub(self.mates_expected() as u64),
-            _ => units,
+            // Mates come first: a peer keeps room to push its club to each, and a tenth of
+            // its upload for repairs and catch-up.
+            Role::Peer => (units * 9 / 10).saturating_sub(self.mates_expected() as u64),
+            // The publisher keeps a tenth of its upload for catch-up and repairs (the pieces
+            // only it has), unless that would leave a club without a seat.
+            Role::Publisher => (units * 9 / 10).max(units.min(u64::from(self.k()))),
+            Role::Relay => units,
         }
     }
 
@@ -951,11 +956,17 @@ impl SwarmNode {
         let mut offer = j.want.intersect(self.clubs_offered());
         if self.config.role == Role::Publisher {
             self.make_room_for_seed(now, j);
-            // At most a few seeds per club.
+            // At most a few seeds per club, and a second seed only while every other club can
+            // still have its first.
             let seeds = self.config.seeds_per_club;
+            let k = self.k();
+            let seeded = |c: u8| self.links.values().filter(|l| l.send.contains(c)).count();
+            let unseeded = (0..k).filter(|c| seeded(*c) == 0).count() as u64;
+            let free = self.upload_units().saturating_sub(self.units_used());
             for c in offer.iter() {
-                let n = self.links.values().filter(|l| l.send.contains(c)).count();
-                if n >= seeds {
+                let n = seeded(c);
+                let starves_others = n >= 1 && free.saturating_sub(1) < unseeded;
+                if n >= seeds || (j.role == Role::Peer && starves_others) {
                     offer = offer.minus(ClubMask::one(c));
                 }
             }
@@ -989,6 +1000,7 @@ impl SwarmNode {
         let share = unit * u64::from(l.send.len());
         l.set_share(share);
         self.stats.joins_granted += 1;
+        tracing::debug!(%from, clubs = offer.0, club = j.club, "granted");
         (offer, false)
     }
 
@@ -1006,7 +1018,8 @@ impl SwarmNode {
             .filter(|(_, l)| l.send.contains(c) && l.club == c)
             .map(|(a, l)| (l.established_at, *a))
             .collect();
-        if seats.len() < self.config.seeds_per_club {
+        let free = self.upload_units().saturating_sub(self.units_used());
+        if seats.is_empty() || (seats.len() < self.config.seeds_per_club && free > 1) {
             return;
         }
         let Some(&(since, oldest)) = seats.iter().min() else {
@@ -1117,6 +1130,7 @@ impl SwarmNode {
         }
         self.stats.repairs_served += served;
         self.stats.repairs_unavailable += missed;
+        tracing::trace!(%from, base = n.base, served, missed, "NACK served");
     }
 
     // ---- publishing ---------------------------------------------------------------------
@@ -1237,12 +1251,18 @@ impl SwarmNode {
                 };
                 let len = bytes.len() as u64;
                 if !l.background_allows(len) {
+                    self.stats.background_blocked_window += 1;
                     break;
                 }
-                if !self
-                    .bucket
-                    .try_take_leaving(now, len, 2 * MAX_DATAGRAM as u64)
-                {
+                // A member's repairs and catch-up go as soon as live traffic leaves a gap; the
+                // publisher, whose upload is mostly seats, keeps a datagram's room for the
+                // next live piece.
+                let reserve = match self.config.role {
+                    Role::Publisher => MAX_DATAGRAM as u64,
+                    _ => 0,
+                };
+                if !self.bucket.try_take_leaving(now, len, reserve) {
+                    self.stats.background_blocked_upload += 1;
                     return None;
                 }
                 l.background.pop_front();
@@ -1752,16 +1772,19 @@ impl SwarmNode {
                 continue;
             }
             let club = (seq % k) as u8;
-            let mut sources: Vec<SocketAddr> = self
+            // Upstreams and seeds (which had the piece pushed to them) before mates (which
+            // may have missed it as we did).
+            let mut sources: Vec<(bool, SocketAddr)> = self
                 .links
                 .iter()
                 .filter(|(_, l)| l.is_source_of(club))
-                .map(|(a, _)| *a)
+                .map(|(a, l)| (l.mate, *a))
                 .collect();
             if sources.is_empty() {
                 continue;
             }
             sources.sort_unstable();
+            let sources: Vec<SocketAddr> = sources.into_iter().map(|(_, a)| a).collect();
             let target = sources[(m.tries as usize) % sources.len()];
             let rtt = self
                 .links
@@ -1775,6 +1798,7 @@ impl SwarmNode {
             }
         }
         for seq in give_up {
+            tracing::trace!(seq, "repair given up");
             if let Some(b) = self.missing.remove(&seq).and_then(|m| m.blamed) {
                 if let Some(l) = self.links.get_mut(&b) {
                     l.pieces_missed += 1;
@@ -1798,6 +1822,7 @@ impl SwarmNode {
                     missing,
                 };
                 self.stats.repairs_asked += u64::from(missing.count_ones());
+                tracing::trace!(%to, base, missing, "NACK");
                 self.send_control(to, |b| nack.encode(b));
             }
         }
@@ -1848,7 +1873,7 @@ const REPLACED_BACKOFF: Duration = Duration::from_secs(3);
 const REFUSED_BACKOFF: Duration = Duration::from_secs(2);
 const COOKIE_BUCKET: Duration = Duration::from_secs(30);
 /// A publisher's seed keeps its seat at least this long.
-const SEED_TENURE: Duration = Duration::from_secs(5);
+const SEED_TENURE: Duration = Duration::from_secs(1);
 
 /// Burst of the upload bucket: 20 ms of the limit, and at least four datagrams.
 fn bucket_burst(limit_bps: Option<u64>) -> u64 {

@@ -27,6 +27,10 @@ pub struct SwarmStats {
     pub control_bytes_out: u64,
     /// Pieces sent from background queues (repair and catch-up).
     pub background_pieces_out: u64,
+    /// Times a background piece waited for its link's LEDBAT window.
+    pub background_blocked_window: u64,
+    /// Times a background piece waited for the upload limit.
+    pub background_blocked_upload: u64,
     /// Pieces asked for in NACKs.
     pub repairs_asked: u64,
     /// Gaps filled after a NACK.

@@ -74,6 +74,14 @@ impl JitterBuffer {
         self.next
     }
 
+    /// Starts the sequence at `seq` if nothing was released yet: earlier pieces will be
+    /// refused as late, and a gap before `seq`'s successors is waited for as any other gap.
+    pub fn expect_from(&mut self, seq: u64) {
+        if self.next.is_none() {
+            self.next = Some(seq);
+        }
+    }
+
     /// Buffers a piece.
     pub fn insert(
         &mut self,

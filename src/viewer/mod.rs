@@ -323,6 +323,12 @@ impl Viewer {
         .ok()
     }
 
+    /// Plays from `seq` on (a swarm member that was there when the stream began starts at its
+    /// first piece, whichever piece reached it first).
+    pub fn expect_from(&mut self, seq: u64) {
+        self.jitter.expect_from(seq);
+    }
+
     /// The next piece in order, if one can be played now.
     pub fn poll_piece(&mut self, now: Timestamp) -> Option<Released> {
         if self.finished {
