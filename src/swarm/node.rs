@@ -17,7 +17,7 @@
 //! - upstreams that fall silent, lose or delay too much are replaced; one that sends a piece
 //!   that fails verification is banned.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -230,9 +230,9 @@ pub struct SwarmNode {
     verifier: Box<dyn PieceVerifier + Send>,
     cookies: CookieJar,
     tracker: Option<TrackerState>,
-    candidates: HashMap<SocketAddr, Candidate>,
-    links: HashMap<SocketAddr, Link>,
-    banned: HashSet<SocketAddr>,
+    candidates: BTreeMap<SocketAddr, Candidate>,
+    links: BTreeMap<SocketAddr, Link>,
+    banned: BTreeSet<SocketAddr>,
     ring: PieceRing,
     /// Highest sequence number received per club.
     club_high: Vec<Option<u64>>,
@@ -304,9 +304,9 @@ impl SwarmNode {
             club,
             club_chosen: config.role != Role::Peer,
             verifier: Box::new(Ed25519Verifier),
-            candidates: HashMap::new(),
-            links: HashMap::new(),
-            banned: HashSet::new(),
+            candidates: BTreeMap::new(),
+            links: BTreeMap::new(),
+            banned: BTreeSet::new(),
             club_high: Vec::new(),
             club_last: Vec::new(),
             missing: BTreeMap::new(),
@@ -1757,7 +1757,7 @@ impl SwarmNode {
     fn send_nacks(&mut self, now: Timestamp) {
         let k = u64::from(self.k());
         let deadline = self.config.repair_horizon;
-        let mut by_target: HashMap<SocketAddr, Vec<u64>> = HashMap::new();
+        let mut by_target: BTreeMap<SocketAddr, Vec<u64>> = BTreeMap::new();
         let mut give_up = Vec::new();
         let seqs: Vec<u64> = self
             .missing
