@@ -3,16 +3,20 @@
 //! drains on SIGTERM or SIGINT.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::parser::ValueSource;
 use clap::{Arg, ArgAction, ArgMatches, Command};
+use clubcast::client::swarm::MemberThread;
 use clubcast::config::{BackendChoice, Key, Kind, RelaySettings, KEYS};
 use clubcast::engine::{
     worker_count, Backend, Drained, EngineConfig, RelayEngine, RelayHandle, XdpConfig,
 };
-use clubcast::metrics::{MetricsServer, RelayMetrics};
+use clubcast::metrics::{MetricsServer, RelayMetrics, SwarmMetrics};
+use clubcast::swarm::{SwarmConfig, SwarmNode};
+use clubcast::wire::Role;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
@@ -261,8 +265,10 @@ pub(crate) fn run(args: Args, log: LogFlags) -> anyhow::Result<()> {
     let metrics = RelayMetrics::new(backend.name(), config.workers);
     let engine = RelayEngine::bind(&config, metrics.clone())
         .with_context(|| format!("cannot start the relay on udp {}", settings.listen))?;
-    let server = MetricsServer::start(settings.metrics, metrics.clone())
+    let swarm_metrics = SwarmMetrics::new("relay");
+    let server = MetricsServer::start(settings.metrics, (metrics.clone(), swarm_metrics.clone()))
         .with_context(|| format!("cannot serve metrics on tcp {}", settings.metrics))?;
+    let _amplifiers = start_amplifiers(&settings, &swarm_metrics)?;
     let workers = engine.workers();
     let backend_name = match engine.xdp_summary() {
         Some(summary) => {
@@ -386,4 +392,48 @@ fn drain(
         ),
     }
     Ok(())
+}
+
+/// Joins the swarms of `swarm-channels` as an amplifier: one member per channel, a member of
+/// every club with a large out-degree. They stop with the relay.
+fn start_amplifiers(
+    settings: &RelaySettings,
+    metrics: &Arc<SwarmMetrics>,
+) -> anyhow::Result<Vec<MemberThread>> {
+    let tracker = match (settings.tracker, settings.swarm_channels.is_empty()) {
+        (None, true) => return Ok(Vec::new()),
+        (None, false) => anyhow::bail!("swarm-channels needs a tracker (--tracker ADDR)"),
+        (Some(_), true) => {
+            anyhow::bail!("--tracker needs the channels to amplify (--swarm-channels KEYS)")
+        }
+        (Some(t), false) => t,
+    };
+    let mut members = Vec::new();
+    for (i, channel) in settings.swarm_channels.iter().enumerate() {
+        let node = SwarmNode::new(
+            *channel,
+            SwarmConfig {
+                role: Role::Relay,
+                tracker: Some(tracker),
+                max_downstreams: settings.swarm_out_degree,
+                seed: rand::random(),
+                ..SwarmConfig::default()
+            },
+        );
+        let member = MemberThread::spawn(
+            "swarm-amplifier",
+            settings.swarm_listen,
+            node,
+            Some((Arc::clone(metrics), i)),
+        )
+        .with_context(|| {
+            format!(
+                "cannot bind the swarm socket on udp {}",
+                settings.swarm_listen
+            )
+        })?;
+        tracing::info!(%channel, %tracker, swarm = %member.local_addr(), "amplifying the swarm");
+        members.push(member);
+    }
+    Ok(members)
 }

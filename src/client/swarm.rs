@@ -299,12 +299,13 @@ pub struct MemberThread {
 }
 
 impl MemberThread {
-    /// Binds `listen` and starts `node` on a thread named `name`.
+    /// Binds `listen` and starts `node` on a thread named `name`; its figures go to part
+    /// `metrics.1` of `metrics.0`.
     pub fn spawn(
         name: &str,
         listen: SocketAddr,
         node: SwarmNode,
-        metrics: Option<Arc<SwarmMetrics>>,
+        metrics: Option<(Arc<SwarmMetrics>, usize)>,
     ) -> io::Result<Self> {
         let mut member = Member::bind(listen, node, None)?;
         let local_addr = member.local_addr()?;
@@ -368,7 +369,7 @@ fn member_loop(
     pieces: &Receiver<PieceBytes>,
     stop: &AtomicBool,
     stats: &Mutex<SwarmStats>,
-    metrics: Option<&Arc<SwarmMetrics>>,
+    metrics: Option<&(Arc<SwarmMetrics>, usize)>,
 ) -> io::Result<()> {
     let mut last_stats = Instant::now();
     while !stop.load(Ordering::Relaxed) {
@@ -381,8 +382,8 @@ fn member_loop(
             if let Ok(mut s) = stats.lock() {
                 s.clone_from(member.node().stats());
             }
-            if let Some(m) = metrics {
-                m.update(member.node().stats(), member.node().link_counts());
+            if let Some((m, part)) = metrics {
+                m.update_part(*part, member.node().stats(), member.node().link_counts());
             }
             last_stats = Instant::now();
         }

@@ -155,6 +155,14 @@ pub struct RelaySettings {
     pub log_format: LogFormat,
     /// Longest a SIGTERM drain may take before the relay exits anyway.
     pub drain_timeout: Duration,
+    /// Tracker of the swarms to amplify (`None`: no swarm).
+    pub tracker: Option<SocketAddr>,
+    /// Channels whose swarms the relay joins as an amplifier.
+    pub swarm_channels: Vec<ChannelPublicKey>,
+    /// Local address of the amplifier's swarm sockets (port 0: one ephemeral port each).
+    pub swarm_listen: SocketAddr,
+    /// Most swarm members the amplifier pushes to, per channel.
+    pub swarm_out_degree: usize,
 }
 
 impl Default for RelaySettings {
@@ -183,6 +191,10 @@ impl Default for RelaySettings {
             log_level: tracing::Level::INFO,
             log_format: LogFormat::Text,
             drain_timeout: Duration::from_secs(5),
+            tracker: None,
+            swarm_channels: Vec::new(),
+            swarm_listen: SocketAddr::from(([0, 0, 0, 0], 0)),
+            swarm_out_degree: 500,
         }
     }
 }
@@ -576,6 +588,64 @@ pub static KEYS: &[Key] = &[
             Ok(())
         },
         show: |s| values::show_duration(s.drain_timeout),
+    },
+    Key {
+        name: "tracker",
+        value_name: "ADDR",
+        help: "Join the swarms of swarm-channels through this tracker, as an amplifier: a member \
+               of every club that pushes each piece to up to swarm-out-degree members \
+               (empty: no swarm).",
+        kind: Kind::Text,
+        live: false,
+        set: |s, v| {
+            s.tracker = match v.trim() {
+                "" => None,
+                t => Some(values::socket_addr(t)?),
+            };
+            Ok(())
+        },
+        show: |s| s.tracker.map(|t| t.to_string()).unwrap_or_default(),
+    },
+    Key {
+        name: "swarm-channels",
+        value_name: "KEYS",
+        help: "Channels (public keys, comma-separated) whose swarms the relay amplifies; needs \
+               tracker.",
+        kind: Kind::List,
+        live: false,
+        set: |s, v| {
+            s.swarm_channels = channel_list(v)?;
+            Ok(())
+        },
+        show: |s| {
+            let keys: Vec<String> = s.swarm_channels.iter().map(ToString::to_string).collect();
+            keys.join(",")
+        },
+    },
+    Key {
+        name: "swarm-listen",
+        value_name: "ADDR",
+        help: "UDP address of the amplifier's swarm sockets (port 0: an ephemeral port per \
+               channel; the tracker tells members where).",
+        kind: Kind::Text,
+        live: false,
+        set: |s, v| {
+            s.swarm_listen = values::socket_addr(v)?;
+            Ok(())
+        },
+        show: |s| s.swarm_listen.to_string(),
+    },
+    Key {
+        name: "swarm-out-degree",
+        value_name: "N",
+        help: "Most swarm members the amplifier pushes to, per channel.",
+        kind: Kind::Integer,
+        live: false,
+        set: |s, v| {
+            s.swarm_out_degree = positive(v)?;
+            Ok(())
+        },
+        show: |s| s.swarm_out_degree.to_string(),
     },
 ];
 

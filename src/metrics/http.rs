@@ -22,6 +22,19 @@ pub trait MetricsSource: Send + Sync + 'static {
     }
 }
 
+/// A relay that also amplifies swarms: its metrics, then the swarm members'.
+impl MetricsSource for (Arc<RelayMetrics>, Arc<super::SwarmMetrics>) {
+    fn render(&self) -> String {
+        let relay = RelayMetrics::render(&self.0);
+        // Both are complete expositions; only the last may keep its end marker.
+        let relay = relay.strip_suffix("# EOF\n").unwrap_or(&relay);
+        format!("{relay}{}", self.1.render_text())
+    }
+    fn ready(&self) -> bool {
+        RelayMetrics::ready(&self.0)
+    }
+}
+
 impl MetricsSource for Arc<RelayMetrics> {
     fn render(&self) -> String {
         RelayMetrics::render(self)

@@ -17,8 +17,8 @@ use crate::swarm::SwarmStats;
 #[derive(Debug, Default)]
 struct Snapshot {
     role: &'static str,
-    stats: SwarmStats,
-    links: (usize, usize, usize),
+    /// One entry per member (a relay amplifies several channels), summed when rendered.
+    parts: Vec<(SwarmStats, (usize, usize, usize))>,
 }
 
 /// Swarm metrics of one member, refreshed by its IO loop.
@@ -42,9 +42,16 @@ impl SwarmMetrics {
 
     /// Replaces the counters with the member's current ones.
     pub fn update(&self, stats: &SwarmStats, links: (usize, usize, usize)) {
+        self.update_part(0, stats, links);
+    }
+
+    /// Replaces the counters of member `part` (of several in one process).
+    pub fn update_part(&self, part: usize, stats: &SwarmStats, links: (usize, usize, usize)) {
         if let Ok(mut s) = self.snapshot.lock() {
-            s.stats.clone_from(stats);
-            s.links = links;
+            if s.parts.len() <= part {
+                s.parts.resize_with(part + 1, Default::default);
+            }
+            s.parts[part] = (stats.clone(), links);
         }
     }
 
@@ -99,7 +106,15 @@ fn by_club(
 impl Collector for SwarmMetrics {
     fn encode(&self, mut e: DescriptorEncoder<'_>) -> std::fmt::Result {
         let (role, s, links) = match self.snapshot.lock() {
-            Ok(g) => (g.role, g.stats.clone(), g.links),
+            Ok(g) => {
+                let mut sum = SwarmStats::default();
+                let mut links = (0, 0, 0);
+                for (stats, l) in &g.parts {
+                    sum.absorb(stats);
+                    links = (links.0 + l.0, links.1 + l.1, links.2 + l.2);
+                }
+                (g.role, sum, links)
+            }
             Err(_) => return Ok(()),
         };
         e.encode_descriptor(

@@ -694,7 +694,7 @@ impl SwarmNode {
                 l.lateness_us = l.lateness_us * 0.9 + late * 0.1;
             }
         }
-        if self.config.role != Role::Publisher {
+        if self.config.role == Role::Peer {
             self.delivered.push_back(bytes.clone());
         }
         self.forward(now, from, seq, club, bytes);

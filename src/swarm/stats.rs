@@ -90,6 +90,51 @@ impl SwarmStats {
         }
     }
 
+    /// Adds `other`'s counts to these (members of several channels in one process).
+    pub fn absorb(&mut self, other: &SwarmStats) {
+        self.pieces_new += other.pieces_new;
+        self.duplicates += other.duplicates;
+        self.bad_pieces += other.bad_pieces;
+        self.unknown_sender += other.unknown_sender;
+        self.stale += other.stale;
+        self.from_banned += other.from_banned;
+        self.malformed += other.malformed;
+        self.unexpected += other.unexpected;
+        self.control_bytes_out += other.control_bytes_out;
+        self.background_pieces_out += other.background_pieces_out;
+        self.background_blocked_window += other.background_blocked_window;
+        self.background_blocked_upload += other.background_blocked_upload;
+        self.repairs_asked += other.repairs_asked;
+        self.repaired += other.repaired;
+        self.repairs_given_up += other.repairs_given_up;
+        self.repairs_served += other.repairs_served;
+        self.repairs_unavailable += other.repairs_unavailable;
+        self.nacks_ignored += other.nacks_ignored;
+        self.catch_up_queued += other.catch_up_queued;
+        self.live_dropped += other.live_dropped;
+        self.live_refused += other.live_refused;
+        self.joins_sent += other.joins_sent;
+        self.joins_granted += other.joins_granted;
+        self.joins_refused += other.joins_refused;
+        self.joins_unproven += other.joins_unproven;
+        self.peer_lists += other.peer_lists;
+        self.seeds_rotated += other.seeds_rotated;
+        self.links_expired += other.links_expired;
+        self.peers_replaced += other.peers_replaced;
+        self.peers_banned += other.peers_banned;
+        for (mine, theirs) in [
+            (&mut self.download_by_club, &other.download_by_club),
+            (&mut self.upload_by_club, &other.upload_by_club),
+        ] {
+            if mine.len() < theirs.len() {
+                mine.resize(theirs.len(), 0);
+            }
+            for (m, t) in mine.iter_mut().zip(theirs) {
+                *m += t;
+            }
+        }
+    }
+
     /// Piece bytes sent in all.
     pub fn upload_bytes(&self) -> u64 {
         self.upload_by_club.iter().sum()
