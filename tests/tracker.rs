@@ -4,34 +4,12 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, UdpSocket};
-use std::process::Stdio;
 use std::time::Duration;
 
 use clubcast::crypto::ChannelKey;
 use clubcast::wire::{ChannelId, Descriptor, Hello, Message, Role, TrackerAnnounce, MAX_DATAGRAM};
-use common::{clubcast, Proc};
-
-fn start_tracker(ttl: &str) -> (Proc, SocketAddr) {
-    let mut cmd = clubcast();
-    cmd.args(["tracker", "--listen", "127.0.0.1:0", "--member-ttl", ttl])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    let mut proc = Proc::spawn("tracker", &mut cmd);
-    let mut line = String::new();
-    BufReader::new(proc.child.stderr.as_mut().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .split("tracker listening on ")
-        .nth(1)
-        .unwrap_or_else(|| panic!("no startup line: {line:?}"))
-        .trim()
-        .parse()
-        .unwrap();
-    (proc, addr)
-}
+use common::start_tracker;
 
 /// A member socket that has proved its address; announcing returns the replies.
 struct Member {

@@ -57,6 +57,11 @@ pub(crate) struct Args {
     #[arg(long, value_name = "RATE", value_parser = args::bitrate, requires = "tracker")]
     stream_bitrate: Option<u64>,
 
+    /// Before publishing, wait up to this long for members to take a seed in every club (they
+    /// then play from the first piece). 0s starts at once.
+    #[arg(long, default_value = "2s", value_name = "DURATION", value_parser = args::duration, requires = "tracker")]
+    wait_for_seeds: Duration,
+
     /// Local UDP address of the publisher's swarm socket.
     #[arg(long, default_value = "0.0.0.0:0", value_name = "ADDR", value_parser = args::socket_addr)]
     swarm_listen: SocketAddr,
@@ -90,6 +95,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
             upload_limit_bps: args.upload_limit,
             stream_bitrate_bps: args.stream_bitrate.unwrap_or(args.max_bitrate),
             linger: Duration::from_secs(3),
+            wait_for_seeds: args.wait_for_seeds,
         }),
         realtime: args.realtime,
         max_bitrate_bps: args.max_bitrate,

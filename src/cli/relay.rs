@@ -268,7 +268,6 @@ pub(crate) fn run(args: Args, log: LogFlags) -> anyhow::Result<()> {
     let swarm_metrics = SwarmMetrics::new("relay");
     let server = MetricsServer::start(settings.metrics, (metrics.clone(), swarm_metrics.clone()))
         .with_context(|| format!("cannot serve metrics on tcp {}", settings.metrics))?;
-    let _amplifiers = start_amplifiers(&settings, &swarm_metrics)?;
     let workers = engine.workers();
     let backend_name = match engine.xdp_summary() {
         Some(summary) => {
@@ -285,6 +284,7 @@ pub(crate) fn run(args: Args, log: LogFlags) -> anyhow::Result<()> {
         settings.poll.name(),
         server.local_addr()
     );
+    let _amplifiers = start_amplifiers(&settings, &swarm_metrics)?;
     serve(relay, &metrics, &mut signals, &sources, settings, &logging)
 }
 

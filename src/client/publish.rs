@@ -96,6 +96,9 @@ pub struct PublishSwarm {
     pub stream_bitrate_bps: u64,
     /// After the last piece, keep serving repairs this long.
     pub linger: Duration,
+    /// Before the first piece, wait up to this long for every club to have a seed (members
+    /// that were waiting for the channel then get it from its first piece).
+    pub wait_for_seeds: Duration,
 }
 
 /// What a publishing session did.
@@ -269,6 +272,15 @@ fn start_swarm(
     );
     let member = MemberThread::spawn("swarm-publisher", s.listen, node, None)?;
     tracing::info!(tracker = %s.tracker, swarm = %member.local_addr(), "seeding the swarm");
+    let deadline = Instant::now() + s.wait_for_seeds;
+    while member.clubs_seeded() < u32::from(config.clubs) && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(10));
+    }
+    tracing::info!(
+        "{} of {} clubs have a seed; publishing",
+        member.clubs_seeded(),
+        config.clubs
+    );
     Ok(member)
 }
 

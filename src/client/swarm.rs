@@ -5,7 +5,7 @@
 
 use std::io::{self, Write};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -294,6 +294,7 @@ pub struct MemberThread {
     pieces: Sender<PieceBytes>,
     stop: Arc<AtomicBool>,
     stats: Arc<Mutex<SwarmStats>>,
+    seeded: Arc<AtomicU32>,
     local_addr: SocketAddr,
     thread: Option<JoinHandle<io::Result<()>>>,
 }
@@ -312,14 +313,20 @@ impl MemberThread {
         let (tx, rx) = crossbeam::channel::bounded::<PieceBytes>(4096);
         let stop = Arc::new(AtomicBool::new(false));
         let stats = Arc::new(Mutex::new(SwarmStats::default()));
-        let (stop2, stats2) = (Arc::clone(&stop), Arc::clone(&stats));
+        let seeded = Arc::new(AtomicU32::new(0));
+        let shared = Shared {
+            stop: Arc::clone(&stop),
+            stats: Arc::clone(&stats),
+            seeded: Arc::clone(&seeded),
+        };
         let thread = thread::Builder::new()
             .name(name.to_string())
-            .spawn(move || member_loop(&mut member, &rx, &stop2, &stats2, metrics.as_ref()))?;
+            .spawn(move || member_loop(&mut member, &rx, &shared, metrics.as_ref()))?;
         Ok(MemberThread {
             pieces: tx,
             stop,
             stats,
+            seeded,
             local_addr,
             thread: Some(thread),
         })
@@ -336,6 +343,11 @@ impl MemberThread {
             // A full queue means the member is far behind; the swarm repairs what is skipped.
             let _ = self.pieces.try_send(Arc::from(piece));
         }
+    }
+
+    /// Publisher: how many clubs have a seed now.
+    pub fn clubs_seeded(&self) -> u32 {
+        self.seeded.load(Ordering::Relaxed)
     }
 
     /// The member's counters now.
@@ -364,13 +376,20 @@ impl Drop for MemberThread {
     }
 }
 
+/// What a member thread shares with its owner.
+struct Shared {
+    stop: Arc<AtomicBool>,
+    stats: Arc<Mutex<SwarmStats>>,
+    seeded: Arc<AtomicU32>,
+}
+
 fn member_loop(
     member: &mut Member,
     pieces: &Receiver<PieceBytes>,
-    stop: &AtomicBool,
-    stats: &Mutex<SwarmStats>,
+    shared: &Shared,
     metrics: Option<&(Arc<SwarmMetrics>, usize)>,
 ) -> io::Result<()> {
+    let Shared { stop, stats, seeded } = shared;
     let mut last_stats = Instant::now();
     while !stop.load(Ordering::Relaxed) {
         while let Ok(p) = pieces.try_recv() {
@@ -378,6 +397,7 @@ fn member_loop(
             member.node_mut().publish(now, p);
         }
         member.turn(Duration::from_millis(1))?;
+        seeded.store(member.node().clubs_seeded(), Ordering::Relaxed);
         if last_stats.elapsed() >= Duration::from_millis(100) {
             if let Ok(mut s) = stats.lock() {
                 s.clone_from(member.node().stats());

@@ -438,6 +438,13 @@ impl SwarmNode {
         v.join("\n")
     }
 
+    /// Publisher: clubs that have at least one seed.
+    pub fn clubs_seeded(&self) -> u32 {
+        (0..self.k())
+            .filter(|c| self.links.values().any(|l| !l.mate && l.send.contains(*c)))
+            .count() as u32
+    }
+
     /// Whether `addr` was banned.
     pub fn is_banned(&self, addr: &SocketAddr) -> bool {
         self.banned.contains(addr)
@@ -499,6 +506,7 @@ impl SwarmNode {
 
     /// Clubs this member can push: a peer its own club, and, from spare upload, the clubs it
     /// receives from an upstream (a second hop for clubs too small to serve everyone).
+    /// Clubs this member can push: a peer its own club; relays and the publisher every club.
     fn clubs_offered(&self) -> ClubMask {
         match self.config.role {
             Role::Peer => ClubMask::one(self.club),
@@ -1382,7 +1390,7 @@ impl SwarmNode {
         }
         let interval = if !self.club_chosen || self.info.is_none() {
             // Waiting for the channel to appear, or for a peer list: ask again soon.
-            Duration::from_millis(500)
+            Duration::from_millis(250)
         } else if self.picture_incomplete() {
             // Members that have not said their club yet, or clubs nobody is known in.
             Duration::from_secs(1)
@@ -1772,13 +1780,22 @@ impl SwarmNode {
                 continue;
             }
             let club = (seq % k) as u8;
-            // Upstreams and seeds (which had the piece pushed to them) before mates (which
-            // may have missed it as we did).
-            let mut sources: Vec<(bool, SocketAddr)> = self
+            // First the club's sources: upstreams and seeds (which had the piece pushed to
+            // them) before mates (which may have missed it as we did). After two tries, any
+            // member we are linked with: every member receives every club, so most have it.
+            let mut sources: Vec<(u8, SocketAddr)> = self
                 .links
                 .iter()
-                .filter(|(_, l)| l.is_source_of(club))
-                .map(|(a, l)| (l.mate, *a))
+                .filter(|(_, l)| l.established || !l.initiated)
+                .filter_map(|(a, l)| {
+                    let rank = match (l.is_source_of(club), l.mate) {
+                        (true, false) => 0,
+                        (true, true) => 1,
+                        _ if m.tries >= 2 => 2,
+                        _ => return None,
+                    };
+                    Some((rank, *a))
+                })
                 .collect();
             if sources.is_empty() {
                 continue;

@@ -427,3 +427,27 @@ impl Drop for TestPublisher {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 }
+
+/// Starts `clubcast tracker` on an ephemeral loopback port with member TTL `ttl`; the process
+/// and its address.
+pub fn start_tracker(ttl: &str) -> (Proc, SocketAddr) {
+    let mut cmd = clubcast();
+    cmd.args(["tracker", "--listen", "127.0.0.1:0", "--member-ttl", ttl])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut proc = Proc::spawn("tracker", &mut cmd);
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(proc.child.stderr.as_mut().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let addr = line
+        .split("tracker listening on ")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no startup line: {line:?}"))
+        .trim()
+        .parse()
+        .unwrap();
+    (proc, addr)
+}
