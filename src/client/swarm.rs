@@ -26,6 +26,8 @@ use crate::wire::Piece;
 const MEMBER_SOCKET_BUFFER: usize = 4 << 20;
 /// Longest wait between rounds (bounds how late `stop` and pacing are noticed).
 const MAX_WAIT: Duration = Duration::from_millis(5);
+/// Longest a new member holds pieces back while it finds a source for every club.
+const STARTUP_HOLD: Duration = Duration::from_secs(2);
 
 /// A swarm member on a real socket.
 pub struct Member {
@@ -183,6 +185,11 @@ pub fn run_swarm_watch(
     on_bound(member.local_addr()?);
     let mut viewer = Viewer::new(config.channel, config.viewer.clone());
     let mut last_piece: Option<Instant> = None;
+    // Pieces held back until the member has a source for every club (or for a while): the
+    // jitter window then starts when playing starts, and the start of the stream, which
+    // arrives through catch-up and repair, is not skipped.
+    let mut held: Vec<PieceBytes> = Vec::new();
+    let mut first_arrival: Option<Instant> = None;
     let mut last_metrics = Instant::now();
     let mut finished_at: Option<Instant> = None;
     let end = loop {
@@ -192,6 +199,17 @@ pub fn run_swarm_watch(
         member.turn(MAX_WAIT)?;
         let now = member.now();
         while let Some(bytes) = member.node_mut().poll_piece() {
+            first_arrival.get_or_insert_with(Instant::now);
+            held.push(bytes);
+        }
+        let ready = member.node().all_clubs_sourced()
+            || first_arrival.is_some_and(|t| t.elapsed() >= STARTUP_HOLD);
+        let release: Vec<PieceBytes> = if ready {
+            std::mem::take(&mut held)
+        } else {
+            Vec::new()
+        };
+        for bytes in release {
             if viewer.stats().pieces_received == 0 {
                 start_playout(&mut viewer, member.node(), &bytes);
                 if let (Some(info), Ok(p)) = (member.node().info(), Piece::parse(&bytes)) {
@@ -389,7 +407,11 @@ fn member_loop(
     shared: &Shared,
     metrics: Option<&(Arc<SwarmMetrics>, usize)>,
 ) -> io::Result<()> {
-    let Shared { stop, stats, seeded } = shared;
+    let Shared {
+        stop,
+        stats,
+        seeded,
+    } = shared;
     let mut last_stats = Instant::now();
     while !stop.load(Ordering::Relaxed) {
         while let Ok(p) = pieces.try_recv() {

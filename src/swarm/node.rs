@@ -121,7 +121,7 @@ impl Default for SwarmConfig {
             max_downstreams: 64,
             seeds_per_club: 2,
             ring: Duration::from_secs(4),
-            repair_horizon: Duration::from_millis(1500),
+            repair_horizon: Duration::from_secs(2),
             catch_up: Duration::from_secs(1),
             nack_delay: Duration::from_millis(40),
             silence_timeout: Duration::from_millis(600),
@@ -243,6 +243,8 @@ pub struct SwarmNode {
     global_high: Option<u64>,
     gaps_checked: Option<u64>,
     last_new_piece: Timestamp,
+    /// When the member first ran its timers knowing the channel.
+    info_since: Option<Timestamp>,
     /// Smallest (arrival − publish time) seen: the fastest path's offset.
     best_offset_us: Option<i64>,
     control: VecDeque<Transmit>,
@@ -313,6 +315,7 @@ impl SwarmNode {
             global_high: None,
             gaps_checked: None,
             last_new_piece: Timestamp::ZERO,
+            info_since: None,
             best_offset_us: None,
             control: VecDeque::new(),
             urgent: VecDeque::new(),
@@ -436,6 +439,11 @@ impl SwarmNode {
             .collect();
         v.sort();
         v.join("\n")
+    }
+
+    /// Whether every club has a source: an upstream, or for the own club a mate or a seed.
+    pub fn all_clubs_sourced(&self) -> bool {
+        self.info.is_some() && (0..self.k()).all(|c| self.links.values().any(|l| l.is_source_of(c)))
     }
 
     /// Publisher: clubs that have at least one seed.
@@ -1454,9 +1462,11 @@ impl SwarmNode {
         if self.club_chosen {
             return;
         }
-        // Wait for a first peer list (or half a second without a tracker answer).
-        let waited = now.saturating_since(self.started.unwrap_or(now)) > Duration::from_millis(500);
-        if self.stats.peer_lists == 0 && self.tracker.is_some() && !waited {
+        // With a tracker, the tracker assigns the club (it sees everyone, so clubs stay even);
+        // a peer chooses by itself only if no assignment came for a while after the channel
+        // appeared.
+        let since = *self.info_since.get_or_insert(now);
+        if self.tracker.is_some() && now.saturating_since(since) < CLUB_ASSIGNMENT_WAIT {
             return;
         }
         let k = self.k();
@@ -1884,6 +1894,8 @@ const PAYLOAD: u64 = 1128;
 /// No new piece for this long: look for gaps up to the newest piece (the stream paused or
 /// ended, so no later piece will reveal them).
 const STREAM_PAUSE: Duration = Duration::from_millis(150);
+/// A peer waits this long for the tracker to assign its club before choosing one itself.
+const CLUB_ASSIGNMENT_WAIT: Duration = Duration::from_secs(3);
 /// A member replaced as an upstream is not asked again for this long.
 const REPLACED_BACKOFF: Duration = Duration::from_secs(3);
 /// A member that refused a JOIN is not asked again for this long.

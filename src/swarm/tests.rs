@@ -328,7 +328,7 @@ fn forgers_are_banned_and_nothing_forged_is_played() {
 fn repair_keeps_continuity_under_five_percent_loss() {
     let s = Setup {
         peers: 21,
-        clubs: 7,
+        clubs: 10,
         relay: false,
         loss: 0.05,
         publisher_cap: 2.0,
