@@ -12,7 +12,7 @@ use crate::publisher::Publisher;
 use crate::relay::{Inbound, RelayConfig, RelayCore};
 use crate::time::Timestamp;
 use crate::viewer::{Viewer, ViewerConfig};
-use crate::wire::{Message, MAX_DATAGRAM};
+use crate::wire::{Join, Message, MAX_DATAGRAM};
 
 /// Splits fuzz input into datagrams: a length byte, then that many bytes, repeated.
 fn datagrams(data: &[u8]) -> impl Iterator<Item = (u8, &[u8])> {
@@ -161,5 +161,62 @@ pub fn tracker(data: &[u8]) {
             d.len()
         );
         t.handle_timeout(now);
+    }
+}
+
+/// Datagrams from a few sources into a swarm peer, with real signed pieces among them: no
+/// panic, every piece handed out for playing verifies under the channel key, and an address
+/// with no link is never sent more than it sent.
+pub fn swarm_node(data: &[u8]) {
+    use crate::swarm::{ChannelInfo, SwarmConfig, SwarmNode};
+    use crate::wire::{PeerEntry, PieceFlags, Role};
+    let key = ChannelKey::from_seed(&[9; 32]);
+    let public = key.public();
+    let mut publisher = Publisher::new(key, 1000, 4);
+    let mut node = SwarmNode::new(public, SwarmConfig::default());
+    node.set_info(ChannelInfo {
+        clubs: 4,
+        bitrate_bps: 1_000_000,
+        first_seq: 1000,
+        private: false,
+    });
+    let addr = |tag: u8| SocketAddr::from(([10, 0, 0, 1 + tag % 4], 4000));
+    node.add_candidates((0..4).map(|t| PeerEntry {
+        addr: addr(t),
+        role: Role::Peer,
+        club: t,
+    }));
+    let mut now = Timestamp::ZERO;
+    let mut piece = [0u8; MAX_DATAGRAM];
+    for (tag, d) in datagrams(data) {
+        now = now + Duration::from_millis(u64::from(tag % 50));
+        let from = addr(tag);
+        let linked = node.is_linked(&from);
+        if tag & 0x80 != 0 {
+            // A real piece from this source.
+            if let Ok(n) = publisher.encode_piece(d, PieceFlags::empty(), 0, &mut piece) {
+                node.handle_datagram(now, from, &piece[..n]);
+            }
+        }
+        node.handle_datagram(now, from, d);
+        node.handle_timeout(now);
+        let mut to_source = 0;
+        while let Some(t) = node.poll_transmit(now) {
+            if t.to == from {
+                to_source += t.data.as_bytes().len();
+            }
+        }
+        assert!(
+            linked || node.is_linked(&from) || to_source <= d.len().max(Join::LEN),
+            "{to_source} bytes to an unlinked source that sent {}",
+            d.len()
+        );
+        while let Some(p) = node.poll_piece() {
+            let p = crate::wire::Piece::parse(&p).expect("a delivered piece parses");
+            assert!(
+                public.verify_piece(&p).is_ok(),
+                "delivered an unsigned piece"
+            );
+        }
     }
 }

@@ -19,6 +19,7 @@ const TARGETS: [(&str, Target); 8] = [
     ("frame", fuzzing::frame),
     ("fault_spec", fuzzing::fault_spec),
     ("tracker", fuzzing::tracker),
+    ("swarm_node", fuzzing::swarm_node),
 ];
 
 #[test]

@@ -453,6 +453,11 @@ impl SwarmNode {
             .count() as u32
     }
 
+    /// Whether there is a link with `addr` (it proved its address, or we asked it).
+    pub fn is_linked(&self, addr: &SocketAddr) -> bool {
+        self.links.contains_key(addr)
+    }
+
     /// Whether `addr` was banned.
     pub fn is_banned(&self, addr: &SocketAddr) -> bool {
         self.banned.contains(addr)
