@@ -10,7 +10,7 @@ use clubcast::fuzzing;
 /// A fuzz entry point.
 type Target = fn(&[u8]);
 
-const TARGETS: [(&str, Target); 8] = [
+const TARGETS: [(&str, Target); 9] = [
     ("wire", fuzzing::wire),
     ("relay_core", fuzzing::relay_core),
     ("viewer", fuzzing::viewer),
