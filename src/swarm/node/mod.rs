@@ -1,0 +1,583 @@
+//! [`SwarmNode`]: one member of a channel's swarm — peer, relay amplifier or publisher — as a
+//! sans-IO state machine. It takes datagrams and a time, and gives back datagrams to send
+//! ([`SwarmNode::poll_transmit`]), verified pieces to play ([`SwarmNode::poll_piece`]) and when
+//! it next wants to be woken ([`SwarmNode::poll_timeout`]).
+//!
+//! How pieces flow (the club design of BitTorrent Live):
+//! - piece `seq` belongs to club `seq % K`; each peer is a member of one club;
+//! - the publisher pushes each piece to a few *seeds* of its club (peers or relays that asked);
+//! - a member that gets a piece of its own club first pushes it at once to its club mates
+//!   (no window; the duplicates are counted), and through the paced, congestion-controlled
+//!   last hop to the outside members that asked it for its club;
+//! - it gets every other club from one upstream per club (a member of that club or a relay);
+//! - relays are members of every club with a large out-degree;
+//! - gaps are NACKed to an upstream, which resends from its ring under LEDBAT while the piece
+//!   can still play; a new link starts with the last second of its clubs (catch-up), also under
+//!   LEDBAT;
+//! - upstreams that fall silent, lose or delay too much are replaced; one that sends a piece
+//!   that fails verification is banned.
+//!
+//! This file holds the member's types and state; `receive` handles input, `send` decides what
+//! goes out, `upkeep` runs the timers.
+
+mod receive;
+mod send;
+mod upkeep;
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+
+use super::link::Link;
+use super::pacer::TokenBucket;
+use super::ring::{PieceBytes, PieceRing};
+use super::stats::SwarmStats;
+use crate::crypto::{verify_descriptor, ChannelPublicKey};
+use crate::relay::cookie::{CookieCheck, CookieJar};
+use crate::time::Timestamp;
+use crate::wire::{
+    Accept, Ack, AckEntry, ChannelId, ClubMask, Cookie, CookieBytes, Descriptor, Hello, Join,
+    Message, Nack, PeerEntry, Piece, PieceHeader, Role, TrackerAnnounce, MAX_DATAGRAM,
+};
+
+/// The club value of a member of every club (relays) and of the publisher.
+pub const ALL_CLUBS: u8 = 0xff;
+/// The club value of a peer that has not chosen its club yet.
+pub const NO_CLUB: u8 = 0xfe;
+
+/// How a member behaves: honest, or one of the adversaries the tests and simulator use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Behaviour {
+    /// Follows the protocol.
+    #[default]
+    Honest,
+    /// Corrupts every piece it forwards (its neighbours must ban it).
+    Forger,
+    /// Downloads and never uploads (accepts links and sends nothing).
+    FreeRider,
+    /// Forwards every piece this much late.
+    Delayer(Duration),
+}
+
+/// What a channel is, from its signed descriptor.
+#[derive(Debug, Clone)]
+pub struct ChannelInfo {
+    /// Number of clubs K (1..=64).
+    pub clubs: u8,
+    /// Nominal stream bitrate, bits per second.
+    pub bitrate_bps: u64,
+    /// The publisher session's first sequence number.
+    pub first_seq: u64,
+    /// Payloads are encrypted.
+    pub private: bool,
+}
+
+/// Tunables of a swarm member.
+#[derive(Debug, Clone)]
+pub struct SwarmConfig {
+    /// What this member is.
+    pub role: Role,
+    /// The tracker, if members are found through one.
+    pub tracker: Option<SocketAddr>,
+    /// Upload cap, bits per second (`None`: unlimited).
+    pub upload_limit_bps: Option<u64>,
+    /// Club mates kept (in-club push goes to each).
+    pub max_mates: usize,
+    /// Most downstream links (outside members we push to). Peers are further held to what
+    /// their upload limit affords.
+    pub max_downstreams: usize,
+    /// Publisher: most seeds per club.
+    pub seeds_per_club: usize,
+    /// How long pieces are kept for repair and catch-up.
+    pub ring: Duration,
+    /// A piece older than this (since it arrived) is not resent: it could not play in time.
+    pub repair_horizon: Duration,
+    /// How much of the recent stream a new downstream link gets (catch-up).
+    pub catch_up: Duration,
+    /// How long a gap waits (for reordering) before it is NACKed.
+    pub nack_delay: Duration,
+    /// A club silent this long (or for eight of its pieces, if that is longer), while others
+    /// arrive, gets a new upstream.
+    pub silence_timeout: Duration,
+    /// An upstream whose pieces trail the fastest path by this much is replaced.
+    pub slow_threshold: Duration,
+    /// Links not kept alive for this long are dropped.
+    pub link_timeout: Duration,
+    /// Interval between JOIN keepalives on links we asked for.
+    pub keepalive: Duration,
+    /// Interval between tracker announces.
+    pub announce_interval: Duration,
+    /// Honest or adversarial.
+    pub behaviour: Behaviour,
+    /// Seed of the member's random choices (fixed in tests and the simulator).
+    pub seed: u64,
+}
+
+impl Default for SwarmConfig {
+    fn default() -> Self {
+        SwarmConfig {
+            role: Role::Peer,
+            tracker: None,
+            upload_limit_bps: None,
+            max_mates: 4,
+            max_downstreams: 64,
+            seeds_per_club: 2,
+            ring: Duration::from_secs(4),
+            repair_horizon: Duration::from_secs(2),
+            catch_up: Duration::from_secs(1),
+            nack_delay: Duration::from_millis(40),
+            silence_timeout: Duration::from_millis(600),
+            slow_threshold: Duration::from_millis(800),
+            link_timeout: Duration::from_secs(4),
+            keepalive: Duration::from_secs(1),
+            announce_interval: Duration::from_secs(5),
+            behaviour: Behaviour::Honest,
+            seed: 0,
+        }
+    }
+}
+
+/// Checks piece signatures. The default checks each one; the simulator shares one result per
+/// piece among its many members.
+pub trait PieceVerifier {
+    /// Whether `piece` (whose bytes are `bytes`) is signed by `key`.
+    fn verify(&mut self, key: &ChannelPublicKey, piece: &Piece<'_>, bytes: &PieceBytes) -> bool;
+}
+
+/// Verifies every piece with Ed25519.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Ed25519Verifier;
+
+impl PieceVerifier for Ed25519Verifier {
+    fn verify(&mut self, key: &ChannelPublicKey, piece: &Piece<'_>, _: &PieceBytes) -> bool {
+        key.verify_piece(piece).is_ok()
+    }
+}
+
+/// A datagram to send.
+#[derive(Debug, Clone)]
+pub struct Transmit {
+    /// Destination.
+    pub to: SocketAddr,
+    /// Bytes.
+    pub data: Datagram,
+}
+
+/// The bytes of a [`Transmit`].
+#[derive(Debug, Clone)]
+pub enum Datagram {
+    /// A piece, shared with the ring and every other queue that holds it.
+    Piece(PieceBytes),
+    /// A control message.
+    Control(Vec<u8>),
+}
+
+impl Datagram {
+    /// The bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        match self {
+            Datagram::Piece(p) => p,
+            Datagram::Control(c) => c,
+        }
+    }
+}
+
+/// A member we heard of (from the tracker, or because it contacted us).
+#[derive(Debug, Clone, Copy)]
+struct Candidate {
+    role: Role,
+    club: u8,
+    /// Do not ask it again before this.
+    backoff_until: Timestamp,
+}
+
+/// A gap being repaired.
+#[derive(Debug, Clone, Copy)]
+struct Missing {
+    noticed: Timestamp,
+    next_nack: Timestamp,
+    tries: u32,
+    /// The upstream first asked: if the piece comes from elsewhere or never, it missed it.
+    blamed: Option<SocketAddr>,
+}
+
+/// A piece queued for sending.
+#[derive(Debug, Clone)]
+struct Queued {
+    to: SocketAddr,
+    seq: u64,
+    bytes: PieceBytes,
+    queued: Timestamp,
+}
+
+/// Tracker conversation state.
+#[derive(Debug)]
+struct TrackerState {
+    addr: SocketAddr,
+    cookie: Option<CookieBytes>,
+    next_announce: Timestamp,
+    nonce: u64,
+}
+
+/// One member of one channel's swarm.
+pub struct SwarmNode {
+    config: SwarmConfig,
+    key: ChannelPublicKey,
+    channel: ChannelId,
+    info: Option<ChannelInfo>,
+    /// The publisher's signed descriptor, sent to the tracker (publisher only).
+    descriptor: Option<Vec<u8>>,
+    club: u8,
+    club_chosen: bool,
+    verifier: Box<dyn PieceVerifier + Send>,
+    cookies: CookieJar,
+    tracker: Option<TrackerState>,
+    candidates: BTreeMap<SocketAddr, Candidate>,
+    links: BTreeMap<SocketAddr, Link>,
+    banned: BTreeSet<SocketAddr>,
+    ring: PieceRing,
+    /// Highest sequence number received per club.
+    club_high: Vec<Option<u64>>,
+    /// When each club last delivered a new piece.
+    club_last: Vec<Timestamp>,
+    missing: BTreeMap<u64, Missing>,
+    /// Highest sequence number received, and the one up to which gaps were looked for.
+    global_high: Option<u64>,
+    gaps_checked: Option<u64>,
+    last_new_piece: Timestamp,
+    /// When the member first ran its timers knowing the channel.
+    info_since: Option<Timestamp>,
+    /// Smallest (arrival − publish time) seen: the fastest path's offset.
+    best_offset_us: Option<i64>,
+    control: VecDeque<Transmit>,
+    urgent: VecDeque<Queued>,
+    live: VecDeque<Queued>,
+    delayed: VecDeque<(Timestamp, Queued, bool)>,
+    bucket: TokenBucket,
+    delivered: VecDeque<PieceBytes>,
+    rng: StdRng,
+    stats: SwarmStats,
+    next_tick: Timestamp,
+    started: Option<Timestamp>,
+    leaving: bool,
+}
+
+/// Largest live queue, in pieces; beyond it the oldest are dropped.
+const MAX_LIVE_QUEUE: usize = 4096;
+/// Live pieces waiting longer than this are dropped: they would arrive too late to matter.
+const MAX_LIVE_WAIT: Duration = Duration::from_millis(500);
+/// How often links, repairs and timers are looked at.
+const TICK: Duration = Duration::from_millis(20);
+/// ACKs are flushed after this long or when full.
+const ACK_DELAY: Duration = Duration::from_millis(20);
+/// Gaps NACKed at most this many times.
+const MAX_NACKS: u32 = 10;
+/// Links asked for at once while looking for sources.
+const MAX_PENDING_JOINS: usize = 8;
+
+impl SwarmNode {
+    /// A peer or relay of the channel with key `key`; it learns the channel's clubs and bitrate
+    /// from the descriptor the tracker serves.
+    pub fn new(key: ChannelPublicKey, config: SwarmConfig) -> Self {
+        let club = if config.role == Role::Peer {
+            NO_CLUB
+        } else {
+            ALL_CLUBS
+        };
+        SwarmNode {
+            cookies: CookieJar::new(
+                StdRng::seed_from_u64(config.seed ^ 0xc0c1).gen(),
+                COOKIE_BUCKET,
+            ),
+            tracker: config.tracker.map(|addr| TrackerState {
+                addr,
+                cookie: None,
+                next_announce: Timestamp::ZERO,
+                nonce: config.seed | 1,
+            }),
+            rng: StdRng::seed_from_u64(config.seed),
+            bucket: TokenBucket::new(
+                config.upload_limit_bps,
+                bucket_burst(config.upload_limit_bps),
+            ),
+            ring: PieceRing::new(config.ring),
+            channel: key.channel_id(),
+            key,
+            info: None,
+            descriptor: None,
+            club,
+            club_chosen: config.role != Role::Peer,
+            verifier: Box::new(Ed25519Verifier),
+            candidates: BTreeMap::new(),
+            links: BTreeMap::new(),
+            banned: BTreeSet::new(),
+            club_high: Vec::new(),
+            club_last: Vec::new(),
+            missing: BTreeMap::new(),
+            global_high: None,
+            gaps_checked: None,
+            last_new_piece: Timestamp::ZERO,
+            info_since: None,
+            best_offset_us: None,
+            control: VecDeque::new(),
+            urgent: VecDeque::new(),
+            live: VecDeque::new(),
+            delayed: VecDeque::new(),
+            delivered: VecDeque::new(),
+            stats: SwarmStats::default(),
+            next_tick: Timestamp::ZERO,
+            started: None,
+            leaving: false,
+            config,
+        }
+    }
+
+    /// The publisher's member: it knows the channel (and sends `descriptor`, signed by the
+    /// channel key, to the tracker) and seeds the clubs with [`SwarmNode::publish`].
+    pub fn publisher(
+        key: ChannelPublicKey,
+        info: ChannelInfo,
+        descriptor: Vec<u8>,
+        mut config: SwarmConfig,
+    ) -> Self {
+        config.role = Role::Publisher;
+        let mut node = SwarmNode::new(key, config);
+        node.set_info(info);
+        node.descriptor = Some(descriptor);
+        node
+    }
+
+    /// Replaces the signature checker (the simulator shares verification among members).
+    pub fn with_verifier(mut self, verifier: Box<dyn PieceVerifier + Send>) -> Self {
+        self.verifier = verifier;
+        self
+    }
+
+    /// Tells the member about other members (from a tracker's list, or directly). What a
+    /// member says of itself (role, club) is updated; back-offs are kept.
+    pub fn add_candidates(&mut self, entries: impl IntoIterator<Item = PeerEntry>) {
+        for e in entries {
+            if self.banned.contains(&e.addr) {
+                continue;
+            }
+            let c = self.candidates.entry(e.addr).or_insert(Candidate {
+                role: e.role,
+                club: e.club,
+                backoff_until: Timestamp::ZERO,
+            });
+            c.role = e.role;
+            c.club = e.club;
+        }
+    }
+
+    /// Gives the member the channel's description directly (without a tracker).
+    pub fn set_info(&mut self, info: ChannelInfo) {
+        let k = usize::from(info.clubs.clamp(1, 64));
+        self.club_high = vec![None; k];
+        self.club_last = vec![Timestamp::ZERO; k];
+        self.stats.resize(k);
+        self.info = Some(info);
+    }
+
+    /// The channel's description, once known.
+    pub fn info(&self) -> Option<&ChannelInfo> {
+        self.info.as_ref()
+    }
+
+    /// This member's club ([`ALL_CLUBS`] for relays and the publisher).
+    pub fn club(&self) -> u8 {
+        self.club
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> &SwarmStats {
+        &self.stats
+    }
+
+    /// Links now: (mates, upstream links, downstream links).
+    pub fn link_counts(&self) -> (usize, usize, usize) {
+        let mates = self.links.values().filter(|l| l.mate).count();
+        let up = self
+            .links
+            .values()
+            .filter(|l| !l.mate && !l.recv.is_empty())
+            .count();
+        let down = self
+            .links
+            .values()
+            .filter(|l| !l.mate && !l.send.is_empty())
+            .count();
+        (mates, up, down)
+    }
+
+    /// Per club: (downstream links we push it on, whether we have a source for it).
+    pub fn club_view(&self) -> Vec<(usize, bool)> {
+        (0..self.k())
+            .map(|c| {
+                let down = self
+                    .links
+                    .values()
+                    .filter(|l| !l.mate && l.send.contains(c))
+                    .count();
+                let src = self.links.values().any(|l| l.is_source_of(c));
+                (down, src)
+            })
+            .collect()
+    }
+
+    /// One line per link, for debugging and `clubcast watch -v`.
+    pub fn describe_links(&self) -> String {
+        let mut v: Vec<String> = self
+            .links
+            .iter()
+            .map(|(a, l)| {
+                format!(
+                    "{a} club={} mate={} init={} est={} send={:#x} recv={:#x} want={:#x} new={} dup={} missed={} lost={} bg={} cwnd={} flight={}",
+                    l.club, l.mate, l.initiated, l.established, l.send.0, l.recv.0, l.wanted.0,
+                    l.pieces_new, l.pieces_dup, l.pieces_missed, l.lost, l.background.len(),
+                    l.ledbat.window(), l.ledbat.in_flight()
+                )
+            })
+            .collect();
+        v.sort();
+        v.join("\n")
+    }
+
+    /// Whether every club has a source: an upstream, or for the own club a mate or a seed.
+    pub fn all_clubs_sourced(&self) -> bool {
+        self.info.is_some() && (0..self.k()).all(|c| self.links.values().any(|l| l.is_source_of(c)))
+    }
+
+    /// Publisher: clubs that have at least one seed.
+    pub fn clubs_seeded(&self) -> u32 {
+        (0..self.k())
+            .filter(|c| self.links.values().any(|l| !l.mate && l.send.contains(*c)))
+            .count() as u32
+    }
+
+    /// Whether there is a link with `addr` (it proved its address, or we asked it).
+    pub fn is_linked(&self, addr: &SocketAddr) -> bool {
+        self.links.contains_key(addr)
+    }
+
+    /// Whether `addr` was banned.
+    pub fn is_banned(&self, addr: &SocketAddr) -> bool {
+        self.banned.contains(addr)
+    }
+
+    /// Pieces held for repair now.
+    pub fn ring_len(&self) -> usize {
+        self.ring.len()
+    }
+
+    fn k(&self) -> u8 {
+        self.info.as_ref().map_or(1, |i| i.clubs.clamp(1, 64))
+    }
+
+    /// Bytes per second of one club's share of the stream, on the wire (each 1 128-byte
+    /// payload travels with 96 bytes of header and signature).
+    fn unit_bytes(&self) -> u64 {
+        let wire = |bps: u64| bps / 8 * (PieceHeader::MAX_PAYLOAD as u64 + 96) / PAYLOAD;
+        self.info
+            .as_ref()
+            .map_or(1, |i| (wire(i.bitrate_bps) / u64::from(self.k())).max(1))
+    }
+
+    /// Clubs' worth of upload this member can give downstream links.
+    fn upload_units(&self) -> u64 {
+        let Some(limit) = self.config.upload_limit_bps else {
+            return u64::MAX;
+        };
+        let units = limit / 8 / self.unit_bytes();
+        match self.config.role {
+            // Mates come first: a peer keeps room to push its club to each, and a tenth of
+            // its upload for repairs and catch-up.
+            Role::Peer => (units * 9 / 10).saturating_sub(self.mates_expected() as u64),
+            // The publisher keeps a tenth of its upload for catch-up and repairs (the pieces
+            // only it has), unless that would leave a club without a seat.
+            Role::Publisher => (units * 9 / 10).max(units.min(u64::from(self.k()))),
+            Role::Relay => units,
+        }
+    }
+
+    /// Club mates this peer will have: the other members of its club it knows, up to the
+    /// configured most.
+    fn mates_expected(&self) -> usize {
+        let known = self
+            .candidates
+            .values()
+            .filter(|c| c.role == Role::Peer && c.club == self.club)
+            .count();
+        known.clamp(1, self.config.max_mates.max(1))
+    }
+
+    fn units_used(&self) -> u64 {
+        self.links
+            .values()
+            .filter(|l| !l.mate)
+            .map(|l| u64::from(l.send.len()))
+            .sum()
+    }
+
+    /// Clubs this member can push: a peer its own club, and, from spare upload, the clubs it
+    /// receives from an upstream (a second hop for clubs too small to serve everyone).
+    /// Clubs this member can push: a peer its own club; relays and the publisher every club.
+    fn clubs_offered(&self) -> ClubMask {
+        match self.config.role {
+            Role::Peer => ClubMask::one(self.club),
+            _ => ClubMask::all(self.k()),
+        }
+    }
+
+    /// Pieces in the catch-up window at the stream's bitrate.
+    fn catch_up_pieces(&self) -> u64 {
+        self.info.as_ref().map_or(0, |i| {
+            let per_s = i.bitrate_bps / 8 / PAYLOAD;
+            per_s * self.config.catch_up.as_millis() as u64 / 1000
+        })
+    }
+
+    /// How long a club may be silent before its upstream is replaced.
+    fn silence_for(&self) -> Duration {
+        let eight_rounds = self.info.as_ref().map_or(Duration::ZERO, |i| {
+            let piece_us = PAYLOAD * 8 * 1_000_000 / i.bitrate_bps.max(1);
+            Duration::from_micros(piece_us * 8 * u64::from(i.clubs))
+        });
+        self.config.silence_timeout.max(eight_rounds)
+    }
+}
+
+/// Payload bytes of a full piece (six TS packets).
+const PAYLOAD: u64 = 1128;
+/// No new piece for this long: look for gaps up to the newest piece (the stream paused or
+/// ended, so no later piece will reveal them).
+const STREAM_PAUSE: Duration = Duration::from_millis(150);
+/// A peer waits this long for the tracker to assign its club before choosing one itself.
+const CLUB_ASSIGNMENT_WAIT: Duration = Duration::from_secs(3);
+/// A member replaced as an upstream is not asked again for this long.
+const REPLACED_BACKOFF: Duration = Duration::from_secs(3);
+/// A member that refused a JOIN is not asked again for this long.
+const REFUSED_BACKOFF: Duration = Duration::from_secs(2);
+const COOKIE_BUCKET: Duration = Duration::from_secs(30);
+/// A publisher's seed keeps its seat at least this long.
+const SEED_TENURE: Duration = Duration::from_secs(1);
+
+/// Burst of the upload bucket: 20 ms of the limit, and at least four datagrams.
+fn bucket_burst(limit_bps: Option<u64>) -> u64 {
+    let four = 4 * MAX_DATAGRAM as u64;
+    limit_bps.map_or(four, |b| (b / 8 / 50).max(four))
+}
+
+/// A forger's copy of a piece: one payload byte flipped, the signature left as it was.
+fn corrupt(bytes: &PieceBytes) -> PieceBytes {
+    let mut v = bytes.to_vec();
+    if let Some(b) = v.get_mut(40) {
+        *b ^= 0x5a;
+    }
+    Arc::from(v)
+}

@@ -1,0 +1,637 @@
+//! Input: datagrams from members and the tracker, and the publisher's own pieces: verify, keep,
+//! deliver and pass on pieces; grant, refuse and keep links; serve repairs.
+
+use super::*;
+
+impl SwarmNode {
+    /// Handles one datagram from `from`.
+    pub fn handle_datagram(&mut self, now: Timestamp, from: SocketAddr, datagram: &[u8]) {
+        self.started.get_or_insert(now);
+        if self.banned.contains(&from) {
+            self.stats.from_banned += 1;
+            return;
+        }
+        let is_tracker = self.tracker.as_ref().is_some_and(|t| t.addr == from);
+        let message = match Message::parse(datagram) {
+            Ok(m) => m,
+            Err(_) => {
+                self.stats.malformed += 1;
+                return;
+            }
+        };
+        if let Some(l) = self.links.get_mut(&from) {
+            l.last_heard = now;
+        }
+        match message {
+            Message::Piece(p) => self.on_piece(now, from, &p, datagram),
+            Message::Cookie(c) if is_tracker => self.on_tracker_cookie(now, c.cookie),
+            Message::Cookie(c) => self.on_member_cookie(now, from, c.cookie),
+            Message::Descriptor(d) if is_tracker => self.on_descriptor(&d),
+            Message::Peers(p) if is_tracker && p.channel() == self.channel => {
+                self.add_candidates(p.iter());
+                self.stats.peer_lists += 1;
+                if let Some(c) = p.assigned_club().filter(|c| *c < self.k()) {
+                    if !self.club_chosen && self.info.is_some() {
+                        self.club = c;
+                        self.club_chosen = true;
+                    }
+                }
+            }
+            Message::Hello(h) => {
+                // A member asking for a cookie before it JOINs.
+                let reply = Cookie {
+                    nonce: h.nonce,
+                    cookie: self.cookies.issue(now, from),
+                };
+                self.send_control(from, |b| reply.encode(b));
+            }
+            Message::Join(j) if j.channel == self.channel => self.on_join(now, from, &j),
+            Message::Accept(a) if a.channel == self.channel => self.on_accept(now, from, &a),
+            Message::Nack(n) if n.channel == self.channel => self.on_nack(now, from, &n),
+            Message::Ack(a) if a.channel() == self.channel => {
+                if let Some(l) = self.links.get_mut(&from) {
+                    l.on_acks(now, a.iter());
+                }
+            }
+            _ => self.stats.unexpected += 1,
+        }
+    }
+
+    pub(super) fn on_tracker_cookie(&mut self, now: Timestamp, cookie: CookieBytes) {
+        if let Some(t) = &mut self.tracker {
+            t.cookie = Some(cookie);
+            t.next_announce = now;
+        }
+    }
+
+    /// A member's cookie: (re)send our JOIN to it with the cookie echoed.
+    pub(super) fn on_member_cookie(
+        &mut self,
+        now: Timestamp,
+        from: SocketAddr,
+        cookie: CookieBytes,
+    ) {
+        tracing::trace!(%from, "COOKIE");
+        let Some(link) = self.links.get(&from) else {
+            return;
+        };
+        if !link.initiated {
+            return;
+        }
+        if let Some(l) = self.links.get_mut(&from) {
+            l.cookie = cookie;
+            l.last_join = now;
+        }
+        let join = self.join_for(from, cookie);
+        self.send_control(from, |b| join.encode(b));
+    }
+
+    pub(super) fn on_descriptor(&mut self, d: &Descriptor<'_>) {
+        let Ok(key) = verify_descriptor(d) else {
+            self.stats.unexpected += 1;
+            return;
+        };
+        if key != self.key {
+            return;
+        }
+        let newer = self
+            .info
+            .as_ref()
+            .is_none_or(|i| d.epoch_us() > i.first_seq);
+        if newer && self.config.role != Role::Publisher {
+            self.set_info(ChannelInfo {
+                clubs: d.clubs().clamp(1, 64),
+                bitrate_bps: d.bitrate_bps(),
+                first_seq: d.epoch_us(),
+                private: d.private(),
+            });
+        }
+    }
+
+    pub(super) fn on_piece(
+        &mut self,
+        now: Timestamp,
+        from: SocketAddr,
+        piece: &Piece<'_>,
+        bytes: &[u8],
+    ) {
+        if piece.channel() != self.channel {
+            self.stats.unexpected += 1;
+            return;
+        }
+        if !self.links.contains_key(&from) {
+            // Not a member we linked with: not worth a signature check.
+            self.stats.unknown_sender += 1;
+            return;
+        }
+        let seq = piece.seq();
+        let club = (seq % u64::from(self.k())) as u8;
+        if self.ring.contains(seq) {
+            self.stats.duplicates += 1;
+            if let Some(l) = self.links.get_mut(&from) {
+                l.pieces_dup += 1;
+            }
+            self.queue_ack(now, from, seq);
+            return;
+        }
+        if self.ring.is_stale(seq) || self.info.as_ref().is_some_and(|i| seq < i.first_seq) {
+            self.stats.stale += 1;
+            return;
+        }
+        let shared: PieceBytes = Arc::from(bytes);
+        if !self.verifier.verify(&self.key, piece, &shared) {
+            self.ban(from);
+            self.stats.bad_pieces += 1;
+            return;
+        }
+        self.queue_ack(now, from, seq);
+        self.accept_piece(now, Some(from), seq, club, piece.publish_time_us(), shared);
+    }
+
+    /// A new, verified piece: keep it, deliver it, pass it on.
+    pub(super) fn accept_piece(
+        &mut self,
+        now: Timestamp,
+        from: Option<SocketAddr>,
+        seq: u64,
+        club: u8,
+        publish_time_us: u64,
+        bytes: PieceBytes,
+    ) {
+        self.ring.insert(now, seq, club, bytes.clone());
+        // Only pieces that advance their club say how late a path is (repairs and catch-up
+        // are late by design).
+        let advances = self
+            .club_high
+            .get(usize::from(club))
+            .is_some_and(|h| h.is_none_or(|h| seq > h));
+        let len = bytes.len() as u64;
+        self.stats.pieces_new += 1;
+        self.stats.add_download(club, len);
+        if let Some(m) = self.missing.remove(&seq) {
+            if m.tries > 0 {
+                self.stats.repaired += 1;
+            }
+            if let Some(b) = m.blamed.filter(|b| Some(*b) != from) {
+                if let Some(l) = self.links.get_mut(&b) {
+                    l.pieces_missed += 1;
+                }
+            }
+        }
+        if self.config.role != Role::Publisher {
+            self.note_gaps(now, seq, club);
+        }
+        self.last_new_piece = now;
+        if self.config.role != Role::Publisher && self.global_high.is_none_or(|h| seq > h) {
+            self.global_high = Some(seq);
+            let lag = (4 * u64::from(self.k())).max(32);
+            self.note_global_gaps(now, seq.saturating_sub(lag));
+        }
+        if let Some(t) = self.club_last.get_mut(usize::from(club)) {
+            *t = now;
+        }
+        // Lateness of this path behind the fastest one seen (clock offsets cancel).
+        let offset = now.as_micros() as i64 - publish_time_us as i64;
+        let best = *self.best_offset_us.get_or_insert(offset);
+        self.best_offset_us = Some(best.min(offset));
+        if let Some(l) = from.and_then(|f| self.links.get_mut(&f)) {
+            l.pieces_new += 1;
+            if advances {
+                let late = (offset - best.min(offset)) as f64;
+                l.lateness_us = l.lateness_us * 0.9 + late * 0.1;
+            }
+        }
+        if self.config.role == Role::Peer {
+            self.delivered.push_back(bytes.clone());
+        }
+        self.forward(now, from, seq, club, bytes);
+    }
+
+    /// Pushes a new piece to mates (own club, at once) and downstream links (paced).
+    pub(super) fn forward(
+        &mut self,
+        now: Timestamp,
+        from: Option<SocketAddr>,
+        seq: u64,
+        club: u8,
+        bytes: PieceBytes,
+    ) {
+        if self.config.behaviour == Behaviour::FreeRider {
+            return;
+        }
+        let bytes = match self.config.behaviour {
+            Behaviour::Forger => corrupt(&bytes),
+            _ => bytes,
+        };
+        let own = self.config.role != Role::Peer || club == self.club;
+        let mut targets: Vec<(SocketAddr, bool)> = Vec::new();
+        for (addr, l) in &self.links {
+            if Some(*addr) == from {
+                continue;
+            }
+            if l.mate && own && l.club == club {
+                targets.push((*addr, true));
+            } else if !l.mate && l.send.contains(club) {
+                // Seeds (the publisher's and relays' links to a club's own members) are
+                // urgent too: they start the club's scream.
+                let seed = self.config.role != Role::Peer && l.club == club;
+                targets.push((*addr, seed));
+            }
+        }
+        targets.sort_unstable_by_key(|(a, urgent)| (!*urgent, *a));
+        for (to, urgent) in targets {
+            let q = Queued {
+                to,
+                seq,
+                bytes: bytes.clone(),
+                queued: now,
+            };
+            match self.config.behaviour {
+                Behaviour::Delayer(d) => self.delayed.push_back((now + d, q, urgent)),
+                _ if urgent => self.urgent.push_back(q),
+                _ => self.push_live(q),
+            }
+        }
+    }
+
+    pub(super) fn push_live(&mut self, q: Queued) {
+        if self.live.len() >= MAX_LIVE_QUEUE {
+            self.live.pop_front();
+            self.stats.live_dropped += 1;
+        }
+        self.live.push_back(q);
+    }
+
+    /// Looks for gaps across clubs: any piece more than two rounds of clubs behind the newest
+    /// one (or, when the stream pauses or ends, behind the newest at all) that has not come.
+    pub(super) fn note_global_gaps(&mut self, now: Timestamp, upto: u64) {
+        let Some(high) = self.global_high else { return };
+        let upto = upto.min(high);
+        let start = match self.gaps_checked {
+            Some(c) if c >= upto => return,
+            Some(c) => (c + 1).max(upto.saturating_sub(256)),
+            // The first piece: look back as far as catch-up reaches (to the stream's start
+            // for a member that was there when it began).
+            None => upto.saturating_sub(self.catch_up_pieces()),
+        };
+        let first = self.info.as_ref().map_or(0, |i| i.first_seq);
+        for s in start.max(first)..=upto {
+            if !self.ring.contains(s) && !self.ring.is_stale(s) {
+                self.missing.entry(s).or_insert(Missing {
+                    noticed: now,
+                    next_nack: now + self.config.nack_delay,
+                    tries: 0,
+                    blamed: None,
+                });
+            }
+        }
+        self.gaps_checked = Some(upto);
+    }
+
+    /// Records gaps in `club` up to `seq` for repair.
+    pub(super) fn note_gaps(&mut self, now: Timestamp, seq: u64, club: u8) {
+        let k = u64::from(self.k());
+        let Some(high) = self.club_high.get_mut(usize::from(club)) else {
+            return;
+        };
+        let from = match *high {
+            Some(h) if seq <= h => return,
+            Some(h) => h + k,
+            // First piece of the club: look back a little, not to the dawn of the stream.
+            None => {
+                let first = self.info.as_ref().map_or(seq, |i| i.first_seq);
+                let back = seq.saturating_sub(8 * k).max(first);
+                back + (club as u64 + k - back % k) % k
+            }
+        };
+        *high = Some(seq);
+        let mut s = from;
+        while s < seq {
+            if !self.ring.contains(s) && !self.ring.is_stale(s) {
+                self.missing.entry(s).or_insert(Missing {
+                    noticed: now,
+                    next_nack: now + self.config.nack_delay,
+                    tries: 0,
+                    blamed: None,
+                });
+            }
+            s += k;
+        }
+    }
+
+    pub(super) fn queue_ack(&mut self, now: Timestamp, from: SocketAddr, seq: u64) {
+        let Some(l) = self.links.get_mut(&from) else {
+            return;
+        };
+        if l.mate {
+            return;
+        }
+        if l.pending_acks.is_empty() {
+            l.acks_since = now;
+        }
+        l.pending_acks.push(AckEntry {
+            seq,
+            received_us: now.as_micros(),
+        });
+        if l.pending_acks.len() >= Ack::MAX {
+            self.flush_acks(from);
+        }
+    }
+
+    pub(super) fn flush_acks(&mut self, to: SocketAddr) {
+        let Some(l) = self.links.get_mut(&to) else {
+            return;
+        };
+        if l.pending_acks.is_empty() {
+            return;
+        }
+        let entries = std::mem::take(&mut l.pending_acks);
+        let channel = self.channel;
+        self.send_control(to, |b| Ack::encode(channel, &entries, b));
+    }
+
+    pub(super) fn ban(&mut self, addr: SocketAddr) {
+        if self.banned.insert(addr) {
+            self.stats.peers_banned += 1;
+        }
+        self.links.remove(&addr);
+        self.candidates.remove(&addr);
+    }
+
+    pub(super) fn on_join(&mut self, now: Timestamp, from: SocketAddr, j: &Join) {
+        tracing::trace!(%from, club = j.club, want = j.want.0, mate = j.mate, leaving = j.leaving, "JOIN");
+        if self.cookies.check(now, from, &j.cookie) == CookieCheck::Invalid {
+            // Prove the address first: a COOKIE no larger than the JOIN, and nothing else.
+            let reply = Cookie {
+                nonce: 0,
+                cookie: self.cookies.issue(now, from),
+            };
+            self.send_control(from, |b| reply.encode(b));
+            self.stats.joins_unproven += 1;
+            return;
+        }
+        if j.leaving {
+            if let Some(l) = self.links.get_mut(&from) {
+                l.send = ClubMask::NONE;
+                if l.mate {
+                    l.mate = false;
+                }
+                if l.recv.is_empty() {
+                    self.links.remove(&from);
+                }
+            }
+            return;
+        }
+        if self.info.is_none() || self.leaving {
+            return; // nothing to give yet; it will ask again
+        }
+        self.candidates.entry(from).or_insert(Candidate {
+            role: j.role,
+            club: j.club,
+            backoff_until: Timestamp::ZERO,
+        });
+        let (granted, mate) = match self.links.get_mut(&from) {
+            Some(l) if l.mate || !l.send.is_empty() => {
+                // A keepalive of a link we granted: it keeps only what it still wants.
+                if !l.mate {
+                    l.send = l.send.intersect(j.want);
+                }
+                let own = if l.mate {
+                    ClubMask::one(self.club)
+                } else {
+                    ClubMask::NONE
+                };
+                (l.send.union(own), l.mate)
+            }
+            _ => self.grant(now, from, j),
+        };
+        if let Some(l) = self.links.get_mut(&from) {
+            l.their_join = now;
+            l.last_heard = now;
+            if l.mate {
+                l.last_keepalive = now;
+            }
+        }
+        let accept = Accept {
+            channel: self.channel,
+            granted,
+            role: self.config.role,
+            club: self.club,
+            mate,
+        };
+        self.send_control(from, |b| accept.encode(b));
+        if j.catch_up && !granted.is_empty() && !mate {
+            self.queue_catch_up(now, from, granted);
+        }
+    }
+
+    /// Decides what a new JOIN gets, and records the link.
+    pub(super) fn grant(&mut self, now: Timestamp, from: SocketAddr, j: &Join) -> (ClubMask, bool) {
+        let unit = self.unit_bytes();
+        let is_peer = self.config.role == Role::Peer;
+        let mates = self.links.values().filter(|l| l.mate).count();
+        if is_peer && j.mate && self.club_chosen && j.club == self.club {
+            if mates >= self.config.max_mates && !self.links.get(&from).is_some_and(|l| l.mate) {
+                return (ClubMask::NONE, false);
+            }
+            let l = self
+                .links
+                .entry(from)
+                .or_insert_with(|| Link::new(now, j.role, j.club, false, unit));
+            l.mate = true;
+            l.established = true;
+            l.club = j.club;
+            return (ClubMask::one(self.club), true);
+        }
+        let mut offer = j.want.intersect(self.clubs_offered());
+        if self.config.role == Role::Publisher {
+            self.make_room_for_seed(now, j);
+            // At most a few seeds per club, and a second seed only while every other club can
+            // still have its first.
+            let seeds = self.config.seeds_per_club;
+            let k = self.k();
+            let seeded = |c: u8| self.links.values().filter(|l| l.send.contains(c)).count();
+            let unseeded = (0..k).filter(|c| seeded(*c) == 0).count() as u64;
+            let free = self.upload_units().saturating_sub(self.units_used());
+            for c in offer.iter() {
+                let n = seeded(c);
+                let starves_others = n >= 1 && free.saturating_sub(1) < unseeded;
+                if n >= seeds || (j.role == Role::Peer && starves_others) {
+                    offer = offer.minus(ClubMask::one(c));
+                }
+            }
+        }
+        if self.config.role == Role::Publisher && j.role == Role::Relay {
+            self.make_room_for_relay(u64::from(offer.len()));
+        }
+        let downstreams = self
+            .links
+            .values()
+            .filter(|l| !l.mate && !l.send.is_empty())
+            .count();
+        let free = self.upload_units().saturating_sub(self.units_used());
+        // As many of the clubs asked for as the upload affords.
+        let offer = ClubMask(
+            offer
+                .iter()
+                .take(usize::try_from(free).unwrap_or(usize::MAX))
+                .fold(0, |m, c| m | (1u64 << c)),
+        );
+        if offer.is_empty() || downstreams >= self.config.max_downstreams {
+            self.stats.joins_refused += 1;
+            return (ClubMask::NONE, false);
+        }
+        let l = self
+            .links
+            .entry(from)
+            .or_insert_with(|| Link::new(now, j.role, j.club, false, unit));
+        l.send = l.send.union(offer);
+        l.club = j.club;
+        let share = unit * u64::from(l.send.len());
+        l.set_share(share);
+        self.stats.joins_granted += 1;
+        tracing::debug!(%from, clubs = offer.0, club = j.club, "granted");
+        (offer, false)
+    }
+
+    /// Publisher: a member asks to seed its club and the club's seats are taken. Members ask
+    /// only when their club is not reaching them, so the oldest seat (if it has had a few
+    /// seconds) goes to the asker: a seed that went bad, or hoards, is rotated out.
+    pub(super) fn make_room_for_seed(&mut self, now: Timestamp, j: &Join) {
+        let c = j.club;
+        if j.role != Role::Peer || j.want != ClubMask::one(c) {
+            return;
+        }
+        let seats: Vec<(Timestamp, SocketAddr)> = self
+            .links
+            .iter()
+            .filter(|(_, l)| l.send.contains(c) && l.club == c)
+            .map(|(a, l)| (l.established_at, *a))
+            .collect();
+        let free = self.upload_units().saturating_sub(self.units_used());
+        if seats.is_empty() || (seats.len() < self.config.seeds_per_club && free > 1) {
+            return;
+        }
+        let Some(&(since, oldest)) = seats.iter().min() else {
+            return;
+        };
+        if now.saturating_since(since) < SEED_TENURE {
+            return;
+        }
+        if let Some(l) = self.links.get_mut(&oldest) {
+            l.send = l.send.minus(ClubMask::one(c));
+            if l.send.is_empty() && l.recv.is_empty() {
+                self.links.remove(&oldest);
+            }
+            self.stats.seeds_rotated += 1;
+        }
+    }
+
+    /// Publisher: relays amplify, so a relay's JOIN takes seats from peer seeds (which then
+    /// find the relay) until `units` are free.
+    pub(super) fn make_room_for_relay(&mut self, units: u64) {
+        let mut seeds: Vec<(Timestamp, SocketAddr)> = self
+            .links
+            .iter()
+            .filter(|(_, l)| l.role == Role::Peer && !l.send.is_empty())
+            .map(|(a, l)| (l.established_at, *a))
+            .collect();
+        seeds.sort_unstable();
+        for (_, addr) in seeds {
+            if self.upload_units().saturating_sub(self.units_used()) >= units {
+                break;
+            }
+            self.links.remove(&addr);
+            self.stats.seeds_rotated += 1;
+        }
+    }
+
+    pub(super) fn queue_catch_up(&mut self, now: Timestamp, to: SocketAddr, clubs: ClubMask) {
+        let recent = self
+            .ring
+            .recent(now, self.config.catch_up, |c| clubs.contains(c));
+        if let Some(l) = self.links.get_mut(&to) {
+            for (seq, _) in &recent {
+                if !l.background.contains(seq) {
+                    l.background.push_back(*seq);
+                }
+            }
+            self.stats.catch_up_queued += recent.len() as u64;
+        }
+    }
+
+    pub(super) fn on_accept(&mut self, now: Timestamp, from: SocketAddr, a: &Accept) {
+        tracing::trace!(%from, granted = a.granted.0, mate = a.mate, "ACCEPT");
+        let Some(l) = self.links.get_mut(&from) else {
+            return;
+        };
+        if !l.initiated {
+            return;
+        }
+        l.last_keepalive = now;
+        if a.granted.is_empty() {
+            // Refused (full): try someone else, and not this one for a while.
+            match self.links.get_mut(&from) {
+                Some(l) if !l.send.is_empty() => {
+                    l.initiated = false;
+                    l.wanted = ClubMask::NONE;
+                    l.wants_mate = false;
+                    l.established = true;
+                }
+                _ => {
+                    self.links.remove(&from);
+                }
+            }
+            if let Some(c) = self.candidates.get_mut(&from) {
+                c.backoff_until = now + REFUSED_BACKOFF;
+            }
+            return;
+        }
+        if !l.established {
+            l.established_at = now;
+        }
+        l.established = true;
+        l.mate = a.mate;
+        l.club = a.club;
+        l.role = a.role;
+        l.recv = if a.mate { ClubMask::NONE } else { a.granted };
+    }
+
+    pub(super) fn on_nack(&mut self, now: Timestamp, from: SocketAddr, n: &Nack) {
+        if !self.links.contains_key(&from) || self.config.behaviour == Behaviour::FreeRider {
+            self.stats.nacks_ignored += 1;
+            return;
+        }
+        let horizon = self.config.repair_horizon;
+        let mut served = 0;
+        let mut missed = 0;
+        let seqs: Vec<u64> = n.seqs().collect();
+        for seq in seqs {
+            if self.ring.get_fresh(now, seq, horizon).is_some() {
+                if let Some(l) = self.links.get_mut(&from) {
+                    if !l.background.contains(&seq) {
+                        l.background.push_back(seq);
+                        served += 1;
+                    }
+                }
+            } else {
+                missed += 1;
+            }
+        }
+        self.stats.repairs_served += served;
+        self.stats.repairs_unavailable += missed;
+        tracing::trace!(%from, base = n.base, served, missed, "NACK served");
+    }
+
+    /// Publisher: a new signed piece to seed into its club.
+    pub fn publish(&mut self, now: Timestamp, bytes: PieceBytes) {
+        self.started.get_or_insert(now);
+        let Ok(piece) = Piece::parse(&bytes) else {
+            return;
+        };
+        let seq = piece.seq();
+        let club = (seq % u64::from(self.k())) as u8;
+        let t = piece.publish_time_us();
+        self.accept_piece(now, None, seq, club, t, bytes);
+    }
+}

@@ -1,0 +1,189 @@
+//! Output: what goes out and when — control at once, then pushes to mates and seeds, then
+//! paced pushes to downstreams, then repairs and catch-up under LEDBAT, all within the upload
+//! limit.
+
+use super::*;
+
+impl SwarmNode {
+    /// The next verified piece, new to this member, in arrival order (play it, or feed it to a
+    /// jitter buffer).
+    pub fn poll_piece(&mut self) -> Option<PieceBytes> {
+        self.delivered.pop_front()
+    }
+
+    /// The next datagram to send now, if any is due and the upload limit allows it.
+    pub fn poll_transmit(&mut self, now: Timestamp) -> Option<Transmit> {
+        if let Some(t) = self.control.pop_front() {
+            self.stats.control_bytes_out += t.data.as_bytes().len() as u64;
+            return Some(t);
+        }
+        while let Some(&(at, _, _)) = self.delayed.front() {
+            if at > now {
+                break;
+            }
+            let Some((_, q, urgent)) = self.delayed.pop_front() else {
+                break;
+            };
+            if urgent {
+                self.urgent.push_back(q);
+            } else {
+                self.push_live(q);
+            }
+        }
+        if let Some(t) = self.next_urgent(now) {
+            return Some(t);
+        }
+        if let Some(t) = self.next_live(now) {
+            return Some(t);
+        }
+        self.next_background(now)
+    }
+
+    pub(super) fn next_urgent(&mut self, now: Timestamp) -> Option<Transmit> {
+        let q = self.urgent.front()?;
+        if !self.bucket.try_take(now, q.bytes.len() as u64) {
+            return None;
+        }
+        let q = self.urgent.pop_front()?;
+        Some(self.sent_piece(now, q, false))
+    }
+
+    pub(super) fn next_live(&mut self, now: Timestamp) -> Option<Transmit> {
+        while let Some(q) = self.live.front() {
+            if now.saturating_since(q.queued) > MAX_LIVE_WAIT {
+                self.live.pop_front();
+                self.stats.live_dropped += 1;
+                continue;
+            }
+            let len = q.bytes.len() as u64;
+            let to = q.to;
+            if self.bucket.ready_at(now, len) > now {
+                return None;
+            }
+            let allowed = match self.links.get_mut(&to) {
+                None => {
+                    self.live.pop_front();
+                    continue;
+                }
+                Some(l) => l.live_allows(now, len),
+            };
+            if !allowed {
+                // The link's congestion control says no: the downstream repairs it or finds
+                // another upstream.
+                self.live.pop_front();
+                self.stats.live_refused += 1;
+                continue;
+            }
+            self.bucket.try_take(now, len);
+            let q = self.live.pop_front()?;
+            return Some(self.sent_piece(now, q, false));
+        }
+        None
+    }
+
+    pub(super) fn next_background(&mut self, now: Timestamp) -> Option<Transmit> {
+        let horizon = self.config.repair_horizon;
+        let mut addrs: Vec<SocketAddr> = self
+            .links
+            .iter()
+            .filter(|(_, l)| !l.background.is_empty())
+            .map(|(a, _)| *a)
+            .collect();
+        addrs.sort_unstable();
+        // Start the round-robin at a different link each time.
+        if !addrs.is_empty() {
+            let k = (self.stats.background_pieces_out as usize) % addrs.len();
+            addrs.rotate_left(k);
+        }
+        for to in addrs {
+            while let Some(l) = self.links.get_mut(&to) {
+                let Some(&seq) = l.background.front() else {
+                    break;
+                };
+                let Some(bytes) = self.ring.get_fresh(now, seq, horizon).cloned() else {
+                    l.background.pop_front();
+                    self.stats.repairs_unavailable += 1;
+                    continue;
+                };
+                let len = bytes.len() as u64;
+                if !l.background_allows(len) {
+                    self.stats.background_blocked_window += 1;
+                    break;
+                }
+                // A member's repairs and catch-up go as soon as live traffic leaves a gap; the
+                // publisher, whose upload is mostly seats, keeps a datagram's room for the
+                // next live piece.
+                let reserve = match self.config.role {
+                    Role::Publisher => MAX_DATAGRAM as u64,
+                    _ => 0,
+                };
+                if !self.bucket.try_take_leaving(now, len, reserve) {
+                    self.stats.background_blocked_upload += 1;
+                    return None;
+                }
+                l.background.pop_front();
+                let bytes = match self.config.behaviour {
+                    Behaviour::Forger => corrupt(&bytes),
+                    _ => bytes,
+                };
+                self.stats.background_pieces_out += 1;
+                return Some(self.sent_piece(
+                    now,
+                    Queued {
+                        to,
+                        seq,
+                        bytes,
+                        queued: now,
+                    },
+                    true,
+                ));
+            }
+        }
+        None
+    }
+
+    pub(super) fn sent_piece(&mut self, now: Timestamp, q: Queued, background: bool) -> Transmit {
+        let len = q.bytes.len() as u64;
+        let club = (q.seq % u64::from(self.k())) as u8;
+        self.stats.add_upload(club, len);
+        if let Some(l) = self.links.get_mut(&q.to) {
+            l.on_sent(now, q.seq, len, background);
+        }
+        Transmit {
+            to: q.to,
+            data: Datagram::Piece(q.bytes),
+        }
+    }
+
+    pub(super) fn send_control(
+        &mut self,
+        to: SocketAddr,
+        encode: impl FnOnce(&mut [u8]) -> Result<usize, crate::wire::WireError>,
+    ) {
+        let mut buf = [0u8; MAX_DATAGRAM];
+        if let Ok(n) = encode(&mut buf) {
+            self.control.push_back(Transmit {
+                to,
+                data: Datagram::Control(buf[..n].to_vec()),
+            });
+        }
+    }
+
+    /// When the member next has something to do without new input.
+    pub fn poll_timeout(&self, now: Timestamp) -> Timestamp {
+        let mut next = self.next_tick;
+        if !self.control.is_empty() {
+            return now;
+        }
+        if let Some((at, _, _)) = self.delayed.front() {
+            next = next.min(*at);
+        }
+        if let Some(q) = self.urgent.front().or(self.live.front()) {
+            next = next.min(self.bucket.ready_at(now, q.bytes.len() as u64));
+        }
+        if self.links.values().any(|l| !l.background.is_empty()) {
+            next = next.min(self.bucket.ready_at(now, MAX_DATAGRAM as u64));
+        }
+        next.max(now)
+    }
+}

@@ -1,0 +1,545 @@
+//! Timers: tracker announces, club choice, link keepalives and expiry, finding and replacing
+//! upstreams, NACKs, and leaving.
+
+use super::*;
+
+impl SwarmNode {
+    /// Runs timers: tracker announces, link upkeep, ACK flushes, NACKs, replacement.
+    pub fn handle_timeout(&mut self, now: Timestamp) {
+        self.started.get_or_insert(now);
+        self.flush_due_acks(now);
+        if now < self.next_tick {
+            return;
+        }
+        self.next_tick = now + TICK;
+        self.tracker_upkeep(now);
+        if self.info.is_none() || self.leaving {
+            return;
+        }
+        self.choose_club(now);
+        self.expire_links(now);
+        self.keep_links_alive(now);
+        self.replace_bad_upstreams(now);
+        self.find_mates(now);
+        self.find_sources(now);
+        if now.saturating_since(self.last_new_piece) > STREAM_PAUSE {
+            if let Some(h) = self.global_high {
+                self.note_global_gaps(now, h);
+            }
+        }
+        self.send_nacks(now);
+        for l in self.links.values_mut() {
+            l.detect_losses(now);
+        }
+    }
+
+    pub(super) fn flush_due_acks(&mut self, now: Timestamp) {
+        let due: Vec<SocketAddr> = self
+            .links
+            .iter()
+            .filter(|(_, l)| {
+                !l.pending_acks.is_empty() && now.saturating_since(l.acks_since) >= ACK_DELAY
+            })
+            .map(|(a, _)| *a)
+            .collect();
+        for a in due {
+            self.flush_acks(a);
+        }
+    }
+
+    pub(super) fn tracker_upkeep(&mut self, now: Timestamp) {
+        if self.tracker.as_ref().is_none_or(|t| now < t.next_announce) {
+            return;
+        }
+        let interval = if !self.club_chosen || self.info.is_none() {
+            // Waiting for the channel to appear, or for a peer list: ask again soon.
+            Duration::from_millis(250)
+        } else if self.picture_incomplete() {
+            // Members that have not said their club yet, or clubs nobody is known in.
+            Duration::from_secs(1)
+        } else {
+            self.config.announce_interval
+        };
+        let Some(t) = &mut self.tracker else { return };
+        let addr = t.addr;
+        t.next_announce = now + interval;
+        let cookie = t.cookie;
+        let nonce = t.nonce;
+        if let Some(d) = self.descriptor.clone() {
+            self.control.push_back(Transmit {
+                to: addr,
+                data: Datagram::Control(d),
+            });
+        }
+        match cookie {
+            None => {
+                let hello = Hello {
+                    channel: self.channel,
+                    nonce,
+                };
+                self.send_control(addr, |b| hello.encode(b));
+            }
+            Some(cookie) => {
+                let a = TrackerAnnounce {
+                    channel: self.channel,
+                    cookie,
+                    role: self.config.role,
+                    club: self.club,
+                    upload_kbps: self
+                        .config
+                        .upload_limit_bps
+                        .map_or(u32::MAX, |b| u32::try_from(b / 1000).unwrap_or(u32::MAX)),
+                    leaving: false,
+                };
+                self.send_control(addr, |b| a.encode(b));
+            }
+        }
+    }
+
+    /// Whether the tracker's next list may tell more: members that had not chosen a club, or
+    /// a club with no member known.
+    pub(super) fn picture_incomplete(&self) -> bool {
+        let k = self.k();
+        let mut known = ClubMask::NONE;
+        for c in self.candidates.values() {
+            if c.role == Role::Peer && c.club == NO_CLUB {
+                return true;
+            }
+            if c.role == Role::Peer && c.club < k {
+                known = known.union(ClubMask::one(c.club));
+            }
+        }
+        self.config.role != Role::Publisher && known.len() < u32::from(k)
+    }
+
+    /// A peer joins the club with the fewest members it has heard of.
+    pub(super) fn choose_club(&mut self, now: Timestamp) {
+        if self.club_chosen {
+            return;
+        }
+        // With a tracker, the tracker assigns the club (it sees everyone, so clubs stay even);
+        // a peer chooses by itself only if no assignment came for a while after the channel
+        // appeared.
+        let since = *self.info_since.get_or_insert(now);
+        if self.tracker.is_some() && now.saturating_since(since) < CLUB_ASSIGNMENT_WAIT {
+            return;
+        }
+        let k = self.k();
+        let mut counts = vec![0usize; usize::from(k)];
+        for c in self.candidates.values() {
+            if c.role == Role::Peer && c.club < k {
+                counts[usize::from(c.club)] += 1;
+            }
+        }
+        let least = counts.iter().copied().min().unwrap_or(0);
+        let choices: Vec<u8> = (0..k)
+            .filter(|c| counts[usize::from(*c)] == least)
+            .collect();
+        self.club = *choices.choose(&mut self.rng).unwrap_or(&0);
+        self.club_chosen = true;
+        if let Some(t) = &mut self.tracker {
+            t.next_announce = now; // tell the tracker our club
+        }
+    }
+
+    /// Each side of a link lives on its own keepalives: what we push, on the other side's
+    /// JOINs; what we asked for, on its ACCEPTs; a mate link, on either.
+    pub(super) fn expire_links(&mut self, now: Timestamp) {
+        let timeout = self.config.link_timeout;
+        let mut dead = Vec::new();
+        for (a, l) in self.links.iter_mut() {
+            if !l.mate && !l.send.is_empty() && now.saturating_since(l.their_join) > timeout {
+                l.send = ClubMask::NONE;
+                self.stats.links_expired += 1;
+            }
+            let asked_stale =
+                (l.initiated || l.mate) && now.saturating_since(l.last_keepalive) > timeout;
+            let empty = !l.initiated && !l.mate && l.send.is_empty();
+            if asked_stale || empty {
+                dead.push((*a, asked_stale));
+            }
+        }
+        for (a, asked_stale) in dead {
+            if asked_stale {
+                self.stats.links_expired += 1;
+                self.drop_link(now, a, false);
+            } else {
+                self.links.remove(&a);
+            }
+        }
+    }
+
+    pub(super) fn keep_links_alive(&mut self, now: Timestamp) {
+        let due: Vec<SocketAddr> = self
+            .links
+            .iter()
+            .filter(|(_, l)| {
+                l.initiated && now.saturating_since(l.last_join) >= self.keepalive_for(l)
+            })
+            .map(|(a, _)| *a)
+            .collect();
+        for a in due {
+            let cookie = self.links.get(&a).map(|l| l.cookie).unwrap_or_default();
+            let join = self.join_for(a, cookie);
+            self.send_control(a, |b| join.encode(b));
+            if let Some(l) = self.links.get_mut(&a) {
+                l.last_join = now;
+            }
+        }
+    }
+
+    pub(super) fn keepalive_for(&self, l: &Link) -> Duration {
+        if l.established {
+            self.config.keepalive
+        } else {
+            Duration::from_millis(300)
+        }
+    }
+
+    /// The JOIN that asks for (or keeps) the link to `to`.
+    pub(super) fn join_for(&self, to: SocketAddr, cookie: CookieBytes) -> Join {
+        let l = self.links.get(&to);
+        Join {
+            channel: self.channel,
+            cookie,
+            role: self.config.role,
+            club: self.club,
+            want: l.map_or(ClubMask::NONE, |l| l.wanted),
+            mate: l.is_some_and(|l| l.wants_mate),
+            catch_up: l.is_some_and(|l| !l.established),
+            leaving: false,
+        }
+    }
+
+    pub(super) fn drop_link(&mut self, now: Timestamp, addr: SocketAddr, backoff: bool) {
+        self.stop_receiving(addr);
+        if backoff {
+            if let Some(c) = self.candidates.get_mut(&addr) {
+                c.backoff_until = now + REPLACED_BACKOFF;
+            }
+        }
+    }
+
+    /// Ends what we receive from `addr` (telling it, if we asked for the link), and keeps the
+    /// link only if we still push to it as its upstream.
+    pub(super) fn stop_receiving(&mut self, addr: SocketAddr) {
+        let Some(l) = self.links.get(&addr) else {
+            return;
+        };
+        if l.initiated {
+            let mut leave = self.join_for_link(l, l.cookie);
+            leave.leaving = true;
+            self.send_control(addr, |b| leave.encode(b));
+        }
+        match self.links.get_mut(&addr) {
+            Some(l) if !l.mate && !l.send.is_empty() => {
+                l.recv = ClubMask::NONE;
+                l.wanted = ClubMask::NONE;
+                l.wants_mate = false;
+                l.initiated = false;
+                l.established = true;
+            }
+            _ => {
+                self.links.remove(&addr);
+            }
+        }
+    }
+
+    pub(super) fn join_for_link(&self, l: &Link, cookie: CookieBytes) -> Join {
+        Join {
+            channel: self.channel,
+            cookie,
+            role: self.config.role,
+            club: self.club,
+            want: l.wanted,
+            mate: l.wants_mate,
+            catch_up: false,
+            leaving: false,
+        }
+    }
+
+    /// Replaces upstreams that went silent, lose too much or trail the fastest path.
+    pub(super) fn replace_bad_upstreams(&mut self, now: Timestamp) {
+        let k = self.k();
+        let silence = self.silence_for();
+        // The stream is live if some club delivered recently.
+        let live = self
+            .club_last
+            .iter()
+            .any(|t| *t > Timestamp::ZERO && now.saturating_since(*t) < silence / 2);
+        let mut bad: Vec<(SocketAddr, &'static str)> = Vec::new();
+        for (addr, l) in &self.links {
+            if !l.initiated || !l.established || l.mate {
+                continue;
+            }
+            let silent_club = l.recv.iter().filter(|c| *c < k).any(|c| {
+                let last = self.club_last[usize::from(c)];
+                live && now.saturating_since(last.max(l.established_at)) > silence
+            });
+            let received = l.pieces_new + l.pieces_dup;
+            let lossy = received >= 50 && l.pieces_missed * 5 > received;
+            let slow =
+                received >= 50 && l.lateness_us > self.config.slow_threshold.as_micros() as f64;
+            if silent_club {
+                bad.push((*addr, "silent"));
+            } else if lossy {
+                bad.push((*addr, "lossy"));
+            } else if slow {
+                bad.push((*addr, "slow"));
+            }
+        }
+        for (addr, why) in bad {
+            tracing::debug!(peer = %addr, why, "replacing upstream");
+            self.drop_link(now, addr, true);
+            self.stats.peers_replaced += 1;
+        }
+    }
+
+    pub(super) fn eligible(&self, now: Timestamp, addr: &SocketAddr, c: &Candidate) -> bool {
+        // A member that only takes from us may still be asked to give.
+        let free = self.links.get(addr).is_none_or(|l| !l.initiated && !l.mate);
+        free && !self.banned.contains(addr) && c.backoff_until <= now
+    }
+
+    pub(super) fn pending_joins(&self) -> usize {
+        self.links
+            .values()
+            .filter(|l| l.initiated && !l.established)
+            .count()
+    }
+
+    pub(super) fn find_mates(&mut self, now: Timestamp) {
+        if self.config.role != Role::Peer || !self.club_chosen {
+            return;
+        }
+        let have = self
+            .links
+            .values()
+            .filter(|l| l.mate || l.wants_mate)
+            .count();
+        let want = self.config.max_mates.saturating_sub(have);
+        if want == 0 || self.pending_joins() >= MAX_PENDING_JOINS {
+            return;
+        }
+        let mut options: Vec<SocketAddr> = self
+            .candidates
+            .iter()
+            .filter(|(a, c)| {
+                c.role == Role::Peer && c.club == self.club && self.eligible(now, a, c)
+            })
+            .map(|(a, _)| *a)
+            .collect();
+        options.sort_unstable();
+        options.shuffle(&mut self.rng);
+        for addr in options.into_iter().take(want) {
+            self.ask(now, addr, ClubMask::one(self.club), true);
+        }
+    }
+
+    /// Asks one upstream for every club that has no source.
+    pub(super) fn find_sources(&mut self, now: Timestamp) {
+        if !self.club_chosen || self.pending_joins() >= MAX_PENDING_JOINS {
+            return;
+        }
+        let k = self.k();
+        let silence = self.silence_for();
+        let mut needed = ClubMask::NONE;
+        for c in 0..k {
+            let mut covered = self.links.values().any(|l| {
+                (!l.mate && l.is_source_of(c))
+                    || (l.initiated && !l.established && l.wanted.contains(c))
+            });
+            if c == self.club && self.config.role == Role::Peer {
+                // Mates carry the own club while it flows; when it does not, ask for a seed.
+                let last = self.club_last[usize::from(c)];
+                let flowing = last > Timestamp::ZERO && now.saturating_since(last) < silence;
+                covered |= flowing && self.links.values().any(|l| l.mate);
+            }
+            if !covered {
+                needed = needed.union(ClubMask::one(c));
+            }
+        }
+        if self.config.role == Role::Publisher || needed.is_empty() {
+            return;
+        }
+        // Own club: its mates are sources once linked; still ask the publisher or a relay to
+        // seed it, which is how a club's first pieces arrive.
+        let mut best: Vec<(u8, SocketAddr)> = Vec::new();
+        for (addr, c) in &self.candidates {
+            if !self.eligible(now, addr, c) {
+                continue;
+            }
+            let rank = match c.role {
+                Role::Relay => 0,
+                Role::Publisher => 1,
+                Role::Peer if needed.contains(c.club) && c.club != self.club => 2,
+                Role::Peer => continue,
+            };
+            best.push((rank, *addr));
+        }
+        best.sort_unstable();
+        // Shuffle within each rank, deterministically.
+        let mut i = 0;
+        while i < best.len() {
+            let r = best[i].0;
+            let j = best[i..]
+                .iter()
+                .position(|(x, _)| *x != r)
+                .map_or(best.len(), |p| i + p);
+            best[i..j].shuffle(&mut self.rng);
+            i = j;
+        }
+        for (_, addr) in best {
+            if needed.is_empty() || self.pending_joins() >= MAX_PENDING_JOINS {
+                break;
+            }
+            let c = self.candidates[&addr];
+            let want = match (c.role, self.config.role) {
+                (Role::Peer, _) => ClubMask::one(c.club),
+                // Peers ask the publisher to seed their own club only; relays ask it for all.
+                (Role::Publisher, Role::Peer) => ClubMask::one(self.club),
+                _ => needed,
+            };
+            if want.intersect(needed).is_empty() {
+                continue;
+            }
+            self.ask(now, addr, want.intersect(needed), false);
+            needed = needed.minus(want);
+        }
+    }
+
+    /// Sends a JOIN asking `addr` for `want` (or to be a mate).
+    pub(super) fn ask(&mut self, now: Timestamp, addr: SocketAddr, want: ClubMask, mate: bool) {
+        let c = self.candidates[&addr];
+        let unit = self.unit_bytes();
+        let l = self
+            .links
+            .entry(addr)
+            .or_insert_with(|| Link::new(now, c.role, c.club, true, unit));
+        l.initiated = true;
+        l.established = false;
+        l.wanted = want;
+        l.wants_mate = mate;
+        l.last_join = now;
+        let join = self.join_for(addr, CookieBytes::default());
+        self.send_control(addr, |b| join.encode(b));
+        self.stats.joins_sent += 1;
+    }
+
+    /// NACKs gaps that waited out the reordering delay, to a source of their club.
+    pub(super) fn send_nacks(&mut self, now: Timestamp) {
+        let k = u64::from(self.k());
+        let deadline = self.config.repair_horizon;
+        let mut by_target: BTreeMap<SocketAddr, Vec<u64>> = BTreeMap::new();
+        let mut give_up = Vec::new();
+        let seqs: Vec<u64> = self
+            .missing
+            .iter()
+            .filter(|(_, m)| m.next_nack <= now)
+            .map(|(s, _)| *s)
+            .collect();
+        for seq in seqs {
+            let m = self.missing[&seq];
+            if m.tries >= MAX_NACKS || now.saturating_since(m.noticed) > deadline {
+                give_up.push(seq);
+                continue;
+            }
+            let club = (seq % k) as u8;
+            // First the club's sources: upstreams and seeds (which had the piece pushed to
+            // them) before mates (which may have missed it as we did). After two tries, any
+            // member we are linked with: every member receives every club, so most have it.
+            let mut sources: Vec<(u8, SocketAddr)> = self
+                .links
+                .iter()
+                .filter(|(_, l)| l.established || !l.initiated)
+                .filter_map(|(a, l)| {
+                    let rank = match (l.is_source_of(club), l.mate) {
+                        (true, false) => 0,
+                        (true, true) => 1,
+                        _ if m.tries >= 2 => 2,
+                        _ => return None,
+                    };
+                    Some((rank, *a))
+                })
+                .collect();
+            if sources.is_empty() {
+                continue;
+            }
+            sources.sort_unstable();
+            let sources: Vec<SocketAddr> = sources.into_iter().map(|(_, a)| a).collect();
+            let target = sources[(m.tries as usize) % sources.len()];
+            let rtt = self
+                .links
+                .get(&target)
+                .map_or(Duration::from_millis(100), |l| l.srtt);
+            by_target.entry(target).or_default().push(seq);
+            if let Some(e) = self.missing.get_mut(&seq) {
+                e.blamed.get_or_insert(target);
+                e.tries += 1;
+                e.next_nack = now + (rtt * 2).max(Duration::from_millis(80));
+            }
+        }
+        for seq in give_up {
+            tracing::trace!(seq, "repair given up");
+            if let Some(b) = self.missing.remove(&seq).and_then(|m| m.blamed) {
+                if let Some(l) = self.links.get_mut(&b) {
+                    l.pieces_missed += 1;
+                }
+            }
+            self.stats.repairs_given_up += 1;
+        }
+        for (to, mut seqs) in by_target {
+            seqs.sort_unstable();
+            let mut i = 0;
+            while i < seqs.len() {
+                let base = seqs[i];
+                let mut missing = 0u64;
+                while i < seqs.len() && seqs[i] - base < 64 {
+                    missing |= 1 << (seqs[i] - base);
+                    i += 1;
+                }
+                let nack = Nack {
+                    channel: self.channel,
+                    base,
+                    missing,
+                };
+                self.stats.repairs_asked += u64::from(missing.count_ones());
+                tracing::trace!(%to, base, missing, "NACK");
+                self.send_control(to, |b| nack.encode(b));
+            }
+        }
+    }
+
+    /// Leaves: tells linked members and the tracker. Nothing more is sent after the datagrams
+    /// this queues.
+    pub fn leave(&mut self, now: Timestamp) {
+        let addrs: Vec<SocketAddr> = self.links.keys().copied().collect();
+        for a in addrs {
+            if let Some(l) = self.links.get(&a) {
+                let mut j = self.join_for_link(l, l.cookie);
+                j.leaving = true;
+                self.send_control(a, |b| j.encode(b));
+            }
+        }
+        self.links.clear();
+        self.urgent.clear();
+        self.live.clear();
+        self.delayed.clear();
+        if let Some(t) = &self.tracker {
+            if let Some(cookie) = t.cookie {
+                let a = TrackerAnnounce {
+                    channel: self.channel,
+                    cookie,
+                    role: self.config.role,
+                    club: self.club,
+                    upload_kbps: 0,
+                    leaving: true,
+                };
+                let addr = t.addr;
+                self.send_control(addr, |b| a.encode(b));
+            }
+        }
+        self.leaving = true;
+        let _ = now;
+    }
+}
