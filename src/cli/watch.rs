@@ -133,12 +133,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
     tracing::info!("watching channel {} at {relay}", args.channel);
     let report = run_watch(&config, &mut output, &AtomicBool::new(false), &mut |_| {})?;
     let s = report.stats;
-    if let Some(f) = report.faults {
-        eprintln!(
-            "faults injected: {} of {} datagrams dropped, {} duplicated, {} reordered",
-            f.dropped, f.seen, f.duplicated, f.reordered
-        );
-    }
+    print_faults(report.faults);
     eprintln!(
         "end of stream: played {} pieces ({} bytes), lost {}, late {}, duplicates {}, bad signatures {}",
         s.pieces_played, s.bytes_played, s.pieces_lost, s.late, s.duplicates, s.bad_signatures
@@ -189,12 +184,7 @@ fn run_swarm(
             )
         },
     )?;
-    if let Some(f) = report.faults {
-        eprintln!(
-            "faults injected: {} of {} datagrams dropped, {} duplicated, {} reordered",
-            f.dropped, f.seen, f.duplicated, f.reordered
-        );
-    }
+    print_faults(report.faults);
     let v = report.viewer;
     let w = report.swarm;
     eprintln!(
@@ -214,4 +204,14 @@ fn run_swarm(
         metrics.delay_us(0.99) / 1000
     );
     Ok(())
+}
+
+/// Says what the fault injector did, if one ran.
+fn print_faults(faults: Option<clubcast::fault::FaultStats>) {
+    if let Some(f) = faults {
+        eprintln!(
+            "faults injected: {} of {} datagrams dropped, {} duplicated, {} reordered",
+            f.dropped, f.seen, f.duplicated, f.reordered
+        );
+    }
 }

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam::channel::{Receiver, Sender};
 
-use super::watch::{WatchEnd, WatchError};
+use super::watch::{play_released, WatchEnd, WatchError};
 use crate::backend::{PortableSocket, RecvBatch};
 use crate::crypto::ChannelPublicKey;
 use crate::fault::{FaultInjector, FaultSpec, FaultStats};
@@ -231,16 +231,7 @@ pub fn run_swarm_watch(
                 }
             }
         }
-        let mut wrote = false;
-        while let Some(piece) = viewer.poll_piece(member.now()) {
-            output
-                .write_all(&piece.payload)
-                .map_err(WatchError::Output)?;
-            wrote = true;
-        }
-        if wrote {
-            output.flush().map_err(WatchError::Output)?;
-        }
+        play_released(&mut viewer, member.now(), output)?;
         if let Some(m) = metrics {
             if last_metrics.elapsed() >= Duration::from_millis(250) {
                 m.update(member.node().stats(), member.node().link_counts());

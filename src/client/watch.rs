@@ -141,16 +141,7 @@ pub fn run_watch(
                 deliver(&mut viewer, now, &data, &mut last_piece, on_piece);
             }
         }
-        let mut wrote = false;
-        while let Some(piece) = viewer.poll_piece(clock.now()) {
-            output
-                .write_all(&piece.payload)
-                .map_err(WatchError::Output)?;
-            wrote = true;
-        }
-        if wrote {
-            output.flush().map_err(WatchError::Output)?;
-        }
+        play_released(&mut viewer, clock.now(), output)?;
         if viewer.is_finished() {
             break WatchEnd::EndOfStream;
         }
@@ -199,4 +190,24 @@ fn deliver(
         *last_piece = Instant::now();
         on_piece(wall_clock_us().saturating_sub(publish_time_us));
     }
+}
+
+/// Writes every piece the viewer releases now, in order, and flushes so a player downstream
+/// sees them with no added delay.
+pub(crate) fn play_released(
+    viewer: &mut Viewer,
+    now: crate::time::Timestamp,
+    output: &mut dyn Write,
+) -> Result<(), WatchError> {
+    let mut wrote = false;
+    while let Some(piece) = viewer.poll_piece(now) {
+        output
+            .write_all(&piece.payload)
+            .map_err(WatchError::Output)?;
+        wrote = true;
+    }
+    if wrote {
+        output.flush().map_err(WatchError::Output)?;
+    }
+    Ok(())
 }

@@ -276,16 +276,21 @@ impl SwarmNode {
         };
         let first = self.info.as_ref().map_or(0, |i| i.first_seq);
         for s in start.max(first)..=upto {
-            if !self.ring.contains(s) && !self.ring.is_stale(s) {
-                self.missing.entry(s).or_insert(Missing {
-                    noticed: now,
-                    next_nack: now + self.config.nack_delay,
-                    tries: 0,
-                    blamed: None,
-                });
-            }
+            self.mark_missing(now, s);
         }
         self.gaps_checked = Some(upto);
+    }
+
+    /// Records `seq` for repair unless it is here or too old.
+    fn mark_missing(&mut self, now: Timestamp, seq: u64) {
+        if !self.ring.contains(seq) && !self.ring.is_stale(seq) {
+            self.missing.entry(seq).or_insert(Missing {
+                noticed: now,
+                next_nack: now + self.config.nack_delay,
+                tries: 0,
+                blamed: None,
+            });
+        }
     }
 
     /// Records gaps in `club` up to `seq` for repair.
@@ -307,14 +312,7 @@ impl SwarmNode {
         *high = Some(seq);
         let mut s = from;
         while s < seq {
-            if !self.ring.contains(s) && !self.ring.is_stale(s) {
-                self.missing.entry(s).or_insert(Missing {
-                    noticed: now,
-                    next_nack: now + self.config.nack_delay,
-                    tries: 0,
-                    blamed: None,
-                });
-            }
+            self.mark_missing(now, s);
             s += k;
         }
     }
