@@ -19,6 +19,9 @@ use crate::swarm::NO_CLUB;
 use crate::time::Timestamp;
 use crate::wire::{ChannelId, Cookie, Descriptor, Message, PeerEntry, Peers, Role, MAX_DATAGRAM};
 
+/// A channel with a descriptor but no members is forgotten after this long.
+const IDLE_CHANNEL: Duration = Duration::from_secs(300);
+
 /// Tunables of a tracker.
 #[derive(Debug, Clone)]
 pub struct TrackerConfig {
@@ -80,6 +83,8 @@ struct Channel {
     epoch_us: u64,
     clubs: u8,
     members: HashMap<SocketAddr, Member>,
+    /// When a member last announced, or the descriptor last came.
+    last_active: Timestamp,
 }
 
 impl Channel {
@@ -150,7 +155,7 @@ impl TrackerCore {
                     send(&buf[..n]);
                 }
             }
-            Ok(Message::Descriptor(d)) => self.on_descriptor(&d),
+            Ok(Message::Descriptor(d)) => self.on_descriptor(now, &d),
             Ok(Message::TrackerAnnounce(a)) => {
                 if self.cookies.check(now, from, &a.cookie) == CookieCheck::Invalid {
                     // Prove the address first: a COOKIE no larger than the announce.
@@ -170,7 +175,7 @@ impl TrackerCore {
         }
     }
 
-    fn on_descriptor(&mut self, d: &Descriptor<'_>) {
+    fn on_descriptor(&mut self, now: Timestamp, d: &Descriptor<'_>) {
         let Ok(key) = verify_descriptor(d) else {
             self.stats.refused += 1;
             return;
@@ -180,6 +185,7 @@ impl TrackerCore {
             self.stats.refused += 1;
             return;
         };
+        channel.last_active = now;
         if channel.descriptor.is_some() && d.epoch_us() <= channel.epoch_us {
             return; // the same session again, or an older one replayed
         }
@@ -203,6 +209,7 @@ impl TrackerCore {
             self.stats.refused += 1;
             return;
         };
+        channel.last_active = now;
         if a.leaving {
             channel.members.remove(&from);
             return;
@@ -255,7 +262,10 @@ impl TrackerCore {
             let before = c.members.len();
             c.members.retain(|_, m| m.expires > now);
             expired += before - c.members.len();
-            !c.members.is_empty() || c.descriptor.is_some()
+            // A channel nobody announces in is forgotten after a while, descriptor and all,
+            // so self-signed descriptors cannot fill the table for good.
+            !c.members.is_empty()
+                || (c.descriptor.is_some() && now.saturating_since(c.last_active) < IDLE_CHANNEL)
         });
         self.stats.expired += expired as u64;
     }

@@ -301,7 +301,7 @@ fn repair_keeps_continuity_with_five_percent_loss_at_every_peer() {
         })
         .collect();
     std::thread::sleep(Duration::from_millis(500));
-    let (input, ts) = synthetic_input(dir.path(), 6, STREAM_BPS);
+    let (input, ts) = synthetic_input(dir.path(), 8, STREAM_BPS);
     // K = 10: clubs of two or three, which leaves every member upload to spare for repairs.
     publish(tracker, &key, &input, 10, "2mbit", &[]);
     let reports: Vec<Report> = peers.into_iter().map(Peer::finish).collect();

@@ -420,18 +420,20 @@ fn start_amplifiers(
                 ..SwarmConfig::default()
             },
         );
+        // A fixed port is the first channel's; the next channels take the ports after it.
+        let mut listen = settings.swarm_listen;
+        if listen.port() != 0 {
+            let port = u16::try_from(usize::from(listen.port()) + i)
+                .context("swarm-listen port + channels exceeds 65535")?;
+            listen.set_port(port);
+        }
         let member = MemberThread::spawn(
             "swarm-amplifier",
-            settings.swarm_listen,
+            listen,
             node,
             Some((Arc::clone(metrics), i)),
         )
-        .with_context(|| {
-            format!(
-                "cannot bind the swarm socket on udp {}",
-                settings.swarm_listen
-            )
-        })?;
+        .with_context(|| format!("cannot bind the swarm socket on udp {}", listen))?;
         tracing::info!(%channel, %tracker, swarm = %member.local_addr(), "amplifying the swarm");
         members.push(member);
     }

@@ -71,7 +71,7 @@ pub(crate) struct Args {
     output: String,
 
     /// How long a missing piece is waited for before it is skipped (default: 200ms from a
-    /// relay, 1.5s in a swarm, where repairs need a round trip or two).
+    /// relay, 2s in a swarm, where repairs need a round trip or two).
     #[arg(long, value_name = "DURATION", value_parser = args::duration)]
     jitter: Option<Duration>,
 
@@ -164,7 +164,7 @@ fn run_swarm(
             ..SwarmConfig::default()
         },
         viewer: ViewerConfig {
-            jitter_window: args.jitter.unwrap_or(Duration::from_millis(1500)),
+            jitter_window: args.jitter.unwrap_or(Duration::from_secs(2)),
             content_key,
             ..ViewerConfig::default()
         },

@@ -626,7 +626,8 @@ pub static KEYS: &[Key] = &[
         name: "swarm-listen",
         value_name: "ADDR",
         help: "UDP address of the amplifier's swarm sockets (port 0: an ephemeral port per \
-               channel; the tracker tells members where).",
+               channel; a fixed port is the first channel's, the next channels take the ports \
+               after it).",
         kind: Kind::Text,
         live: false,
         set: |s, v| {

@@ -24,7 +24,7 @@ mod receive;
 mod send;
 mod upkeep;
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -239,7 +239,8 @@ pub struct SwarmNode {
     tracker: Option<TrackerState>,
     candidates: BTreeMap<SocketAddr, Candidate>,
     links: BTreeMap<SocketAddr, Link>,
-    banned: BTreeSet<SocketAddr>,
+    /// Banned members and when their ban ends.
+    banned: BTreeMap<SocketAddr, Timestamp>,
     ring: PieceRing,
     /// Highest sequence number received per club.
     club_high: Vec<Option<u64>>,
@@ -315,7 +316,7 @@ impl SwarmNode {
             verifier: Box::new(Ed25519Verifier),
             candidates: BTreeMap::new(),
             links: BTreeMap::new(),
-            banned: BTreeSet::new(),
+            banned: BTreeMap::new(),
             club_high: Vec::new(),
             club_last: Vec::new(),
             missing: BTreeMap::new(),
@@ -362,7 +363,10 @@ impl SwarmNode {
     /// member says of itself (role, club) is updated; back-offs are kept.
     pub fn add_candidates(&mut self, entries: impl IntoIterator<Item = PeerEntry>) {
         for e in entries {
-            if self.banned.contains(&e.addr) {
+            if self.banned.contains_key(&e.addr)
+                || (self.candidates.len() >= MAX_CANDIDATES
+                    && !self.candidates.contains_key(&e.addr))
+            {
                 continue;
             }
             let c = self.candidates.entry(e.addr).or_insert(Candidate {
@@ -467,7 +471,7 @@ impl SwarmNode {
 
     /// Whether `addr` was banned.
     pub fn is_banned(&self, addr: &SocketAddr) -> bool {
-        self.banned.contains(addr)
+        self.banned.contains_key(addr)
     }
 
     /// Pieces held for repair now.
@@ -557,6 +561,12 @@ const PAYLOAD: u64 = 1128;
 /// No new piece for this long: look for gaps up to the newest piece (the stream paused or
 /// ended, so no later piece will reveal them).
 const STREAM_PAUSE: Duration = Duration::from_millis(150);
+/// Most repairs and catch-up pieces queued per link.
+const MAX_BACKGROUND: usize = 512;
+/// How long a ban lasts.
+const BAN: Duration = Duration::from_secs(600);
+/// Most members remembered as candidates.
+const MAX_CANDIDATES: usize = 4096;
 /// A peer waits this long for the tracker to assign its club before choosing one itself.
 const CLUB_ASSIGNMENT_WAIT: Duration = Duration::from_secs(3);
 /// A member replaced as an upstream is not asked again for this long.

@@ -7,9 +7,15 @@ impl SwarmNode {
     /// Handles one datagram from `from`.
     pub fn handle_datagram(&mut self, now: Timestamp, from: SocketAddr, datagram: &[u8]) {
         self.started.get_or_insert(now);
-        if self.banned.contains(&from) {
-            self.stats.from_banned += 1;
-            return;
+        match self.banned.get(&from) {
+            Some(until) if *until > now => {
+                self.stats.from_banned += 1;
+                return;
+            }
+            Some(_) => {
+                self.banned.remove(&from);
+            }
+            None => {}
         }
         let is_tracker = self.tracker.as_ref().is_some_and(|t| t.addr == from);
         let message = match Message::parse(datagram) {
@@ -140,7 +146,7 @@ impl SwarmNode {
         }
         let shared: PieceBytes = Arc::from(bytes);
         if !self.verifier.verify(&self.key, piece, &shared) {
-            self.ban(from);
+            self.ban(now, from);
             self.stats.bad_pieces += 1;
             return;
         }
@@ -248,10 +254,18 @@ impl SwarmNode {
             };
             match self.config.behaviour {
                 Behaviour::Delayer(d) => self.delayed.push_back((now + d, q, urgent)),
-                _ if urgent => self.urgent.push_back(q),
+                _ if urgent => self.push_urgent(q),
                 _ => self.push_live(q),
             }
         }
+    }
+
+    pub(super) fn push_urgent(&mut self, q: Queued) {
+        if self.urgent.len() >= MAX_LIVE_QUEUE {
+            self.urgent.pop_front();
+            self.stats.live_dropped += 1;
+        }
+        self.urgent.push_back(q);
     }
 
     pub(super) fn push_live(&mut self, q: Queued) {
@@ -301,7 +315,8 @@ impl SwarmNode {
         };
         let from = match *high {
             Some(h) if seq <= h => return,
-            Some(h) => h + k,
+            // A jump (a new publisher session) is not a gap to repair piece by piece.
+            Some(h) => (h + k).max(seq.saturating_sub(64 * k)),
             // First piece of the club: look back a little, not to the dawn of the stream.
             None => {
                 let first = self.info.as_ref().map_or(seq, |i| i.first_seq);
@@ -348,12 +363,21 @@ impl SwarmNode {
         self.send_control(to, |b| Ack::encode(channel, &entries, b));
     }
 
-    pub(super) fn ban(&mut self, addr: SocketAddr) {
-        if self.banned.insert(addr) {
+    /// Bans `addr` for a piece that failed verification. Bans expire (an attacker who spoofs a
+    /// good member's address costs it a while, not for ever), and the publisher is never
+    /// banned: its link is only dropped.
+    pub(super) fn ban(&mut self, now: Timestamp, addr: SocketAddr) {
+        let publisher = self
+            .candidates
+            .get(&addr)
+            .is_some_and(|c| c.role == Role::Publisher);
+        if !publisher && self.banned.insert(addr, now + BAN).is_none() {
             self.stats.peers_banned += 1;
         }
         self.links.remove(&addr);
-        self.candidates.remove(&addr);
+        if !publisher {
+            self.candidates.remove(&addr);
+        }
     }
 
     pub(super) fn on_join(&mut self, now: Timestamp, from: SocketAddr, j: &Join) {
@@ -383,11 +407,13 @@ impl SwarmNode {
         if self.info.is_none() || self.leaving {
             return; // nothing to give yet; it will ask again
         }
-        self.candidates.entry(from).or_insert(Candidate {
-            role: j.role,
-            club: j.club,
-            backoff_until: Timestamp::ZERO,
-        });
+        if self.candidates.len() < MAX_CANDIDATES || self.candidates.contains_key(&from) {
+            self.candidates.entry(from).or_insert(Candidate {
+                role: j.role,
+                club: j.club,
+                backoff_until: Timestamp::ZERO,
+            });
+        }
         let (granted, mate) = match self.links.get_mut(&from) {
             Some(l) if l.mate || !l.send.is_empty() => {
                 // A keepalive of a link we granted: it keeps only what it still wants.
@@ -550,7 +576,7 @@ impl SwarmNode {
             .recent(now, self.config.catch_up, |c| clubs.contains(c));
         if let Some(l) = self.links.get_mut(&to) {
             for (seq, _) in &recent {
-                if !l.background.contains(seq) {
+                if !l.background.contains(seq) && l.background.len() < MAX_BACKGROUND {
                     l.background.push_back(*seq);
                 }
             }
@@ -563,11 +589,13 @@ impl SwarmNode {
         let Some(l) = self.links.get_mut(&from) else {
             return;
         };
-        if !l.initiated {
+        // Only an answer to what we asked: a mate link only if we asked to be mates (in our
+        // own club), and no clubs we did not ask for.
+        if !l.initiated || a.mate != l.wants_mate || (a.mate && a.club != self.club) {
             return;
         }
         l.last_keepalive = now;
-        if a.granted.is_empty() {
+        if a.granted.intersect(l.wanted).is_empty() {
             // Refused (full): try someone else, and not this one for a while.
             match self.links.get_mut(&from) {
                 Some(l) if !l.send.is_empty() => {
@@ -592,7 +620,11 @@ impl SwarmNode {
         l.mate = a.mate;
         l.club = a.club;
         l.role = a.role;
-        l.recv = if a.mate { ClubMask::NONE } else { a.granted };
+        l.recv = if a.mate {
+            ClubMask::NONE
+        } else {
+            a.granted.intersect(l.wanted)
+        };
     }
 
     pub(super) fn on_nack(&mut self, now: Timestamp, from: SocketAddr, n: &Nack) {
@@ -607,7 +639,7 @@ impl SwarmNode {
         for seq in seqs {
             if self.ring.get_fresh(now, seq, horizon).is_some() {
                 if let Some(l) = self.links.get_mut(&from) {
-                    if !l.background.contains(&seq) {
+                    if !l.background.contains(&seq) && l.background.len() < MAX_BACKGROUND {
                         l.background.push_back(seq);
                         served += 1;
                     }

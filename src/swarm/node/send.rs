@@ -25,7 +25,7 @@ impl SwarmNode {
                 break;
             };
             if urgent {
-                self.urgent.push_back(q);
+                self.push_urgent(q);
             } else {
                 self.push_live(q);
             }
@@ -40,12 +40,19 @@ impl SwarmNode {
     }
 
     pub(super) fn next_urgent(&mut self, now: Timestamp) -> Option<Transmit> {
-        let q = self.urgent.front()?;
-        if !self.bucket.try_take(now, q.bytes.len() as u64) {
-            return None;
+        while let Some(q) = self.urgent.front() {
+            if now.saturating_since(q.queued) > MAX_LIVE_WAIT || !self.links.contains_key(&q.to) {
+                self.urgent.pop_front();
+                self.stats.live_dropped += 1;
+                continue;
+            }
+            if !self.bucket.try_take(now, q.bytes.len() as u64) {
+                return None;
+            }
+            let q = self.urgent.pop_front()?;
+            return Some(self.sent_piece(now, q, false));
         }
-        let q = self.urgent.pop_front()?;
-        Some(self.sent_piece(now, q, false))
+        None
     }
 
     pub(super) fn next_live(&mut self, now: Timestamp) -> Option<Transmit> {

@@ -298,7 +298,7 @@ impl SwarmNode {
     pub(super) fn eligible(&self, now: Timestamp, addr: &SocketAddr, c: &Candidate) -> bool {
         // A member that only takes from us may still be asked to give.
         let free = self.links.get(addr).is_none_or(|l| !l.initiated && !l.mate);
-        free && !self.banned.contains(addr) && c.backoff_until <= now
+        free && !self.banned.contains_key(addr) && c.backoff_until <= now
     }
 
     pub(super) fn pending_joins(&self) -> usize {
@@ -476,7 +476,8 @@ impl SwarmNode {
             if let Some(e) = self.missing.get_mut(&seq) {
                 e.blamed.get_or_insert(target);
                 e.tries += 1;
-                e.next_nack = now + (rtt * 2).max(Duration::from_millis(80));
+                e.next_nack =
+                    now + (rtt * 2).clamp(Duration::from_millis(80), Duration::from_millis(250));
             }
         }
         for seq in give_up {
@@ -515,7 +516,9 @@ impl SwarmNode {
     pub fn leave(&mut self, now: Timestamp) {
         let addrs: Vec<SocketAddr> = self.links.keys().copied().collect();
         for a in addrs {
-            if let Some(l) = self.links.get(&a) {
+            // Only links we asked for carry the other side's cookie; the members we push to
+            // notice our silence and find another upstream.
+            if let Some(l) = self.links.get(&a).filter(|l| l.initiated) {
                 let mut j = self.join_for_link(l, l.cookie);
                 j.leaving = true;
                 self.send_control(a, |b| j.encode(b));
