@@ -20,7 +20,7 @@ static SERIAL: Mutex<()> = Mutex::new(());
 
 const STREAM_BPS: u64 = 1_000_000;
 /// Bytes of TS payload per piece.
-const PIECE: usize = 1128;
+const PIECE: usize = clubcast::ts::PIECE_PAYLOAD;
 
 /// A watcher process in the swarm.
 struct Peer {

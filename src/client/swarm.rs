@@ -291,7 +291,7 @@ fn start_playout(viewer: &mut Viewer, node: &SwarmNode, first: &[u8]) {
     let (Some(info), Ok(piece)) = (node.info(), Piece::parse(first)) else {
         return;
     };
-    let per_second = (info.bitrate_bps / 8 / 1128).max(1);
+    let per_second = (info.bitrate_bps / 8 / crate::ts::PIECE_PAYLOAD as u64).max(1);
     if piece.seq() >= info.first_seq && piece.seq() - info.first_seq <= per_second {
         viewer.expect_from(info.first_seq);
     }

@@ -177,7 +177,12 @@ impl Link {
             pieces_missed: 0,
             lateness_us: 0.0,
             background: VecDeque::new(),
-            ledbat: Ledbat::new(LedbatConfig::default()),
+            // Four packets at least: at 5 % loss, two held by unacknowledged losses for a
+            // few round trips starved repairs.
+            ledbat: Ledbat::new(LedbatConfig {
+                min_cwnd_packets: 4,
+                ..LedbatConfig::default()
+            }),
             live: LiveRate::new(share_bytes),
             pending_acks: Vec::new(),
             acks_since: now,
@@ -269,7 +274,7 @@ impl Link {
         }
     }
 
-    /// Whether a link we asked for has been confirmed and is kept alive.
+    /// Whether this link brings us `club`: an upstream that granted it, or a club mate of it.
     pub fn is_source_of(&self, club: u8) -> bool {
         self.established && (self.recv.contains(club) || (self.mate && self.club == club))
     }

@@ -14,8 +14,7 @@ mod stats;
 pub use ledbat::{Ledbat, LedbatConfig};
 pub use link::{Link, LiveRate};
 pub use node::{
-    Behaviour, ChannelInfo, Datagram, Ed25519Verifier, PieceVerifier, SwarmConfig, SwarmNode,
-    Transmit, ALL_CLUBS, NO_CLUB,
+    Behaviour, ChannelInfo, Datagram, SwarmConfig, SwarmNode, Transmit, ALL_CLUBS, NO_CLUB,
 };
 pub use pacer::TokenBucket;
 pub use ring::{PieceBytes, PieceRing};

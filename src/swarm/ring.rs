@@ -68,6 +68,11 @@ impl PieceRing {
         true
     }
 
+    /// The piece `seq`, if held.
+    pub fn get(&self, seq: u64) -> Option<&PieceBytes> {
+        self.pieces.get(&seq).map(|e| &e.bytes)
+    }
+
     /// The piece `seq` if it arrived no longer than `within` before `now`.
     pub fn get_fresh(&self, now: Timestamp, seq: u64, within: Duration) -> Option<&PieceBytes> {
         let e = self.pieces.get(&seq)?;
@@ -94,16 +99,6 @@ impl PieceRing {
             .collect();
         out.sort_by_key(|(s, _)| *s);
         out
-    }
-
-    /// Pieces held.
-    pub fn len(&self) -> usize {
-        self.pieces.len()
-    }
-
-    /// Whether the ring is empty.
-    pub fn is_empty(&self) -> bool {
-        self.pieces.is_empty()
     }
 
     fn evict(&mut self, now: Timestamp) {

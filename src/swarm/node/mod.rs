@@ -43,6 +43,7 @@ use crate::time::Timestamp;
 use crate::wire::{
     Accept, Ack, AckEntry, ChannelId, ClubMask, Cookie, CookieBytes, Descriptor, Hello, Join,
     Message, Nack, PeerEntry, Piece, PieceHeader, Role, TrackerAnnounce, MAX_DATAGRAM,
+    SIGNATURE_LEN,
 };
 
 /// The club value of a member of every club (relays) and of the publisher.
@@ -142,23 +143,6 @@ impl Default for SwarmConfig {
     }
 }
 
-/// Checks piece signatures. The default checks each one; the simulator shares one result per
-/// piece among its many members.
-pub trait PieceVerifier {
-    /// Whether `piece` (whose bytes are `bytes`) is signed by `key`.
-    fn verify(&mut self, key: &ChannelPublicKey, piece: &Piece<'_>, bytes: &PieceBytes) -> bool;
-}
-
-/// Verifies every piece with Ed25519.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct Ed25519Verifier;
-
-impl PieceVerifier for Ed25519Verifier {
-    fn verify(&mut self, key: &ChannelPublicKey, piece: &Piece<'_>, _: &PieceBytes) -> bool {
-        key.verify_piece(piece).is_ok()
-    }
-}
-
 /// A datagram to send.
 #[derive(Debug, Clone)]
 pub struct Transmit {
@@ -234,7 +218,6 @@ pub struct SwarmNode {
     descriptor: Option<Vec<u8>>,
     club: u8,
     club_chosen: bool,
-    verifier: Box<dyn PieceVerifier + Send>,
     cookies: CookieJar,
     tracker: Option<TrackerState>,
     candidates: BTreeMap<SocketAddr, Candidate>,
@@ -261,6 +244,8 @@ pub struct SwarmNode {
     delayed: VecDeque<(Timestamp, Queued, bool)>,
     bucket: TokenBucket,
     delivered: VecDeque<PieceBytes>,
+    /// Scratch list of where a piece goes (kept to avoid an allocation per piece).
+    targets: Vec<(SocketAddr, bool)>,
     rng: StdRng,
     stats: SwarmStats,
     next_tick: Timestamp,
@@ -313,7 +298,6 @@ impl SwarmNode {
             descriptor: None,
             club,
             club_chosen: config.role != Role::Peer,
-            verifier: Box::new(Ed25519Verifier),
             candidates: BTreeMap::new(),
             links: BTreeMap::new(),
             banned: BTreeMap::new(),
@@ -330,6 +314,7 @@ impl SwarmNode {
             live: VecDeque::new(),
             delayed: VecDeque::new(),
             delivered: VecDeque::new(),
+            targets: Vec::new(),
             stats: SwarmStats::default(),
             next_tick: Timestamp::ZERO,
             started: None,
@@ -351,12 +336,6 @@ impl SwarmNode {
         node.set_info(info);
         node.descriptor = Some(descriptor);
         node
-    }
-
-    /// Replaces the signature checker (the simulator shares verification among members).
-    pub fn with_verifier(mut self, verifier: Box<dyn PieceVerifier + Send>) -> Self {
-        self.verifier = verifier;
-        self
     }
 
     /// Tells the member about other members (from a tracker's list, or directly). What a
@@ -419,21 +398,6 @@ impl SwarmNode {
         (mates, up, down)
     }
 
-    /// Per club: (downstream links we push it on, whether we have a source for it).
-    pub fn club_view(&self) -> Vec<(usize, bool)> {
-        (0..self.k())
-            .map(|c| {
-                let down = self
-                    .links
-                    .values()
-                    .filter(|l| !l.mate && l.send.contains(c))
-                    .count();
-                let src = self.links.values().any(|l| l.is_source_of(c));
-                (down, src)
-            })
-            .collect()
-    }
-
     /// One line per link, for debugging and `clubcast watch -v`.
     pub fn describe_links(&self) -> String {
         let mut v: Vec<String> = self
@@ -469,16 +433,6 @@ impl SwarmNode {
         self.links.contains_key(addr)
     }
 
-    /// Whether `addr` was banned.
-    pub fn is_banned(&self, addr: &SocketAddr) -> bool {
-        self.banned.contains_key(addr)
-    }
-
-    /// Pieces held for repair now.
-    pub fn ring_len(&self) -> usize {
-        self.ring.len()
-    }
-
     fn k(&self) -> u8 {
         self.info.as_ref().map_or(1, |i| i.clubs.clamp(1, 64))
     }
@@ -486,7 +440,8 @@ impl SwarmNode {
     /// Bytes per second of one club's share of the stream, on the wire (each 1 128-byte
     /// payload travels with 96 bytes of header and signature).
     fn unit_bytes(&self) -> u64 {
-        let wire = |bps: u64| bps / 8 * (PieceHeader::MAX_PAYLOAD as u64 + 96) / PAYLOAD;
+        let overhead = (PieceHeader::LEN + SIGNATURE_LEN) as u64;
+        let wire = |bps: u64| bps / 8 * (PAYLOAD + overhead) / PAYLOAD;
         self.info
             .as_ref()
             .map_or(1, |i| (wire(i.bitrate_bps) / u64::from(self.k())).max(1))
@@ -557,7 +512,7 @@ impl SwarmNode {
 }
 
 /// Payload bytes of a full piece (six TS packets).
-const PAYLOAD: u64 = 1128;
+const PAYLOAD: u64 = crate::ts::PIECE_PAYLOAD as u64;
 /// No new piece for this long: look for gaps up to the newest piece (the stream paused or
 /// ended, so no later piece will reveal them).
 const STREAM_PAUSE: Duration = Duration::from_millis(150);

@@ -132,7 +132,14 @@ impl SwarmNode {
         }
         let seq = piece.seq();
         let club = (seq % u64::from(self.k())) as u8;
-        if self.ring.contains(seq) {
+        if let Some(held) = self.ring.get(seq) {
+            // A copy that differs from the verified one we hold is a forgery (or corrupt):
+            // caught even when the honest copy came first, at the cost of a comparison.
+            if held.as_ref() != bytes && self.key.verify_piece(piece).is_err() {
+                self.ban(now, from);
+                self.stats.bad_pieces += 1;
+                return;
+            }
             self.stats.duplicates += 1;
             if let Some(l) = self.links.get_mut(&from) {
                 l.pieces_dup += 1;
@@ -144,13 +151,14 @@ impl SwarmNode {
             self.stats.stale += 1;
             return;
         }
-        let shared: PieceBytes = Arc::from(bytes);
-        if !self.verifier.verify(&self.key, piece, &shared) {
+        if self.key.verify_piece(piece).is_err() {
             self.ban(now, from);
             self.stats.bad_pieces += 1;
             return;
         }
         self.queue_ack(now, from, seq);
+        // The one copy of the piece, shared by the ring and every queue that sends it.
+        let shared: PieceBytes = Arc::from(bytes);
         self.accept_piece(now, Some(from), seq, club, piece.publish_time_us(), shared);
     }
 
@@ -230,7 +238,9 @@ impl SwarmNode {
             _ => bytes,
         };
         let own = self.config.role != Role::Peer || club == self.club;
-        let mut targets: Vec<(SocketAddr, bool)> = Vec::new();
+        // Reused from piece to piece: no allocation per piece once it has grown.
+        let mut targets = std::mem::take(&mut self.targets);
+        targets.clear();
         for (addr, l) in &self.links {
             if Some(*addr) == from {
                 continue;
@@ -244,8 +254,7 @@ impl SwarmNode {
                 targets.push((*addr, seed));
             }
         }
-        targets.sort_unstable_by_key(|(a, urgent)| (!*urgent, *a));
-        for (to, urgent) in targets {
+        for &(to, urgent) in &targets {
             let q = Queued {
                 to,
                 seq,
@@ -258,6 +267,7 @@ impl SwarmNode {
                 _ => self.push_live(q),
             }
         }
+        self.targets = targets;
     }
 
     pub(super) fn push_urgent(&mut self, q: Queued) {

@@ -96,8 +96,7 @@ impl SwarmNode {
             .filter(|(_, l)| !l.background.is_empty())
             .map(|(a, _)| *a)
             .collect();
-        addrs.sort_unstable();
-        // Start the round-robin at a different link each time.
+        // (In address order: the links are an ordered map.) Start the round-robin at a different link each time.
         if !addrs.is_empty() {
             let k = (self.stats.background_pieces_out as usize) % addrs.len();
             addrs.rotate_left(k);
