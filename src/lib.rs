@@ -24,6 +24,7 @@ pub mod loadgen;
 pub mod metrics;
 pub mod publisher;
 pub mod relay;
+pub mod sim;
 pub mod swarm;
 pub mod time;
 pub mod tracker;

@@ -77,30 +77,189 @@ fn channel_entry(
     }
 }
 
+/// Members of one kind (relays, or everyone else) in a table that can be sampled without
+/// walking it: a dense list plus an index by address. Lookups only, never iteration order of
+/// a hash map, so a seeded tracker answers the same way every run.
+#[derive(Debug, Default)]
+struct MemberTable {
+    list: Vec<(SocketAddr, Member)>,
+    index: HashMap<SocketAddr, usize>,
+}
+
+impl MemberTable {
+    fn len(&self) -> usize {
+        self.list.len()
+    }
+
+    fn get(&self, addr: &SocketAddr) -> Option<&Member> {
+        self.index.get(addr).map(|i| &self.list[*i].1)
+    }
+
+    /// Inserts or replaces; the member it replaced.
+    fn insert(&mut self, addr: SocketAddr, m: Member) -> Option<Member> {
+        match self.index.get(&addr) {
+            Some(&i) => Some(std::mem::replace(&mut self.list[i].1, m)),
+            None => {
+                self.index.insert(addr, self.list.len());
+                self.list.push((addr, m));
+                None
+            }
+        }
+    }
+
+    fn remove(&mut self, addr: &SocketAddr) -> Option<Member> {
+        let i = self.index.remove(addr)?;
+        let (_, m) = self.list.swap_remove(i);
+        if let Some((moved, _)) = self.list.get(i) {
+            self.index.insert(*moved, i);
+        }
+        Some(m)
+    }
+
+    /// Removes the members `keep` refuses; the removed ones.
+    fn retain(&mut self, mut keep: impl FnMut(&Member) -> bool) -> Vec<Member> {
+        let mut gone = Vec::new();
+        let mut i = 0;
+        while i < self.list.len() {
+            if keep(&self.list[i].1) {
+                i += 1;
+            } else {
+                let addr = self.list[i].0;
+                gone.extend(self.remove(&addr));
+            }
+        }
+        gone
+    }
+
+    /// Up to `n` live members other than `asker`, chosen at random.
+    fn sample(
+        &self,
+        rng: &mut StdRng,
+        n: usize,
+        asker: SocketAddr,
+        now: Timestamp,
+    ) -> Vec<PeerEntry> {
+        let picks: Vec<usize> = if self.list.len() <= n + 1 {
+            let mut all: Vec<usize> = (0..self.list.len()).collect();
+            all.shuffle(rng);
+            all
+        } else {
+            rand::seq::index::sample(rng, self.list.len(), n + 1).into_vec()
+        };
+        picks
+            .into_iter()
+            .map(|i| &self.list[i])
+            .filter(|(addr, m)| *addr != asker && m.expires > now)
+            .take(n)
+            .map(|(addr, m)| PeerEntry {
+                addr: *addr,
+                role: m.role,
+                club: m.club,
+            })
+            .collect()
+    }
+}
+
 #[derive(Debug, Default)]
 struct Channel {
     descriptor: Option<Vec<u8>>,
     epoch_us: u64,
     clubs: u8,
-    members: HashMap<SocketAddr, Member>,
+    relays: MemberTable,
+    others: MemberTable,
+    /// Peers per club, kept as members come, change club and go.
+    club_peers: Vec<usize>,
     /// When a member last announced, or the descriptor last came.
     last_active: Timestamp,
 }
 
 impl Channel {
+    fn members(&self) -> usize {
+        self.relays.len() + self.others.len()
+    }
+
+    fn table(&mut self, role: Role) -> &mut MemberTable {
+        if role == Role::Relay {
+            &mut self.relays
+        } else {
+            &mut self.others
+        }
+    }
+
+    fn count(&mut self, m: &Member, delta: isize) {
+        if m.role == Role::Peer && m.club < self.clubs {
+            if let Some(c) = self.club_peers.get_mut(usize::from(m.club)) {
+                *c = c.saturating_add_signed(delta);
+            }
+        }
+    }
+
+    fn insert(&mut self, addr: SocketAddr, m: Member) {
+        // A member that changed role moves table.
+        let other = if m.role == Role::Relay {
+            &mut self.others
+        } else {
+            &mut self.relays
+        };
+        if let Some(old) = other.remove(&addr) {
+            self.count(&old, -1);
+        }
+        if let Some(old) = self.table(m.role).insert(addr, m) {
+            self.count(&old, -1);
+        }
+        self.count(&m, 1);
+    }
+
+    fn remove(&mut self, addr: &SocketAddr) {
+        for relay in [true, false] {
+            let t = if relay {
+                &mut self.relays
+            } else {
+                &mut self.others
+            };
+            if let Some(old) = t.remove(addr) {
+                self.count(&old, -1);
+            }
+        }
+    }
+
+    fn get(&self, addr: &SocketAddr) -> Option<&Member> {
+        self.relays.get(addr).or_else(|| self.others.get(addr))
+    }
+
+    /// A new descriptor may change K: count the clubs again.
+    fn set_clubs(&mut self, clubs: u8) {
+        self.clubs = clubs;
+        self.club_peers = vec![0; usize::from(clubs)];
+        let members: Vec<Member> = self.others.list.iter().map(|(_, m)| *m).collect();
+        for m in members {
+            self.count(&m, 1);
+        }
+    }
+
     /// The club with the fewest peers other than `asker` (lowest first on ties), once the
     /// descriptor has said how many clubs there are.
     fn least_populated_club(&self, asker: SocketAddr) -> Option<u8> {
         if self.clubs == 0 {
             return None;
         }
-        let mut counts = vec![0usize; usize::from(self.clubs)];
-        for (addr, m) in &self.members {
-            if *addr != asker && m.role == Role::Peer && m.club < self.clubs {
-                counts[usize::from(m.club)] += 1;
-            }
+        let own = self
+            .get(&asker)
+            .filter(|m| m.role == Role::Peer && m.club < self.clubs)
+            .map(|m| m.club);
+        (0..self.clubs).min_by_key(|c| {
+            self.club_peers[usize::from(*c)].saturating_sub(usize::from(own == Some(*c)))
+        })
+    }
+
+    /// Forgets members that stopped announcing; how many.
+    fn expire(&mut self, now: Timestamp) -> usize {
+        let mut gone = self.relays.retain(|m| m.expires > now);
+        gone.extend(self.others.retain(|m| m.expires > now));
+        for m in &gone {
+            self.count(m, -1);
         }
-        (0..self.clubs).min_by_key(|c| counts[usize::from(*c)])
+        gone.len()
     }
 }
 
@@ -133,7 +292,7 @@ impl TrackerCore {
 
     /// Members of `channel` now.
     pub fn members(&self, channel: &ChannelId) -> usize {
-        self.channels.get(channel).map_or(0, |c| c.members.len())
+        self.channels.get(channel).map_or(0, Channel::members)
     }
 
     /// Handles one datagram; replies to `from` are passed to `send`.
@@ -191,7 +350,7 @@ impl TrackerCore {
         }
         channel.descriptor = Some(d.as_bytes().to_vec());
         channel.epoch_us = d.epoch_us();
-        channel.clubs = d.clubs();
+        channel.set_clubs(d.clubs());
         self.stats.descriptors += 1;
     }
 
@@ -211,10 +370,10 @@ impl TrackerCore {
         };
         channel.last_active = now;
         if a.leaving {
-            channel.members.remove(&from);
+            channel.remove(&from);
             return;
         }
-        if channel.members.len() >= max_members && !channel.members.contains_key(&from) {
+        if channel.members() >= max_members && channel.get(&from).is_none() {
             self.stats.refused += 1;
             return;
         }
@@ -223,7 +382,7 @@ impl TrackerCore {
         let assigned = (a.role == Role::Peer && a.club == NO_CLUB)
             .then(|| channel.least_populated_club(from))
             .flatten();
-        channel.members.insert(
+        channel.insert(
             from,
             Member {
                 role: a.role,
@@ -231,20 +390,11 @@ impl TrackerCore {
                 expires: now + ttl,
             },
         );
-        // Relays first, then a random sample of the rest; never the asker itself.
-        let mut others: Vec<PeerEntry> = channel
-            .members
-            .iter()
-            .filter(|(addr, m)| **addr != from && m.expires > now)
-            .map(|(addr, m)| PeerEntry {
-                addr: *addr,
-                role: m.role,
-                club: m.club,
-            })
-            .collect();
-        others.shuffle(&mut self.rng);
-        others.sort_by_key(|p| p.role != Role::Relay);
-        others.truncate(Peers::MAX);
+        // Relays first, then a random sample of the rest; never the asker itself. Sampling
+        // costs the size of the list, not of the channel.
+        let mut others = channel.relays.sample(&mut self.rng, Peers::MAX, from, now);
+        let room = Peers::MAX - others.len();
+        others.extend(channel.others.sample(&mut self.rng, room, from, now));
         let mut buf = [0u8; MAX_DATAGRAM];
         if let Some(d) = &channel.descriptor {
             send(d);
@@ -259,12 +409,10 @@ impl TrackerCore {
     pub fn handle_timeout(&mut self, now: Timestamp) {
         let mut expired = 0;
         self.channels.retain(|_, c| {
-            let before = c.members.len();
-            c.members.retain(|_, m| m.expires > now);
-            expired += before - c.members.len();
+            expired += c.expire(now);
             // A channel nobody announces in is forgotten after a while, descriptor and all,
             // so self-signed descriptors cannot fill the table for good.
-            !c.members.is_empty()
+            c.members() > 0
                 || (c.descriptor.is_some() && now.saturating_since(c.last_active) < IDLE_CHANNEL)
         });
         self.stats.expired += expired as u64;

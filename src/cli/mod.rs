@@ -8,6 +8,7 @@ mod loadgen;
 mod logging;
 mod publish;
 mod relay;
+mod sim;
 mod top;
 mod tracker;
 mod watch;
@@ -68,6 +69,7 @@ enum Command {
     Loadgen(loadgen::Args),
     Publish(publish::Args),
     Relay(relay::Args),
+    Sim(sim::Args),
     Top(top::Args),
     Tracker(tracker::Args),
     Watch(Box<watch::Args>),
@@ -93,6 +95,7 @@ pub(crate) fn main() -> ExitCode {
         Command::Loadgen(a) => loadgen::run(a),
         Command::Publish(a) => publish::run(a),
         Command::Relay(a) => relay::run(a, log),
+        Command::Sim(a) => sim::run(a),
         Command::Top(a) => top::run(a),
         Command::Tracker(a) => tracker::run(a),
         Command::Watch(a) => watch::run(*a),

@@ -10,6 +10,7 @@ mod node;
 mod pacer;
 mod ring;
 mod stats;
+mod verified;
 
 pub use ledbat::{Ledbat, LedbatConfig};
 pub use link::{Link, LiveRate};
@@ -19,6 +20,7 @@ pub use node::{
 pub use pacer::TokenBucket;
 pub use ring::{PieceBytes, PieceRing};
 pub use stats::SwarmStats;
+pub use verified::VerifiedPieces;
 
 #[cfg(test)]
 mod tests;

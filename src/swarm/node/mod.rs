@@ -37,6 +37,7 @@ use super::link::Link;
 use super::pacer::TokenBucket;
 use super::ring::{PieceBytes, PieceRing};
 use super::stats::SwarmStats;
+use super::verified::VerifiedPieces;
 use crate::crypto::{verify_descriptor, ChannelPublicKey};
 use crate::relay::cookie::{CookieCheck, CookieJar};
 use crate::time::Timestamp;
@@ -117,6 +118,9 @@ pub struct SwarmConfig {
     pub behaviour: Behaviour,
     /// Seed of the member's random choices (fixed in tests and the simulator).
     pub seed: u64,
+    /// Pieces verified by other members of this process (the simulator shares one cache among
+    /// all its members); `None` checks every new piece's signature.
+    pub verified: Option<VerifiedPieces>,
 }
 
 impl Default for SwarmConfig {
@@ -139,6 +143,7 @@ impl Default for SwarmConfig {
             announce_interval: Duration::from_secs(5),
             behaviour: Behaviour::Honest,
             seed: 0,
+            verified: None,
         }
     }
 }

@@ -187,7 +187,14 @@ impl SwarmNode {
         if let Some(q) = self.urgent.front().or(self.live.front()) {
             next = next.min(self.bucket.ready_at(now, q.bytes.len() as u64));
         }
-        if self.links.values().any(|l| !l.background.is_empty()) {
+        // Background waiting for a link's LEDBAT window waits for that link's ACKs (input) or
+        // its loss timer (the tick), not for the clock.
+        let full_piece = PAYLOAD + (PieceHeader::LEN + SIGNATURE_LEN) as u64;
+        if self
+            .links
+            .values()
+            .any(|l| !l.background.is_empty() && l.background_allows(full_piece))
+        {
             next = next.min(self.bucket.ready_at(now, MAX_DATAGRAM as u64));
         }
         next.max(now)

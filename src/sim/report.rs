@@ -1,0 +1,297 @@
+//! What a simulation found: delay behind source, continuity, startup, hops, upload, repairs,
+//! attacks, the network's own counts, and whether each of the scenario's bounds held. Only
+//! simulated quantities are in it, so a scenario and seed give the same report byte for byte;
+//! wall-clock speed is reported beside it by the caller.
+
+use std::fmt;
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+/// 50th and 99th percentiles and maximum, in milliseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct Quantiles {
+    /// Median.
+    pub p50: f64,
+    /// 99th percentile.
+    pub p99: f64,
+    /// Largest.
+    pub max: f64,
+}
+
+impl Quantiles {
+    /// From a histogram of microseconds.
+    pub(super) fn of(h: &Histogram<u64>) -> Self {
+        let ms = |us: u64| (us as f64 / 100.0).round() / 10.0;
+        if h.is_empty() {
+            return Quantiles::default();
+        }
+        Quantiles {
+            p50: ms(h.value_at_quantile(0.5)),
+            p99: ms(h.value_at_quantile(0.99)),
+            max: ms(h.max()),
+        }
+    }
+}
+
+/// A spread of values over members.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct Spread {
+    /// Mean.
+    pub mean: f64,
+    /// 10th percentile.
+    pub p10: f64,
+    /// Median.
+    pub p50: f64,
+    /// 90th percentile.
+    pub p90: f64,
+    /// Largest.
+    pub max: f64,
+}
+
+impl Spread {
+    /// Of `values` (sorted here).
+    pub(super) fn of(mut values: Vec<f64>) -> Self {
+        if values.is_empty() {
+            return Spread::default();
+        }
+        values.sort_by(f64::total_cmp);
+        let at = |q: f64| values[((values.len() - 1) as f64 * q).round() as usize];
+        Spread {
+            mean: round3(values.iter().sum::<f64>() / values.len() as f64),
+            p10: round3(at(0.1)),
+            p50: round3(at(0.5)),
+            p90: round3(at(0.9)),
+            max: round3(at(1.0)),
+        }
+    }
+}
+
+/// Repair traffic, summed over members.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct Repairs {
+    /// Pieces asked for in NACKs.
+    pub asked: u64,
+    /// Gaps filled after a NACK.
+    pub repaired: u64,
+    /// Gaps given up on.
+    pub given_up: u64,
+    /// Pieces resent to others.
+    pub served: u64,
+}
+
+/// Attacks and how they fared.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct Attacks {
+    /// Pieces delivered for playing that the publisher did not publish (must be 0).
+    pub forged_played: u64,
+    /// Pieces that failed verification at a member (each bans its sender).
+    pub forged_caught: u64,
+    /// Bans issued.
+    pub bans: u64,
+    /// JOINs sent from spoofed addresses.
+    pub bogus_joins: u64,
+    /// Bytes the targets sent back to spoofed addresses.
+    pub bogus_reply_bytes: u64,
+    /// Bytes of the bogus JOINs.
+    pub bogus_bytes: u64,
+    /// Spoofed addresses that got a link (must be 0).
+    pub bogus_links: u64,
+}
+
+/// The network's own counts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct NetworkCounts {
+    /// Datagrams sent.
+    pub datagrams: u64,
+    /// Lost to bursty loss.
+    pub lost: u64,
+    /// Dropped by a full access-link queue.
+    pub queue_drops: u64,
+    /// Sent to nobody (a departed member, a spoofed address).
+    pub undeliverable: u64,
+    /// Delivered twice.
+    pub duplicated: u64,
+}
+
+/// One bound of the scenario and how the run did.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BoundCheck {
+    /// What is bounded.
+    pub name: String,
+    /// The bound.
+    pub limit: f64,
+    /// The run's value.
+    pub value: f64,
+    /// Whether it held.
+    pub ok: bool,
+}
+
+/// Everything a run found.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Report {
+    /// Scenario name.
+    pub scenario: String,
+    /// Seed used.
+    pub seed: u64,
+    /// Simulated seconds.
+    pub simulated_s: f64,
+    /// Clubs K.
+    pub clubs: u8,
+    /// Peers that joined (churn included), and those that left.
+    pub peers_joined: u64,
+    /// Peers that left.
+    pub peers_left: u64,
+    /// Honest peers measured.
+    pub honest_peers: u64,
+    /// Pieces published.
+    pub pieces_published: u64,
+    /// Share of honest peers' pieces played before their deadline.
+    pub continuity: f64,
+    /// Continuity of the worst honest peer.
+    pub worst_peer_continuity: f64,
+    /// Continuity of the 1st-percentile honest peer.
+    pub p1_peer_continuity: f64,
+    /// Delay behind source of honest peers' pieces, ms.
+    pub delay_ms: Quantiles,
+    /// Join to playing, honest peers, ms.
+    pub startup_ms: Quantiles,
+    /// Honest peers that never started.
+    pub never_started: u64,
+    /// Pieces by the number of hops they took from the publisher (index = hops).
+    pub hops: Vec<u64>,
+    /// Upload of honest peers, in multiples of the stream rate.
+    pub peer_upload: Spread,
+    /// Publisher upload over the stream, in multiples of the stream rate.
+    pub publisher_upload: f64,
+    /// Upload of each relay over the stream, in multiples of the stream rate.
+    pub relay_upload: Vec<f64>,
+    /// Repair traffic.
+    pub repairs: Repairs,
+    /// Attacks.
+    pub attacks: Attacks,
+    /// The network's counts.
+    pub network: NetworkCounts,
+    /// Continuity by second of publish time.
+    pub continuity_by_second: Vec<f64>,
+    /// Delay CDF: (delay ms, share of pieces at or below it).
+    pub delay_cdf: Vec<(f64, f64)>,
+    /// Events the simulator processed.
+    pub events: u64,
+    /// The scenario's bounds.
+    pub bounds: Vec<BoundCheck>,
+}
+
+impl Report {
+    /// Whether every bound held.
+    pub fn passed(&self) -> bool {
+        self.bounds.iter().all(|b| b.ok)
+    }
+
+    /// The report as pretty JSON.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).unwrap_or_default()
+    }
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "scenario {} (seed {}): {:.1} s simulated, K = {}, {} pieces published",
+            self.scenario, self.seed, self.simulated_s, self.clubs, self.pieces_published
+        )?;
+        writeln!(
+            f,
+            "peers: {} joined, {} left, {} honest measured, {} never started",
+            self.peers_joined, self.peers_left, self.honest_peers, self.never_started
+        )?;
+        writeln!(
+            f,
+            "continuity: {:.4} overall, worst peer {:.4}, 1st percentile {:.4}",
+            self.continuity, self.worst_peer_continuity, self.p1_peer_continuity
+        )?;
+        let q = |q: &Quantiles| format!("p50 {} ms, p99 {} ms, max {} ms", q.p50, q.p99, q.max);
+        writeln!(f, "delay behind source: {}", q(&self.delay_ms))?;
+        writeln!(f, "startup: {}", q(&self.startup_ms))?;
+        let total: u64 = self.hops.iter().sum::<u64>().max(1);
+        let hops: Vec<String> = self
+            .hops
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| **n > 0)
+            .map(|(h, n)| format!("{h}: {:.1}%", *n as f64 * 100.0 / total as f64))
+            .collect();
+        writeln!(f, "hops: {}", hops.join(", "))?;
+        let u = &self.peer_upload;
+        writeln!(
+            f,
+            "peer upload (x stream): mean {}, p10 {}, p50 {}, p90 {}, max {}",
+            u.mean, u.p10, u.p50, u.p90, u.max
+        )?;
+        writeln!(
+            f,
+            "publisher upload: {}x stream; relays: {:?}",
+            self.publisher_upload, self.relay_upload
+        )?;
+        let r = &self.repairs;
+        writeln!(
+            f,
+            "repairs: {} asked, {} repaired, {} given up, {} served",
+            r.asked, r.repaired, r.given_up, r.served
+        )?;
+        let a = &self.attacks;
+        writeln!(
+            f,
+            "attacks: {} forged played, {} forged caught, {} bans; bogus joins {} ({} B in, {} B replied, {} linked)",
+            a.forged_played, a.forged_caught, a.bans, a.bogus_joins, a.bogus_bytes, a.bogus_reply_bytes, a.bogus_links
+        )?;
+        let n = &self.network;
+        writeln!(
+            f,
+            "network: {} datagrams, {} lost, {} queue drops, {} undeliverable, {} duplicated",
+            n.datagrams, n.lost, n.queue_drops, n.undeliverable, n.duplicated
+        )?;
+        writeln!(f, "events: {}", self.events)?;
+        for b in &self.bounds {
+            writeln!(
+                f,
+                "bound {}: {} {} (limit {})",
+                b.name,
+                if b.ok { "ok" } else { "FAILED" },
+                b.value,
+                b.limit
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// `x` to three decimals (reports stay readable and stable).
+pub(super) fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spreads_and_quantiles_of_known_values() {
+        let s = Spread::of((1..=11).map(f64::from).collect());
+        assert_eq!(
+            (s.p10, s.p50, s.p90, s.max, s.mean),
+            (2.0, 6.0, 10.0, 11.0, 6.0)
+        );
+        let mut h = Histogram::<u64>::new(3).unwrap();
+        for us in 1..=1000u64 {
+            h.record(us * 1000).unwrap();
+        }
+        let q = Quantiles::of(&h);
+        assert!(
+            (q.p50 - 500.0).abs() < 1.0 && (q.p99 - 990.0).abs() < 1.0,
+            "{q:?}"
+        );
+        assert!((q.max - 1000.0).abs() < 1.0);
+    }
+}
