@@ -43,6 +43,8 @@ const HOP_SLOTS: usize = 1024;
 /// A member that asks to be woken "now" after being served is woken this much later (it is
 /// waiting on something the clock alone will not bring).
 const IDLE_WAKE_US: u64 = 1_000;
+/// Share of its line's upload a member is configured to use.
+const LIMIT_SHARE: f64 = 0.9;
 /// How often spoofed JOINs are sent (in batches).
 const BOGUS_TICK_US: u64 = 10_000;
 
@@ -181,6 +183,7 @@ pub(super) struct World {
     departed: SwarmStats,
     delay: Histogram<u64>,
     hops: Vec<u64>,
+    hop_delay: Vec<u64>,
     counts: NetworkCounts,
     attacks: Attacks,
     events: u64,
@@ -241,6 +244,7 @@ impl World {
             departed: SwarmStats::default(),
             delay: Histogram::new(3).map_err(|e| SimError::Internal(e.to_string()))?,
             hops: Vec::new(),
+            hop_delay: Vec::new(),
             counts: NetworkCounts::default(),
             attacks: Attacks::default(),
             events: 0,
@@ -290,9 +294,37 @@ impl World {
         SwarmConfig {
             role,
             tracker: Some(addr_of(TRACKER)),
-            upload_limit_bps: upload.map(|u| (u * self.bitrate as f64) as u64),
+            // Members are told to use a little less than their line, as an operator would set
+            // `--upload-limit`: ACKs, NACKs and JOINs go outside the limit.
+            upload_limit_bps: upload.map(|u| (u * LIMIT_SHARE * self.bitrate as f64) as u64),
             seed: self.seed.wrapping_mul(1_000_003).wrapping_add(seed),
             verified: Some(self.verified.clone()),
+            max_mates: std::env::var("X_MATES")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(4),
+            seeds_per_club: std::env::var("X_SEEDS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(2),
+            nack_delay: std::time::Duration::from_millis(
+                std::env::var("X_NACK")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(40),
+            ),
+            slow_threshold: std::time::Duration::from_millis(
+                std::env::var("X_SLOW")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(800),
+            ),
+            silence_timeout: std::time::Duration::from_millis(
+                std::env::var("X_SIL")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(600),
+            ),
             ..SwarmConfig::default()
         }
     }
@@ -335,7 +367,7 @@ impl World {
         let upload = self.s.publisher.upload;
         let config = self.member_config(Role::Publisher, Some(upload), 1);
         let node = SwarmNode::publisher(self.public, self.info.clone(), buf[..n].to_vec(), config);
-        let up = (upload * self.bitrate as f64 * 1.05) as u64;
+        let up = (upload * self.bitrate as f64) as u64;
         let agent = self.new_member(node, Kind::Publisher);
         let i = self.add_host(Host::new(Some(up), None, 0), agent);
         self.schedule(0, EventKind::Wake(i));
@@ -349,7 +381,7 @@ impl World {
             .s
             .relays
             .upload
-            .map(|u| (u * self.bitrate as f64 * 1.05) as u64);
+            .map(|u| (u * self.bitrate as f64) as u64);
         let node = SwarmNode::new(self.public, config);
         let agent = self.new_member(node, Kind::Relay);
         let i = self.add_host(Host::new(up, None, 0), agent);
@@ -628,9 +660,24 @@ impl World {
                 let Some(node) = &mut m.node else { return };
                 let before = node.stats().pieces_new;
                 node.handle_datagram(now, from_addr, data.as_bytes());
-                if node.stats().pieces_new > before {
-                    if let Ok(p) = Piece::parse(data.as_bytes()) {
+                let new = node.stats().pieces_new > before;
+                if let Ok(p) = Piece::parse(data.as_bytes()) {
+                    if new {
                         m.hops[p.seq() as usize % HOP_SLOTS] = hops;
+                    }
+                    if std::env::var("X_TRACE")
+                        .is_ok_and(|v| v.parse::<u64>().ok() == Some(p.seq()))
+                    {
+                        let pc = node.club();
+                        eprintln!(
+                            "{} {}->{} club {} hops {} new {}",
+                            self.now / 1000,
+                            from,
+                            to,
+                            pc,
+                            hops,
+                            new
+                        );
                     }
                 }
                 if from >= SPOOFED && node.is_linked(&from_addr) {
@@ -691,6 +738,10 @@ impl World {
             self.hops.resize(h + 1, 0);
         }
         self.hops[h] += 1;
+        if self.hop_delay.len() <= h {
+            self.hop_delay.resize(h + 1, 0);
+        }
+        self.hop_delay[h] += now.saturating_sub(published_at);
     }
 
     fn publish(&mut self) {
@@ -884,6 +935,38 @@ impl World {
             total_expected += expected;
             total_on_time += on_time;
             per_peer.push(on_time as f64 / expected as f64);
+            if std::env::var("CLUBCAST_SIM_DEBUG").is_ok_and(|v| v == "2")
+                && (on_time as f64) < expected as f64 * 0.9
+            {
+                if let Some(node) = &m.node {
+                    let missing: Vec<usize> = (first..last)
+                        .filter(|i| {
+                            !m.on_time
+                                .get(i / 64)
+                                .is_some_and(|w| w >> (i % 64) & 1 == 1)
+                        })
+                        .collect();
+                    eprintln!(
+                        "== peer club {} joined {} startup {:?} cont {:.3} missing {:?}\n{:?}\n{}",
+                        node.club(),
+                        m.joined,
+                        m.startup,
+                        on_time as f64 / expected as f64,
+                        &missing[..missing.len().min(80)],
+                        node.stats(),
+                        node.describe_links()
+                    );
+                }
+            }
+        }
+        if std::env::var_os("CLUBCAST_SIM_DEBUG").is_some() {
+            eprintln!("{stats:#?}");
+            for (h, (n, d)) in self.hops.iter().zip(&self.hop_delay).enumerate() {
+                eprintln!(
+                    "hop {h}: {n} pieces, mean delay {} ms",
+                    d / n.max(&1) / 1000
+                );
+            }
         }
         per_peer.sort_by(f64::total_cmp);
         let continuity = if total_expected == 0 {

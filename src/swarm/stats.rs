@@ -65,6 +65,12 @@ pub struct SwarmStats {
     pub links_expired: u64,
     /// Upstreams replaced for being silent, lossy or slow.
     pub peers_replaced: u64,
+    /// Of those, replaced because a club fell silent.
+    pub replaced_silent: u64,
+    /// Of those, replaced for losing pieces.
+    pub replaced_lossy: u64,
+    /// Of those, replaced for trailing the fastest path.
+    pub replaced_slow: u64,
     /// Members banned for a piece that failed verification.
     pub peers_banned: u64,
 }
@@ -121,6 +127,9 @@ impl SwarmStats {
         self.seeds_rotated += other.seeds_rotated;
         self.links_expired += other.links_expired;
         self.peers_replaced += other.peers_replaced;
+        self.replaced_silent += other.replaced_silent;
+        self.replaced_lossy += other.replaced_lossy;
+        self.replaced_slow += other.replaced_slow;
         self.peers_banned += other.peers_banned;
         for (mine, theirs) in [
             (&mut self.download_by_club, &other.download_by_club),

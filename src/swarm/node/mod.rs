@@ -234,6 +234,9 @@ pub struct SwarmNode {
     club_high: Vec<Option<u64>>,
     /// When each club last delivered a new piece.
     club_last: Vec<Timestamp>,
+    /// When each club last delivered a piece on time (not far behind the fastest path): a
+    /// club that only arrives through repairs is not flowing.
+    club_fresh: Vec<Timestamp>,
     missing: BTreeMap<u64, Missing>,
     /// Highest sequence number received, and the one up to which gaps were looked for.
     global_high: Option<u64>,
@@ -308,6 +311,7 @@ impl SwarmNode {
             banned: BTreeMap::new(),
             club_high: Vec::new(),
             club_last: Vec::new(),
+            club_fresh: Vec::new(),
             missing: BTreeMap::new(),
             global_high: None,
             gaps_checked: None,
@@ -368,6 +372,7 @@ impl SwarmNode {
         let k = usize::from(info.clubs.clamp(1, 64));
         self.club_high = vec![None; k];
         self.club_last = vec![Timestamp::ZERO; k];
+        self.club_fresh = vec![Timestamp::ZERO; k];
         self.stats.resize(k);
         self.info = Some(info);
     }

@@ -217,7 +217,12 @@ impl SwarmNode {
         self.last_new_piece = now;
         if self.config.role != Role::Publisher && self.global_high.is_none_or(|h| seq > h) {
             self.global_high = Some(seq);
-            let lag = (4 * u64::from(self.k())).max(32);
+            // Clubs come by paths of different lengths: a piece is only missing across clubs
+            // once it trails the newest by the catch-up window (within a club, `note_gaps`
+            // finds losses at once).
+            let lag = (4 * u64::from(self.k()))
+                .max(32)
+                .max(self.catch_up_pieces());
             self.note_global_gaps(now, seq.saturating_sub(lag));
         }
         if let Some(t) = self.club_last.get_mut(usize::from(club)) {
@@ -227,6 +232,12 @@ impl SwarmNode {
         let offset = now.as_micros() as i64 - publish_time_us as i64;
         let best = *self.best_offset_us.get_or_insert(offset);
         self.best_offset_us = Some(best.min(offset));
+        let late_us = (offset - best.min(offset)) as u64;
+        if late_us < self.config.slow_threshold.as_micros() as u64 / 2 {
+            if let Some(t) = self.club_fresh.get_mut(usize::from(club)) {
+                *t = now;
+            }
+        }
         if let Some(l) = from.and_then(|f| self.links.get_mut(&f)) {
             l.pieces_new += 1;
             if advances {
@@ -501,8 +512,13 @@ impl SwarmNode {
             self.make_room_for_seed(now, j);
             // At most a few seeds per club, and a second seed only while every other club can
             // still have its first.
-            let seeds = self.config.seeds_per_club;
+            // A publisher with upload to spare seeds more members per club: every seed is a
+            // club member one hop from the source.
             let k = self.k();
+            let seeds = self
+                .config
+                .seeds_per_club
+                .max((self.upload_units() / u64::from(k)) as usize);
             let seeded = |c: u8| self.links.values().filter(|l| l.send.contains(c)).count();
             let unseeded = (0..k).filter(|c| seeded(*c) == 0).count() as u64;
             let free = self.upload_units().saturating_sub(self.units_used());
@@ -562,7 +578,11 @@ impl SwarmNode {
             .map(|(a, l)| (l.established_at, *a))
             .collect();
         let free = self.upload_units().saturating_sub(self.units_used());
-        if seats.is_empty() || (seats.len() < self.config.seeds_per_club && free > 1) {
+        let seeds = self
+            .config
+            .seeds_per_club
+            .max((self.upload_units() / u64::from(self.k())) as usize);
+        if seats.is_empty() || (seats.len() < seeds && free > 1) {
             return;
         }
         let Some(&(since, oldest)) = seats.iter().min() else {

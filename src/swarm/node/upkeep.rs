@@ -292,6 +292,11 @@ impl SwarmNode {
             tracing::debug!(peer = %addr, why, "replacing upstream");
             self.drop_link(now, addr, true);
             self.stats.peers_replaced += 1;
+            match why {
+                "silent" => self.stats.replaced_silent += 1,
+                "lossy" => self.stats.replaced_lossy += 1,
+                _ => self.stats.replaced_slow += 1,
+            }
         }
     }
 
@@ -350,8 +355,9 @@ impl SwarmNode {
                     || (l.initiated && !l.established && l.wanted.contains(c))
             });
             if c == self.club && self.config.role == Role::Peer {
-                // Mates carry the own club while it flows; when it does not, ask for a seed.
-                let last = self.club_last[usize::from(c)];
+                // Mates carry the own club while it flows on time; when it does not (no mate
+                // reaches a seed, or pieces only come as repairs), ask for a source.
+                let last = self.club_fresh[usize::from(c)];
                 let flowing = last > Timestamp::ZERO && now.saturating_since(last) < silence;
                 covered |= flowing && self.links.values().any(|l| l.mate);
             }
@@ -373,6 +379,9 @@ impl SwarmNode {
                 Role::Relay => 0,
                 Role::Publisher => 1,
                 Role::Peer if needed.contains(c.club) && c.club != self.club => 2,
+                // A member of our own club that the mates do not reach: any member of the
+                // club can push it to us like to an outside member.
+                Role::Peer if needed.contains(c.club) => 3,
                 Role::Peer => continue,
             };
             best.push((rank, *addr));
