@@ -44,7 +44,7 @@ const HOP_SLOTS: usize = 1024;
 /// waiting on something the clock alone will not bring).
 const IDLE_WAKE_US: u64 = 1_000;
 /// Share of its line's upload a member is configured to use.
-const LIMIT_SHARE: f64 = 0.9;
+const LIMIT_SHARE: f64 = 0.95;
 /// How often spoofed JOINs are sent (in batches).
 const BOGUS_TICK_US: u64 = 10_000;
 
@@ -577,15 +577,19 @@ impl World {
 
     /// The datagram leaves `from`'s uplink at `depart` towards `to`.
     fn transmit(&mut self, from: u32, to: u32, data: Datagram, hops: u8, depart: u64) {
-        let (a, b) = (from.min(to) as usize, from.max(to) as usize);
+        // Spoofed datagrams leave from the attacker's host.
+        let sender = if from >= SPOOFED { ATTACKER } else { from };
+        let (a, b) = (sender.min(to) as usize, sender.max(to) as usize);
+        if a == b {
+            return; // nobody sends to itself
+        }
         let (lo, hi) = self.hosts.split_at_mut(b);
         let (ha, hb) = (&mut lo[a], &mut hi[0]);
-        let (src, dst) = if from as usize == a {
+        let (src, dst) = if sender as usize == a {
             (ha, hb)
         } else {
             (hb, ha)
         };
-        let sender = if from >= SPOOFED { ATTACKER } else { from };
         match self.net.fate(sender, src, to, dst) {
             Fate::Lost => self.counts.lost += 1,
             Fate::Arrives(delay, again) => {
@@ -658,6 +662,19 @@ impl World {
             }
             Agent::Member(m) => {
                 let Some(node) = &mut m.node else { return };
+                if std::env::var_os("X_RELAYTRACE").is_some()
+                    && ((from == PUBLISHER && to == FIRST_RELAY)
+                        || (to == PUBLISHER && from == FIRST_RELAY))
+                {
+                    if let Ok(msg) = crate::wire::Message::parse(data.as_bytes()) {
+                        if !matches!(
+                            msg,
+                            crate::wire::Message::Piece(_) | crate::wire::Message::Ack(_)
+                        ) {
+                            eprintln!("{} {from}->{to} {msg:?}", self.now / 1000);
+                        }
+                    }
+                }
                 let before = node.stats().pieces_new;
                 node.handle_datagram(now, from_addr, data.as_bytes());
                 let new = node.stats().pieces_new > before;
@@ -879,6 +896,28 @@ impl World {
             let Agent::Member(m) = agent else { continue };
             if let Some(node) = &m.node {
                 stats.absorb(node.stats());
+            }
+            if std::env::var_os("CLUBCAST_SIM_DEBUG").is_some()
+                && matches!(m.kind, Kind::Relay | Kind::Publisher)
+            {
+                if let Some(node) = &m.node {
+                    eprintln!(
+                        "{:?}: links {:?} {:?}",
+                        m.kind,
+                        node.link_counts(),
+                        node.stats()
+                    );
+                    if m.kind == Kind::Relay {
+                        eprintln!(
+                            "{}",
+                            node.describe_links()
+                                .lines()
+                                .filter(|l| l.contains("recv=0x0 ") == false)
+                                .collect::<Vec<_>>()
+                                .join("\n")
+                        );
+                    }
+                }
             }
             match m.kind {
                 Kind::Publisher => {

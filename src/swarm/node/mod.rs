@@ -242,6 +242,8 @@ pub struct SwarmNode {
     global_high: Option<u64>,
     gaps_checked: Option<u64>,
     last_new_piece: Timestamp,
+    /// When the first piece arrived: before it, no club is silent (the stream had not begun).
+    first_piece: Option<Timestamp>,
     /// When the member first ran its timers knowing the channel.
     info_since: Option<Timestamp>,
     /// Smallest (arrival − publish time) seen: the fastest path's offset.
@@ -316,6 +318,7 @@ impl SwarmNode {
             global_high: None,
             gaps_checked: None,
             last_new_piece: Timestamp::ZERO,
+            first_piece: None,
             info_since: None,
             best_offset_us: None,
             control: VecDeque::new(),

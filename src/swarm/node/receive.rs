@@ -215,6 +215,7 @@ impl SwarmNode {
             self.note_gaps(now, seq, club);
         }
         self.last_new_piece = now;
+        self.first_piece.get_or_insert(now);
         if self.config.role != Role::Publisher && self.global_high.is_none_or(|h| seq > h) {
             self.global_high = Some(seq);
             // Clubs come by paths of different lengths: a piece is only missing across clubs
@@ -525,7 +526,9 @@ impl SwarmNode {
             for c in offer.iter() {
                 let n = seeded(c);
                 let starves_others = n >= 1 && free.saturating_sub(1) < unseeded;
-                if n >= seeds || (j.role == Role::Peer && starves_others) {
+                // Relays are not held to the per-club cap: they take seats from peer seeds
+                // (below), since every seat they hold feeds hundreds.
+                if j.role == Role::Peer && (n >= seeds || starves_others) {
                     offer = offer.minus(ClubMask::one(c));
                 }
             }

@@ -54,8 +54,9 @@ impl SwarmNode {
         let interval = if !self.club_chosen || self.info.is_none() {
             // Waiting for the channel to appear, or for a peer list: ask again soon.
             Duration::from_millis(250)
-        } else if self.picture_incomplete() {
-            // Members that have not said their club yet, or clubs nobody is known in.
+        } else if self.picture_incomplete() || !self.all_clubs_sourced() {
+            // Members that have not said their club yet, clubs nobody is known in, or clubs
+            // still without a source (the members we know may all be full): more names help.
             Duration::from_secs(1)
         } else {
             self.config.announce_interval
@@ -274,7 +275,11 @@ impl SwarmNode {
             }
             let silent_club = l.recv.iter().filter(|c| *c < k).any(|c| {
                 let last = self.club_last[usize::from(c)];
-                live && now.saturating_since(last.max(l.established_at)) > silence
+                // Silence counts from the link's start or the stream's, whichever is later.
+                let since = last
+                    .max(l.established_at)
+                    .max(self.first_piece.unwrap_or(now));
+                live && now.saturating_since(since) > silence
             });
             let received = l.pieces_new + l.pieces_dup;
             let lossy = received >= 50 && l.pieces_missed * 5 > received;
