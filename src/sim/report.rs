@@ -114,6 +114,21 @@ pub struct NetworkCounts {
     pub duplicated: u64,
 }
 
+/// How links came and went, summed over members.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct Links {
+    /// JOINs granted.
+    pub joins_granted: u64,
+    /// JOINs refused (no upload left, or nothing to give).
+    pub joins_refused: u64,
+    /// Upstreams replaced because a club fell silent.
+    pub replaced_silent: u64,
+    /// Upstreams replaced for missing most of their pieces.
+    pub replaced_lossy: u64,
+    /// Upstreams replaced for trailing the fastest path.
+    pub replaced_slow: u64,
+}
+
 /// One bound of the scenario and how the run did.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BoundCheck {
@@ -160,6 +175,12 @@ pub struct Report {
     pub never_started: u64,
     /// Pieces by the number of hops they took from the publisher (index = hops).
     pub hops: Vec<u64>,
+    /// Mean delay behind source by hops, ms (index = hops).
+    pub delay_by_hop_ms: Vec<f64>,
+    /// How long honest peers hold a piece before sending it on (pacing, queues), ms.
+    pub forward_wait_ms: Quantiles,
+    /// Queueing on members' access uplinks, ms.
+    pub uplink_queue_ms: Quantiles,
     /// Upload of honest peers, in multiples of the stream rate.
     pub peer_upload: Spread,
     /// Publisher upload over the stream, in multiples of the stream rate.
@@ -168,6 +189,8 @@ pub struct Report {
     pub relay_upload: Vec<f64>,
     /// Repair traffic.
     pub repairs: Repairs,
+    /// Links.
+    pub links: Links,
     /// Attacks.
     pub attacks: Attacks,
     /// The network's counts.
@@ -223,6 +246,20 @@ impl fmt::Display for Report {
             .map(|(h, n)| format!("{h}: {:.1}%", *n as f64 * 100.0 / total as f64))
             .collect();
         writeln!(f, "hops: {}", hops.join(", "))?;
+        let by_hop: Vec<String> = self
+            .delay_by_hop_ms
+            .iter()
+            .enumerate()
+            .filter(|(h, _)| self.hops.get(*h).is_some_and(|n| *n > 0))
+            .map(|(h, d)| format!("{h}: {d}"))
+            .collect();
+        writeln!(f, "mean delay by hops, ms: {}", by_hop.join(", "))?;
+        writeln!(
+            f,
+            "held in peers before forwarding: {}; uplink queues: {}",
+            q(&self.forward_wait_ms),
+            q(&self.uplink_queue_ms)
+        )?;
         let u = &self.peer_upload;
         writeln!(
             f,
@@ -239,6 +276,12 @@ impl fmt::Display for Report {
             f,
             "repairs: {} asked, {} repaired, {} given up, {} served",
             r.asked, r.repaired, r.given_up, r.served
+        )?;
+        let l = &self.links;
+        writeln!(
+            f,
+            "links: {} joins granted, {} refused; upstreams replaced: {} silent, {} lossy, {} slow",
+            l.joins_granted, l.joins_refused, l.replaced_silent, l.replaced_lossy, l.replaced_slow
         )?;
         let a = &self.attacks;
         writeln!(

@@ -15,7 +15,7 @@ use rand::{Rng, SeedableRng};
 
 use super::network::{Fate, Host, Network, HEADERS};
 use super::report::{
-    round3, Attacks, BoundCheck, NetworkCounts, Quantiles, Repairs, Report, Spread,
+    round3, Attacks, BoundCheck, Links, NetworkCounts, Quantiles, Repairs, Report, Spread,
 };
 use super::scenario::Scenario;
 use super::SimError;
@@ -43,8 +43,10 @@ const HOP_SLOTS: usize = 1024;
 /// A member that asks to be woken "now" after being served is woken this much later (it is
 /// waiting on something the clock alone will not bring).
 const IDLE_WAKE_US: u64 = 1_000;
-/// Share of its line's upload a member is configured to use.
-const LIMIT_SHARE: f64 = 0.95;
+/// Share of its line's upload a peer is configured to use (`--upload-limit`).
+const PEER_LIMIT_SHARE: f64 = 0.9;
+/// The same for the publisher and relays, which receive little and so ACK little.
+const SOURCE_LIMIT_SHARE: f64 = 0.95;
 /// How often spoofed JOINs are sent (in batches).
 const BOGUS_TICK_US: u64 = 10_000;
 
@@ -97,6 +99,8 @@ struct Member {
     on_time: Vec<u64>,
     upload_bytes: u64,
     hops: Box<[u8; HOP_SLOTS]>,
+    /// When each recent piece arrived, µs.
+    got_at: Box<[u64; HOP_SLOTS]>,
 }
 
 enum Agent {
@@ -183,7 +187,12 @@ pub(super) struct World {
     departed: SwarmStats,
     delay: Histogram<u64>,
     hops: Vec<u64>,
+    /// Summed delay behind source by hops, µs.
     hop_delay: Vec<u64>,
+    /// How long honest peers held pieces before sending them on, µs.
+    forward_wait: Histogram<u64>,
+    /// Time datagrams waited on access uplinks, µs.
+    uplink_queue: Histogram<u64>,
     counts: NetworkCounts,
     attacks: Attacks,
     events: u64,
@@ -242,9 +251,11 @@ impl World {
             end,
             bitrate,
             departed: SwarmStats::default(),
-            delay: Histogram::new(3).map_err(|e| SimError::Internal(e.to_string()))?,
+            delay: histogram()?,
             hops: Vec::new(),
             hop_delay: Vec::new(),
+            forward_wait: histogram()?,
+            uplink_queue: histogram()?,
             counts: NetworkCounts::default(),
             attacks: Attacks::default(),
             events: 0,
@@ -291,40 +302,20 @@ impl World {
     }
 
     fn member_config(&self, role: Role, upload: Option<f64>, seed: u64) -> SwarmConfig {
+        // Members are told to use a little less than their line, as an operator would set
+        // `--upload-limit`: ACKs, NACKs, JOINs and IP/UDP headers go outside the limit, and
+        // peers, which ACK every piece they receive, send more of them.
+        let share = if role == Role::Peer {
+            PEER_LIMIT_SHARE
+        } else {
+            SOURCE_LIMIT_SHARE
+        };
         SwarmConfig {
             role,
             tracker: Some(addr_of(TRACKER)),
-            // Members are told to use a little less than their line, as an operator would set
-            // `--upload-limit`: ACKs, NACKs and JOINs go outside the limit.
-            upload_limit_bps: upload.map(|u| (u * LIMIT_SHARE * self.bitrate as f64) as u64),
+            upload_limit_bps: upload.map(|u| (u * share * self.bitrate as f64) as u64),
             seed: self.seed.wrapping_mul(1_000_003).wrapping_add(seed),
             verified: Some(self.verified.clone()),
-            max_mates: std::env::var("X_MATES")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(4),
-            seeds_per_club: std::env::var("X_SEEDS")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(2),
-            nack_delay: std::time::Duration::from_millis(
-                std::env::var("X_NACK")
-                    .ok()
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(40),
-            ),
-            slow_threshold: std::time::Duration::from_millis(
-                std::env::var("X_SLOW")
-                    .ok()
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(800),
-            ),
-            silence_timeout: std::time::Duration::from_millis(
-                std::env::var("X_SIL")
-                    .ok()
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(600),
-            ),
             ..SwarmConfig::default()
         }
     }
@@ -342,6 +333,7 @@ impl World {
             on_time: Vec::new(),
             upload_bytes: 0,
             hops: Box::new([0; HOP_SLOTS]),
+            got_at: Box::new([0; HOP_SLOTS]),
         }))
     }
 
@@ -552,6 +544,10 @@ impl World {
                 m.upload_bytes += len;
                 if let Ok(piece) = Piece::parse(p) {
                     hops = m.hops[piece.seq() as usize % HOP_SLOTS].saturating_add(1);
+                    if m.kind == Kind::Honest {
+                        let waited = now.saturating_sub(m.got_at[piece.seq() as usize % HOP_SLOTS]);
+                        let _ = self.forward_wait.record(waited);
+                    }
                 }
             }
         }
@@ -564,6 +560,9 @@ impl World {
             return;
         };
         let depart = depart.max(now);
+        if from > ATTACKER {
+            let _ = self.uplink_queue.record(depart - now);
+        }
         let to = index_of(&t.to).filter(|i| (*i as usize) < self.hosts.len() && *i != ATTACKER);
         let Some(to) = to.filter(|i| self.hosts[*i as usize].alive) else {
             self.counts.undeliverable += 1;
@@ -662,39 +661,13 @@ impl World {
             }
             Agent::Member(m) => {
                 let Some(node) = &mut m.node else { return };
-                if std::env::var_os("X_RELAYTRACE").is_some()
-                    && ((from == PUBLISHER && to == FIRST_RELAY)
-                        || (to == PUBLISHER && from == FIRST_RELAY))
-                {
-                    if let Ok(msg) = crate::wire::Message::parse(data.as_bytes()) {
-                        if !matches!(
-                            msg,
-                            crate::wire::Message::Piece(_) | crate::wire::Message::Ack(_)
-                        ) {
-                            eprintln!("{} {from}->{to} {msg:?}", self.now / 1000);
-                        }
-                    }
-                }
                 let before = node.stats().pieces_new;
                 node.handle_datagram(now, from_addr, data.as_bytes());
                 let new = node.stats().pieces_new > before;
                 if let Ok(p) = Piece::parse(data.as_bytes()) {
                     if new {
                         m.hops[p.seq() as usize % HOP_SLOTS] = hops;
-                    }
-                    if std::env::var("X_TRACE")
-                        .is_ok_and(|v| v.parse::<u64>().ok() == Some(p.seq()))
-                    {
-                        let pc = node.club();
-                        eprintln!(
-                            "{} {}->{} club {} hops {} new {}",
-                            self.now / 1000,
-                            from,
-                            to,
-                            pc,
-                            hops,
-                            new
-                        );
+                        m.got_at[p.seq() as usize % HOP_SLOTS] = self.now;
                     }
                 }
                 if from >= SPOOFED && node.is_linked(&from_addr) {
@@ -883,7 +856,8 @@ impl World {
         let mut total_expected = 0u64;
         let mut total_on_time = 0u64;
         let mut per_peer = Vec::new();
-        let mut startup = Histogram::<u64>::new(3).expect("3 significant figures");
+        let mut startup = self.delay.clone();
+        startup.reset();
         let mut never_started = 0;
         let mut uploads = Vec::new();
         let mut stats = std::mem::take(&mut self.departed);
@@ -896,28 +870,6 @@ impl World {
             let Agent::Member(m) = agent else { continue };
             if let Some(node) = &m.node {
                 stats.absorb(node.stats());
-            }
-            if std::env::var_os("CLUBCAST_SIM_DEBUG").is_some()
-                && matches!(m.kind, Kind::Relay | Kind::Publisher)
-            {
-                if let Some(node) = &m.node {
-                    eprintln!(
-                        "{:?}: links {:?} {:?}",
-                        m.kind,
-                        node.link_counts(),
-                        node.stats()
-                    );
-                    if m.kind == Kind::Relay {
-                        eprintln!(
-                            "{}",
-                            node.describe_links()
-                                .lines()
-                                .filter(|l| l.contains("recv=0x0 ") == false)
-                                .collect::<Vec<_>>()
-                                .join("\n")
-                        );
-                    }
-                }
             }
             match m.kind {
                 Kind::Publisher => {
@@ -974,38 +926,6 @@ impl World {
             total_expected += expected;
             total_on_time += on_time;
             per_peer.push(on_time as f64 / expected as f64);
-            if std::env::var("CLUBCAST_SIM_DEBUG").is_ok_and(|v| v == "2")
-                && (on_time as f64) < expected as f64 * 0.9
-            {
-                if let Some(node) = &m.node {
-                    let missing: Vec<usize> = (first..last)
-                        .filter(|i| {
-                            !m.on_time
-                                .get(i / 64)
-                                .is_some_and(|w| w >> (i % 64) & 1 == 1)
-                        })
-                        .collect();
-                    eprintln!(
-                        "== peer club {} joined {} startup {:?} cont {:.3} missing {:?}\n{:?}\n{}",
-                        node.club(),
-                        m.joined,
-                        m.startup,
-                        on_time as f64 / expected as f64,
-                        &missing[..missing.len().min(80)],
-                        node.stats(),
-                        node.describe_links()
-                    );
-                }
-            }
-        }
-        if std::env::var_os("CLUBCAST_SIM_DEBUG").is_some() {
-            eprintln!("{stats:#?}");
-            for (h, (n, d)) in self.hops.iter().zip(&self.hop_delay).enumerate() {
-                eprintln!(
-                    "hop {h}: {n} pieces, mean delay {} ms",
-                    d / n.max(&1) / 1000
-                );
-            }
         }
         per_peer.sort_by(f64::total_cmp);
         let continuity = if total_expected == 0 {
@@ -1029,7 +949,22 @@ impl World {
             delay_ms: Quantiles::of(&self.delay),
             startup_ms: Quantiles::of(&startup),
             never_started,
+            delay_by_hop_ms: self
+                .hops
+                .iter()
+                .zip(&self.hop_delay)
+                .map(|(n, d)| (*d as f64 / (*n).max(1) as f64 / 100.0).round() / 10.0)
+                .collect(),
             hops: std::mem::take(&mut self.hops),
+            forward_wait_ms: Quantiles::of(&self.forward_wait),
+            uplink_queue_ms: Quantiles::of(&self.uplink_queue),
+            links: Links {
+                joins_granted: stats.joins_granted,
+                joins_refused: stats.joins_refused,
+                replaced_silent: stats.replaced_silent,
+                replaced_lossy: stats.replaced_lossy,
+                replaced_slow: stats.replaced_slow,
+            },
             peer_upload: Spread::of(uploads),
             publisher_upload,
             relay_upload,
@@ -1135,4 +1070,9 @@ fn check_bounds(s: &Scenario, r: &Report) -> Vec<BoundCheck> {
     at_most("forged played", Some(0.0), r.attacks.forged_played as f64);
     at_most("bogus links", Some(0.0), r.attacks.bogus_links as f64);
     out
+}
+
+/// An empty histogram of microseconds (three significant figures).
+fn histogram() -> Result<Histogram<u64>, SimError> {
+    Histogram::new(3).map_err(|e| SimError::Internal(e.to_string()))
 }

@@ -469,7 +469,10 @@ impl SwarmNode {
         match self.config.role {
             // Mates come first: a peer keeps room to push its club to each, and a tenth of
             // its upload for repairs and catch-up.
-            Role::Peer => (units * 9 / 10).saturating_sub(self.mates_expected() as u64),
+            // Flooding a piece to the mates costs one push fewer than there are mates (none goes
+            // back to the mate it came from), except at a seed.
+            Role::Peer => (units * 9 / 10)
+                .saturating_sub(self.mates_expected().saturating_sub(1).max(1) as u64),
             // The publisher keeps a tenth of its upload for catch-up and repairs (the pieces
             // only it has), unless that would leave a club without a seat.
             Role::Publisher => (units * 9 / 10).max(units.min(u64::from(self.k()))),
@@ -512,6 +515,20 @@ impl SwarmNode {
             let per_s = i.bitrate_bps / 8 / PAYLOAD;
             per_s * self.config.catch_up.as_millis() as u64 / 1000
         })
+    }
+
+    /// Whether this peer's own club reaches it on time (or the stream has not begun).
+    fn own_club_flowing(&self, now: Timestamp) -> bool {
+        let Some(first) = self.first_piece else {
+            return true;
+        };
+        let fresh = self
+            .club_fresh
+            .get(usize::from(self.club))
+            .copied()
+            .unwrap_or(Timestamp::ZERO)
+            .max(first);
+        now.saturating_since(fresh) < self.silence_for()
     }
 
     /// How long a club may be silent before its upstream is replaced.

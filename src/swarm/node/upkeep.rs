@@ -282,7 +282,9 @@ impl SwarmNode {
                 live && now.saturating_since(since) > silence
             });
             let received = l.pieces_new + l.pieces_dup;
-            let lossy = received >= 50 && l.pieces_missed * 5 > received;
+            // Repairs fill random losses; only an upstream that misses most of what it should
+            // send is replaced (replacing for random loss churns links and loses more).
+            let lossy = received >= 50 && l.pieces_missed * 2 > received;
             let slow =
                 received >= 50 && l.lateness_us > self.config.slow_threshold.as_micros() as f64;
             if silent_club {
