@@ -68,7 +68,10 @@ fn line(label: &str, r: &Run) {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
     let quick = args.iter().any(|a| a == "--quick");
     let filter = args.iter().find(|a| !a.starts_with("--"));
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/scenarios/large");

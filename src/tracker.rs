@@ -36,7 +36,9 @@ pub struct TrackerConfig {
 impl Default for TrackerConfig {
     fn default() -> Self {
         TrackerConfig {
-            member_ttl: Duration::from_secs(30),
+            // Three missed announces (members announce every 5 s once settled): departed
+            // members that said nothing leave the lists soon.
+            member_ttl: Duration::from_secs(15),
             max_channels: 1024,
             max_members: 100_000,
         }

@@ -26,8 +26,7 @@ use crate::wire::Piece;
 const MEMBER_SOCKET_BUFFER: usize = 4 << 20;
 /// Longest wait between rounds (bounds how late `stop` and pacing are noticed).
 const MAX_WAIT: Duration = Duration::from_millis(5);
-/// Longest a new member holds pieces back while it finds a source for every club.
-const STARTUP_HOLD: Duration = Duration::from_secs(2);
+use crate::swarm::STARTUP_HOLD;
 
 /// A swarm member on a real socket.
 pub struct Member {

@@ -23,7 +23,7 @@ use crate::crypto::{ChannelKey, ChannelPublicKey};
 use crate::publisher::Publisher;
 use crate::swarm::{
     Behaviour, ChannelInfo, Datagram, PieceBytes, SwarmConfig, SwarmNode, SwarmStats, Transmit,
-    VerifiedPieces,
+    VerifiedPieces, STARTUP_HOLD,
 };
 use crate::time::Timestamp;
 use crate::tracker::{TrackerConfig, TrackerCore};
@@ -92,6 +92,7 @@ struct Member {
     /// The wake-up queued for it (`u64::MAX`: none).
     wake_at: u64,
     clubs_seen: u64,
+    first_piece: Option<u64>,
     startup: Option<u64>,
     /// Index (from the first published piece) of the first piece it plays.
     play_from: Option<usize>,
@@ -328,6 +329,7 @@ impl World {
             left: None,
             wake_at: u64::MAX,
             clubs_seen: 0,
+            first_piece: None,
             startup: None,
             play_from: None,
             on_time: Vec::new(),
@@ -710,8 +712,11 @@ impl World {
         }
         let hops = m.hops[seq as usize % HOP_SLOTS];
         m.clubs_seen |= 1 << (seq % u64::from(k));
-        if m.startup.is_none() && m.clubs_seen & all_clubs == all_clubs {
-            // Every club flows: the viewer starts playing the next piece published.
+        let first = *m.first_piece.get_or_insert(now);
+        let held_long_enough = now >= first + STARTUP_HOLD.as_micros() as u64;
+        if m.startup.is_none() && (m.clubs_seen & all_clubs == all_clubs || held_long_enough) {
+            // As the watcher does: it starts once every club flows, or after holding its first
+            // pieces for STARTUP_HOLD, with the next piece published.
             m.startup = Some(now);
             m.play_from = Some(next_index);
         }
@@ -926,6 +931,22 @@ impl World {
             total_expected += expected;
             total_on_time += on_time;
             per_peer.push(on_time as f64 / expected as f64);
+            if std::env::var_os("XDBG").is_some() && (on_time as f64) < expected as f64 * 0.5 {
+                if let Some(node) = &m.node {
+                    let mut per_club = vec![0u32; usize::from(self.info.clubs)];
+                    for index in first..last {
+                        if !m
+                            .on_time
+                            .get(index / 64)
+                            .is_some_and(|w| w >> (index % 64) & 1 == 1)
+                        {
+                            per_club[(index as u64 + self.first_seq) as usize
+                                % usize::from(self.info.clubs)] += 1;
+                        }
+                    }
+                    eprintln!("== peer club {} upload {:?} joined {} startup {:?} cont {:.3} missing by club {:?}\n{:?}\n{}", node.club(), self.hosts.len(), m.joined, m.startup, on_time as f64 / expected as f64, per_club, node.stats(), node.describe_links());
+                }
+            }
         }
         per_peer.sort_by(f64::total_cmp);
         let continuity = if total_expected == 0 {

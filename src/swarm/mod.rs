@@ -16,6 +16,7 @@ pub use ledbat::{Ledbat, LedbatConfig};
 pub use link::{Link, LiveRate};
 pub use node::{
     Behaviour, ChannelInfo, Datagram, SwarmConfig, SwarmNode, Transmit, ALL_CLUBS, NO_CLUB,
+    STARTUP_HOLD,
 };
 pub use pacer::TokenBucket;
 pub use ring::{PieceBytes, PieceRing};

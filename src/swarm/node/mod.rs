@@ -47,6 +47,10 @@ use crate::wire::{
     SIGNATURE_LEN,
 };
 
+/// Longest a new viewer holds pieces back, after its first, while it finds a source for every
+/// club; then it starts playing whatever it has.
+pub const STARTUP_HOLD: Duration = Duration::from_secs(2);
+
 /// The club value of a member of every club (relays) and of the publisher.
 pub const ALL_CLUBS: u8 = 0xff;
 /// The club value of a peer that has not chosen its club yet.
@@ -467,11 +471,11 @@ impl SwarmNode {
         };
         let units = limit / 8 / self.unit_bytes();
         match self.config.role {
-            // Mates come first: a peer keeps room to push its club to each, and a tenth of
-            // its upload for repairs and catch-up.
-            // Flooding a piece to the mates costs one push fewer than there are mates (none goes
-            // back to the mate it came from), except at a seed.
-            Role::Peer => (units * 9 / 10)
+            // Mates come first: a peer keeps room to push its club to them (one push fewer
+            // than there are mates: none goes back to the mate a piece came from), and a
+            // twentieth of its upload for repairs and catch-up (a tenth left peers of 1.5x the
+            // stream rate short of units for every club, in the simulator).
+            Role::Peer => (units * 19 / 20)
                 .saturating_sub(self.mates_expected().saturating_sub(1).max(1) as u64),
             // The publisher keeps a tenth of its upload for catch-up and repairs (the pieces
             // only it has), unless that would leave a club without a seat.
@@ -554,6 +558,10 @@ const BAN: Duration = Duration::from_secs(600);
 const MAX_CANDIDATES: usize = 4096;
 /// A peer waits this long for the tracker to assign its club before choosing one itself.
 const CLUB_ASSIGNMENT_WAIT: Duration = Duration::from_secs(3);
+/// Pieces arriving later than this behind the fastest path are not pushed on as live.
+const FORWARD_LATE: Duration = Duration::from_millis(1000);
+/// A JOIN unanswered for this long (three or four tries) is given up.
+const UNANSWERED_JOIN: Duration = Duration::from_millis(1200);
 /// A member replaced as an upstream is not asked again for this long.
 const REPLACED_BACKOFF: Duration = Duration::from_secs(3);
 /// A member that refused a JOIN is not asked again for this long.

@@ -249,7 +249,12 @@ impl SwarmNode {
         if self.config.role == Role::Peer {
             self.delivered.push_back(bytes.clone());
         }
-        self.forward(now, from, seq, club, bytes);
+        // A piece that reached us far behind the fastest path (a repair, a catch-up) is not
+        // pushed on as live: it would spend upload on pieces too late to play downstream, in
+        // bursts; a downstream that misses it asks for it.
+        if late_us <= FORWARD_LATE.as_micros() as u64 {
+            self.forward(now, from, seq, club, bytes);
+        }
     }
 
     /// Pushes a new piece to mates (own club, at once) and downstream links (paced).

@@ -153,17 +153,24 @@ impl SwarmNode {
                 l.send = ClubMask::NONE;
                 self.stats.links_expired += 1;
             }
+            // A JOIN nobody answers (the member left, or its answers are lost) frees its slot
+            // sooner than a link that went quiet: a new member has few slots and many clubs.
+            let wait = if l.established {
+                timeout
+            } else {
+                UNANSWERED_JOIN
+            };
             let asked_stale =
-                (l.initiated || l.mate) && now.saturating_since(l.last_keepalive) > timeout;
+                (l.initiated || l.mate) && now.saturating_since(l.last_keepalive) > wait;
             let empty = !l.initiated && !l.mate && l.send.is_empty();
             if asked_stale || empty {
-                dead.push((*a, asked_stale));
+                dead.push((*a, asked_stale, !l.established));
             }
         }
-        for (a, asked_stale) in dead {
+        for (a, asked_stale, unanswered) in dead {
             if asked_stale {
                 self.stats.links_expired += 1;
-                self.drop_link(now, a, false);
+                self.drop_link(now, a, unanswered);
             } else {
                 self.links.remove(&a);
             }
