@@ -49,6 +49,7 @@ macro_rules! scenarios {
 
 scenarios! {
     scenario_loss_and_churn => "loss-churn.toml",
+    scenario_loss_and_churn_with_more_upload => "loss-churn-2x.toml",
     scenario_flash_crowd => "flash-crowd.toml",
     scenario_forgers => "forgers.toml",
     scenario_free_riders => "free-riders.toml",

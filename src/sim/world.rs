@@ -1090,6 +1090,11 @@ fn check_bounds(s: &Scenario, r: &Report) -> Vec<BoundCheck> {
     // Always: nothing forged is played, and no spoofed address gets a link.
     at_most("forged played", Some(0.0), r.attacks.forged_played as f64);
     at_most("bogus links", Some(0.0), r.attacks.bogus_links as f64);
+    if r.attacks.bogus_joins > 0 {
+        // The flood's target answers an unproven address with no more than it was sent.
+        let ratio = r.attacks.bogus_reply_bytes as f64 / r.attacks.bogus_bytes.max(1) as f64;
+        at_most("bogus reply bytes per byte", Some(1.0), round3(ratio));
+    }
     out
 }
 

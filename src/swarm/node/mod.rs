@@ -263,6 +263,8 @@ pub struct SwarmNode {
     rng: StdRng,
     stats: SwarmStats,
     next_tick: Timestamp,
+    /// When mates and sources were last looked for among the candidates.
+    next_search: Timestamp,
     started: Option<Timestamp>,
     leaving: bool,
 }
@@ -275,6 +277,8 @@ const MAX_LIVE_WAIT: Duration = Duration::from_millis(500);
 const TICK: Duration = Duration::from_millis(20);
 /// ACKs are flushed after this long or when full.
 const ACK_DELAY: Duration = Duration::from_millis(20);
+/// How often the candidate table is searched for mates and sources (it may hold thousands).
+const SEARCH: Duration = Duration::from_millis(100);
 /// Gaps NACKed at most this many times.
 const MAX_NACKS: u32 = 10;
 /// Links asked for at once while looking for sources.
@@ -333,6 +337,7 @@ impl SwarmNode {
             targets: Vec::new(),
             stats: SwarmStats::default(),
             next_tick: Timestamp::ZERO,
+            next_search: Timestamp::ZERO,
             started: None,
             leaving: false,
             config,
@@ -487,12 +492,14 @@ impl SwarmNode {
     /// Club mates this peer will have: the other members of its club it knows, up to the
     /// configured most.
     fn mates_expected(&self) -> usize {
+        let most = self.config.max_mates.max(1);
         let known = self
             .candidates
             .values()
             .filter(|c| c.role == Role::Peer && c.club == self.club)
+            .take(most)
             .count();
-        known.clamp(1, self.config.max_mates.max(1))
+        known.clamp(1, most)
     }
 
     fn units_used(&self) -> u64 {

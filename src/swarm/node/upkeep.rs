@@ -20,8 +20,11 @@ impl SwarmNode {
         self.expire_links(now);
         self.keep_links_alive(now);
         self.replace_bad_upstreams(now);
-        self.find_mates(now);
-        self.find_sources(now);
+        if now >= self.next_search {
+            self.next_search = now + SEARCH;
+            self.find_mates(now);
+            self.find_sources(now);
+        }
         if now.saturating_since(self.last_new_piece) > STREAM_PAUSE {
             if let Some(h) = self.global_high {
                 self.note_global_gaps(now, h);
