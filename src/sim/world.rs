@@ -931,22 +931,6 @@ impl World {
             total_expected += expected;
             total_on_time += on_time;
             per_peer.push(on_time as f64 / expected as f64);
-            if std::env::var_os("XDBG").is_some() && (on_time as f64) < expected as f64 * 0.5 {
-                if let Some(node) = &m.node {
-                    let mut per_club = vec![0u32; usize::from(self.info.clubs)];
-                    for index in first..last {
-                        if !m
-                            .on_time
-                            .get(index / 64)
-                            .is_some_and(|w| w >> (index % 64) & 1 == 1)
-                        {
-                            per_club[(index as u64 + self.first_seq) as usize
-                                % usize::from(self.info.clubs)] += 1;
-                        }
-                    }
-                    eprintln!("== peer club {} upload {:?} joined {} startup {:?} cont {:.3} missing by club {:?}\n{:?}\n{}", node.club(), self.hosts.len(), m.joined, m.startup, on_time as f64 / expected as f64, per_club, node.stats(), node.describe_links());
-                }
-            }
         }
         per_peer.sort_by(f64::total_cmp);
         let continuity = if total_expected == 0 {
