@@ -75,6 +75,7 @@ fn help_documents_every_flag_of_every_command() {
                 "--socket-buffer",
             ],
         ),
+        ("sim", &["--scenario", "--seed", "--json", "--plot"]),
         (
             "watch",
             &[
