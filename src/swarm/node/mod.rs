@@ -528,20 +528,6 @@ impl SwarmNode {
         })
     }
 
-    /// Whether this peer's own club reaches it on time (or the stream has not begun).
-    fn own_club_flowing(&self, now: Timestamp) -> bool {
-        let Some(first) = self.first_piece else {
-            return true;
-        };
-        let fresh = self
-            .club_fresh
-            .get(usize::from(self.club))
-            .copied()
-            .unwrap_or(Timestamp::ZERO)
-            .max(first);
-        now.saturating_since(fresh) < self.silence_for()
-    }
-
     /// How long a club may be silent before its upstream is replaced.
     fn silence_for(&self) -> Duration {
         let eight_rounds = self.info.as_ref().map_or(Duration::ZERO, |i| {

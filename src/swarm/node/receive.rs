@@ -514,10 +514,6 @@ impl SwarmNode {
             return (ClubMask::one(self.club), true);
         }
         let mut offer = j.want.intersect(self.clubs_offered());
-        if is_peer && !self.own_club_flowing(now) {
-            // Our own club does not reach us on time: we would be an empty upstream.
-            offer = ClubMask::NONE;
-        }
         if self.config.role == Role::Publisher {
             self.make_room_for_seed(now, j);
             // At most a few seeds per club, and a second seed only while every other club can
