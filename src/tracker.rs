@@ -213,15 +213,11 @@ impl Channel {
     }
 
     fn remove(&mut self, addr: &SocketAddr) {
-        for relay in [true, false] {
-            let t = if relay {
-                &mut self.relays
-            } else {
-                &mut self.others
-            };
-            if let Some(old) = t.remove(addr) {
-                self.count(&old, -1);
-            }
+        for old in [self.relays.remove(addr), self.others.remove(addr)]
+            .into_iter()
+            .flatten()
+        {
+            self.count(&old, -1);
         }
     }
 

@@ -17,7 +17,7 @@ use crate::backend::{PortableSocket, RecvBatch};
 use crate::crypto::ChannelPublicKey;
 use crate::fault::{FaultInjector, FaultSpec, FaultStats};
 use crate::metrics::SwarmMetrics;
-use crate::swarm::{PieceBytes, SwarmConfig, SwarmNode, SwarmStats};
+use crate::swarm::{PieceBytes, SwarmConfig, SwarmNode, SwarmStats, STARTUP_HOLD};
 use crate::time::{wall_clock_us, MonotonicClock, Timestamp};
 use crate::viewer::{Received, Viewer, ViewerConfig, ViewerStats};
 use crate::wire::Piece;
@@ -26,7 +26,6 @@ use crate::wire::Piece;
 const MEMBER_SOCKET_BUFFER: usize = 4 << 20;
 /// Longest wait between rounds (bounds how late `stop` and pacing are noticed).
 const MAX_WAIT: Duration = Duration::from_millis(5);
-use crate::swarm::STARTUP_HOLD;
 
 /// A swarm member on a real socket.
 pub struct Member {

@@ -27,9 +27,7 @@ use crate::swarm::{
 };
 use crate::time::Timestamp;
 use crate::tracker::{TrackerConfig, TrackerCore};
-use crate::wire::{
-    ChannelId, ClubMask, CookieBytes, Descriptor, Join, Piece, PieceFlags, Role, MAX_DATAGRAM,
-};
+use crate::wire::{ClubMask, CookieBytes, Descriptor, Join, Piece, PieceFlags, Role, MAX_DATAGRAM};
 
 const TRACKER: u32 = 0;
 const PUBLISHER: u32 = 1;
@@ -170,7 +168,6 @@ pub(super) struct World {
     rng: StdRng,
     key: ChannelKey,
     public: ChannelPublicKey,
-    channel: ChannelId,
     info: ChannelInfo,
     publisher: Publisher,
     /// Publish time (µs) and bytes of every piece, by index from the first.
@@ -228,7 +225,6 @@ impl World {
             publisher: Publisher::new(ChannelKey::from_seed(&key_seed), first_seq, s.stream.clubs),
             key,
             public,
-            channel: public.channel_id(),
             info,
             s: s.clone(),
             seed,
@@ -824,7 +820,7 @@ impl World {
                 let mut cookie = [0u8; 20];
                 self.rng.fill(&mut cookie[..]);
                 let join = Join {
-                    channel: self.channel,
+                    channel: self.public.channel_id(),
                     cookie: CookieBytes(cookie),
                     role: Role::Peer,
                     club: 0,

@@ -489,6 +489,15 @@ impl SwarmNode {
         }
     }
 
+    /// Publisher: most peer seeds per club — the configured number, or more when its upload
+    /// affords them (every seed is a club member one hop from the source).
+    fn seeds_per_club(&self) -> usize {
+        let per_club = self.upload_units() / u64::from(self.k());
+        self.config
+            .seeds_per_club
+            .max(usize::try_from(per_club).unwrap_or(usize::MAX))
+    }
+
     /// Club mates this peer will have: the other members of its club it knows, up to the
     /// configured most.
     fn mates_expected(&self) -> usize {

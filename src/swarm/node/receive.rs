@@ -518,13 +518,8 @@ impl SwarmNode {
             self.make_room_for_seed(now, j);
             // At most a few seeds per club, and a second seed only while every other club can
             // still have its first.
-            // A publisher with upload to spare seeds more members per club: every seed is a
-            // club member one hop from the source.
             let k = self.k();
-            let seeds = self
-                .config
-                .seeds_per_club
-                .max((self.upload_units() / u64::from(k)) as usize);
+            let seeds = self.seeds_per_club();
             let seeded = |c: u8| self.links.values().filter(|l| l.send.contains(c)).count();
             let unseeded = (0..k).filter(|c| seeded(*c) == 0).count() as u64;
             let free = self.upload_units().saturating_sub(self.units_used());
@@ -586,11 +581,7 @@ impl SwarmNode {
             .map(|(a, l)| (l.established_at, *a))
             .collect();
         let free = self.upload_units().saturating_sub(self.units_used());
-        let seeds = self
-            .config
-            .seeds_per_club
-            .max((self.upload_units() / u64::from(self.k())) as usize);
-        if seats.is_empty() || (seats.len() < seeds && free > 1) {
+        if seats.is_empty() || (seats.len() < self.seeds_per_club() && free > 1) {
             return;
         }
         let Some(&(since, oldest)) = seats.iter().min() else {

@@ -297,23 +297,22 @@ impl SwarmNode {
             let lossy = received >= 50 && l.pieces_missed * 2 > received;
             let slow =
                 received >= 50 && l.lateness_us > self.config.slow_threshold.as_micros() as f64;
-            if silent_club {
-                bad.push((*addr, "silent"));
+            let (why, count) = if silent_club {
+                ("silent", &mut self.stats.replaced_silent)
             } else if lossy {
-                bad.push((*addr, "lossy"));
+                ("lossy", &mut self.stats.replaced_lossy)
             } else if slow {
-                bad.push((*addr, "slow"));
-            }
+                ("slow", &mut self.stats.replaced_slow)
+            } else {
+                continue;
+            };
+            *count += 1;
+            bad.push((*addr, why));
         }
         for (addr, why) in bad {
             tracing::debug!(peer = %addr, why, "replacing upstream");
             self.drop_link(now, addr, true);
             self.stats.peers_replaced += 1;
-            match why {
-                "silent" => self.stats.replaced_silent += 1,
-                "lossy" => self.stats.replaced_lossy += 1,
-                _ => self.stats.replaced_slow += 1,
-            }
         }
     }
 
