@@ -56,6 +56,7 @@ scenarios! {
     scenario_delayers => "delayers.toml",
     scenario_relay_amplifier => "relay-amplifier.toml",
     scenario_bogus_subscriber_flood => "bogus-flood.toml",
+    scenario_small_clubs_with_loss => "small-clubs-loss.toml",
 }
 
 /// A small scenario that draws on every source of randomness: regions, jitter, bursty loss,

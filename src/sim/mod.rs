@@ -12,6 +12,7 @@
 
 mod network;
 mod plot;
+mod queue;
 mod report;
 mod scenario;
 mod world;

@@ -3,8 +3,6 @@
 //! file is only their IO — it carries their datagrams through the [`Network`], wakes them when
 //! they asked, publishes the stream, runs churn and attacks, and watches what they play.
 
-use std::cmp::Reverse;
-use std::collections::BinaryHeap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,6 +12,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use super::network::{Fate, Host, Network, HEADERS};
+use super::queue::EventQueue;
 use super::report::{
     round3, Attacks, BoundCheck, Links, NetworkCounts, Quantiles, Repairs, Report, Spread,
 };
@@ -132,36 +131,12 @@ enum EventKind {
     TrackerTick,
 }
 
-struct Event {
-    at: u64,
-    order: u64,
-    kind: EventKind,
-}
-
-impl PartialEq for Event {
-    fn eq(&self, o: &Self) -> bool {
-        (self.at, self.order) == (o.at, o.order)
-    }
-}
-impl Eq for Event {}
-impl PartialOrd for Event {
-    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(o))
-    }
-}
-impl Ord for Event {
-    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
-        (self.at, self.order).cmp(&(o.at, o.order))
-    }
-}
-
 /// A simulation in progress.
 pub(super) struct World {
     s: Scenario,
     seed: u64,
     now: u64,
-    order: u64,
-    queue: BinaryHeap<Reverse<Event>>,
+    queue: EventQueue<EventKind>,
     hosts: Vec<Host>,
     agents: Vec<Agent>,
     net: Network,
@@ -229,8 +204,7 @@ impl World {
             s: s.clone(),
             seed,
             now: 0,
-            order: 0,
-            queue: BinaryHeap::new(),
+            queue: EventQueue::new(),
             hosts: Vec::new(),
             agents: Vec::new(),
             published: Vec::new(),
@@ -282,12 +256,7 @@ impl World {
     }
 
     fn schedule(&mut self, at: u64, kind: EventKind) {
-        self.order += 1;
-        self.queue.push(Reverse(Event {
-            at,
-            order: self.order,
-            kind,
-        }));
+        self.queue.push(at, kind);
     }
 
     fn add_host(&mut self, host: Host, agent: Agent) -> u32 {
@@ -429,13 +398,13 @@ impl World {
 
     /// Runs to the end; the report.
     pub(super) fn run(mut self) -> Report {
-        while let Some(Reverse(ev)) = self.queue.pop() {
-            if ev.at > self.end {
+        while let Some((at, kind)) = self.queue.pop() {
+            if at > self.end {
                 break;
             }
-            self.now = ev.at;
+            self.now = at;
             self.events += 1;
-            self.handle(ev.kind);
+            self.handle(kind);
         }
         self.now = self.end;
         self.report()

@@ -49,6 +49,8 @@ pub struct SwarmStats {
     pub live_dropped: u64,
     /// Live pieces a link's congestion control refused.
     pub live_refused: u64,
+    /// New pieces that arrived too far behind the fastest path to be pushed on as live.
+    pub too_late_to_forward: u64,
     /// JOINs sent.
     pub joins_sent: u64,
     /// JOINs granted.
@@ -119,6 +121,7 @@ impl SwarmStats {
         self.catch_up_queued += other.catch_up_queued;
         self.live_dropped += other.live_dropped;
         self.live_refused += other.live_refused;
+        self.too_late_to_forward += other.too_late_to_forward;
         self.joins_sent += other.joins_sent;
         self.joins_granted += other.joins_granted;
         self.joins_refused += other.joins_refused;

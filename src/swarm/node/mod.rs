@@ -260,6 +260,13 @@ pub struct SwarmNode {
     delivered: VecDeque<PieceBytes>,
     /// Scratch list of where a piece goes (kept to avoid an allocation per piece).
     targets: Vec<(SocketAddr, bool)>,
+    /// Scratch list of links a timer or the sender visits (kept to avoid an allocation per
+    /// call: these run on every wake-up).
+    visit: Vec<SocketAddr>,
+    /// The earliest time a link's pending ACKs are due (`None`: none pending).
+    acks_due: Option<Timestamp>,
+    /// Some link may have repairs or catch-up queued (cleared when a look finds none).
+    background_waiting: bool,
     rng: StdRng,
     stats: SwarmStats,
     next_tick: Timestamp,
@@ -335,6 +342,9 @@ impl SwarmNode {
             delayed: VecDeque::new(),
             delivered: VecDeque::new(),
             targets: Vec::new(),
+            visit: Vec::new(),
+            acks_due: None,
+            background_waiting: false,
             stats: SwarmStats::default(),
             next_tick: Timestamp::ZERO,
             next_search: Timestamp::ZERO,
@@ -455,6 +465,19 @@ impl SwarmNode {
         self.links.contains_key(addr)
     }
 
+    /// The links that `pick` selects, in address order, in the reused scratch list; give it
+    /// back with [`SwarmNode::give_back`] when done.
+    fn links_where(&mut self, pick: impl Fn(&Link) -> bool) -> Vec<SocketAddr> {
+        let mut v = std::mem::take(&mut self.visit);
+        v.clear();
+        v.extend(self.links.iter().filter(|(_, l)| pick(l)).map(|(a, _)| *a));
+        v
+    }
+
+    fn give_back(&mut self, v: Vec<SocketAddr>) {
+        self.visit = v;
+    }
+
     fn k(&self) -> u8 {
         self.info.as_ref().map_or(1, |i| i.clubs.clamp(1, 64))
     }
@@ -562,6 +585,8 @@ const MAX_CANDIDATES: usize = 4096;
 const CLUB_ASSIGNMENT_WAIT: Duration = Duration::from_secs(3);
 /// Pieces arriving later than this behind the fastest path are not pushed on as live.
 const FORWARD_LATE: Duration = Duration::from_millis(1000);
+/// A JOIN not yet answered is repeated this often.
+const UNESTABLISHED_KEEPALIVE: Duration = Duration::from_millis(300);
 /// A JOIN unanswered for this long (three or four tries) is given up.
 const UNANSWERED_JOIN: Duration = Duration::from_millis(1200);
 /// A member replaced as an upstream is not asked again for this long.
@@ -569,6 +594,9 @@ const REPLACED_BACKOFF: Duration = Duration::from_secs(3);
 /// A member that refused a JOIN is not asked again for this long.
 const REFUSED_BACKOFF: Duration = Duration::from_secs(2);
 const COOKIE_BUCKET: Duration = Duration::from_secs(30);
+/// An upstream link that has delivered no piece this long after it began (or after the
+/// stream's first piece) is replaced.
+const BARREN_LINK: Duration = Duration::from_millis(500);
 /// A publisher's seed keeps its seat at least this long.
 const SEED_TENURE: Duration = Duration::from_secs(1);
 

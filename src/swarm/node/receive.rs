@@ -254,6 +254,8 @@ impl SwarmNode {
         // bursts; a downstream that misses it asks for it.
         if late_us <= FORWARD_LATE.as_micros() as u64 {
             self.forward(now, from, seq, club, bytes);
+        } else {
+            self.stats.too_late_to_forward += 1;
         }
     }
 
@@ -387,6 +389,8 @@ impl SwarmNode {
         }
         if l.pending_acks.is_empty() {
             l.acks_since = now;
+            let due = now + ACK_DELAY;
+            self.acks_due = Some(self.acks_due.map_or(due, |d| d.min(due)));
         }
         l.pending_acks.push(AckEntry {
             seq,
@@ -626,6 +630,7 @@ impl SwarmNode {
             for (seq, _) in &recent {
                 if !l.background.contains(seq) && l.background.len() < MAX_BACKGROUND {
                     l.background.push_back(*seq);
+                    self.background_waiting = true;
                 }
             }
             self.stats.catch_up_queued += recent.len() as u64;
@@ -689,6 +694,7 @@ impl SwarmNode {
                 if let Some(l) = self.links.get_mut(&from) {
                     if !l.background.contains(&seq) && l.background.len() < MAX_BACKGROUND {
                         l.background.push_back(seq);
+                        self.background_waiting = true;
                         served += 1;
                     }
                 }

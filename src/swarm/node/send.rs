@@ -17,6 +17,9 @@ impl SwarmNode {
             self.stats.control_bytes_out += t.data.as_bytes().len() as u64;
             return Some(t);
         }
+        if self.config.behaviour == Behaviour::FreeRider {
+            return None; // takes pieces, gives none: no pushes, repairs or catch-up
+        }
         while let Some(&(at, _, _)) = self.delayed.front() {
             if at > now {
                 break;
@@ -90,18 +93,32 @@ impl SwarmNode {
 
     pub(super) fn next_background(&mut self, now: Timestamp) -> Option<Transmit> {
         let horizon = self.config.repair_horizon;
-        let mut addrs: Vec<SocketAddr> = self
-            .links
-            .iter()
-            .filter(|(_, l)| !l.background.is_empty())
-            .map(|(a, _)| *a)
-            .collect();
-        // (In address order: the links are an ordered map.) Start the round-robin at a different link each time.
+        if !self.background_waiting {
+            return None;
+        }
+        let mut addrs = self.links_where(|l| !l.background.is_empty());
+        if addrs.is_empty() {
+            self.background_waiting = false;
+        }
+        // (In address order: the links are an ordered map.) Start the round-robin at a
+        // different link each time.
         if !addrs.is_empty() {
             let k = (self.stats.background_pieces_out as usize) % addrs.len();
             addrs.rotate_left(k);
         }
-        for to in addrs {
+        let sent = self.background_round(now, horizon, &addrs);
+        self.give_back(addrs);
+        sent
+    }
+
+    /// One round of [`SwarmNode::next_background`] over `addrs`.
+    fn background_round(
+        &mut self,
+        now: Timestamp,
+        horizon: Duration,
+        addrs: &[SocketAddr],
+    ) -> Option<Transmit> {
+        for &to in addrs {
             while let Some(l) = self.links.get_mut(&to) {
                 let Some(&seq) = l.background.front() else {
                     break;
@@ -190,10 +207,11 @@ impl SwarmNode {
         // Background waiting for a link's LEDBAT window waits for that link's ACKs (input) or
         // its loss timer (the tick), not for the clock.
         let full_piece = PAYLOAD + (PieceHeader::LEN + SIGNATURE_LEN) as u64;
-        if self
-            .links
-            .values()
-            .any(|l| !l.background.is_empty() && l.background_allows(full_piece))
+        if self.background_waiting
+            && self
+                .links
+                .values()
+                .any(|l| !l.background.is_empty() && l.background_allows(full_piece))
         {
             next = next.min(self.bucket.ready_at(now, MAX_DATAGRAM as u64));
         }

@@ -37,17 +37,22 @@ impl SwarmNode {
     }
 
     pub(super) fn flush_due_acks(&mut self, now: Timestamp) {
-        let due: Vec<SocketAddr> = self
-            .links
-            .iter()
-            .filter(|(_, l)| {
-                !l.pending_acks.is_empty() && now.saturating_since(l.acks_since) >= ACK_DELAY
-            })
-            .map(|(a, _)| *a)
-            .collect();
-        for a in due {
+        if self.acks_due.is_none_or(|t| now < t) {
+            return; // (this runs on every wake-up; most find nothing due)
+        }
+        let due = self.links_where(|l| {
+            !l.pending_acks.is_empty() && now.saturating_since(l.acks_since) >= ACK_DELAY
+        });
+        for &a in &due {
             self.flush_acks(a);
         }
+        self.give_back(due);
+        self.acks_due = self
+            .links
+            .values()
+            .filter(|l| !l.pending_acks.is_empty())
+            .map(|l| l.acks_since + ACK_DELAY)
+            .min();
     }
 
     pub(super) fn tracker_upkeep(&mut self, now: Timestamp) {
@@ -181,15 +186,16 @@ impl SwarmNode {
     }
 
     pub(super) fn keep_links_alive(&mut self, now: Timestamp) {
-        let due: Vec<SocketAddr> = self
-            .links
-            .iter()
-            .filter(|(_, l)| {
-                l.initiated && now.saturating_since(l.last_join) >= self.keepalive_for(l)
-            })
-            .map(|(a, _)| *a)
-            .collect();
-        for a in due {
+        let keepalive = self.config.keepalive;
+        let due = self.links_where(|l| {
+            let every = if l.established {
+                keepalive
+            } else {
+                UNESTABLISHED_KEEPALIVE
+            };
+            l.initiated && now.saturating_since(l.last_join) >= every
+        });
+        for &a in &due {
             let cookie = self.links.get(&a).map(|l| l.cookie).unwrap_or_default();
             let join = self.join_for(a, cookie);
             self.send_control(a, |b| join.encode(b));
@@ -197,14 +203,7 @@ impl SwarmNode {
                 l.last_join = now;
             }
         }
-    }
-
-    pub(super) fn keepalive_for(&self, l: &Link) -> Duration {
-        if l.established {
-            self.config.keepalive
-        } else {
-            Duration::from_millis(300)
-        }
+        self.give_back(due);
     }
 
     /// The JOIN that asks for (or keeps) the link to `to`.
@@ -292,12 +291,23 @@ impl SwarmNode {
                 live && now.saturating_since(since) > silence
             });
             let received = l.pieces_new + l.pieces_dup;
+            // A link that has sent nothing at all while its clubs reach us by other paths
+            // (repairs, another link) is not going to: a free rider, or a member that does
+            // not get its own club.
+            let since = l.established_at.max(self.first_piece.unwrap_or(now));
+            let barren = live
+                && received == 0
+                && now.saturating_since(since) > BARREN_LINK
+                && l.recv
+                    .iter()
+                    .filter(|c| *c < k)
+                    .any(|c| self.club_last[usize::from(c)] > since);
             // Repairs fill random losses; only an upstream that misses most of what it should
             // send is replaced (replacing for random loss churns links and loses more).
             let lossy = received >= 50 && l.pieces_missed * 2 > received;
             let slow =
                 received >= 50 && l.lateness_us > self.config.slow_threshold.as_micros() as f64;
-            let (why, count) = if silent_club {
+            let (why, count) = if silent_club || barren {
                 ("silent", &mut self.stats.replaced_silent)
             } else if lossy {
                 ("lossy", &mut self.stats.replaced_lossy)
@@ -433,6 +443,29 @@ impl SwarmNode {
         }
     }
 
+    /// Where NACKs for `club` go, best first: the club's sources, upstreams and seeds (which
+    /// had the piece pushed to them) before mates (which may have missed it as we did); with
+    /// `wide` (after two tries), then any member we are linked with: every member receives
+    /// every club, so most have it.
+    fn nack_sources(&self, club: u8, wide: bool) -> Vec<SocketAddr> {
+        let mut sources: Vec<(u8, SocketAddr)> = self
+            .links
+            .iter()
+            .filter(|(_, l)| l.established || !l.initiated)
+            .filter_map(|(a, l)| {
+                let rank = match (l.is_source_of(club), l.mate) {
+                    (true, false) => 0,
+                    (true, true) => 1,
+                    _ if wide => 2,
+                    _ => return None,
+                };
+                Some((rank, *a))
+            })
+            .collect();
+        sources.sort_unstable();
+        sources.into_iter().map(|(_, a)| a).collect()
+    }
+
     /// Sends a JOIN asking `addr` for `want` (or to be a mate).
     pub(super) fn ask(&mut self, now: Timestamp, addr: SocketAddr, want: ClubMask, mate: bool) {
         let c = self.candidates[&addr];
@@ -446,6 +479,9 @@ impl SwarmNode {
         l.wanted = want;
         l.wants_mate = mate;
         l.last_join = now;
+        // The answer is awaited from now, also on a link that existed already (a member that
+        // takes our club and is now asked for its own): its last answer may be long past.
+        l.last_keepalive = now;
         let join = self.join_for(addr, CookieBytes::default());
         self.send_control(addr, |b| join.encode(b));
         self.stats.joins_sent += 1;
@@ -463,6 +499,11 @@ impl SwarmNode {
             .filter(|(_, m)| m.next_nack <= now)
             .map(|(s, _)| *s)
             .collect();
+        if seqs.is_empty() {
+            return;
+        }
+        // Where each club's NACKs go, worked out once per club (and per kind of try).
+        let mut sources_by_club: Vec<Option<Vec<SocketAddr>>> = vec![None; k as usize * 2];
         for seq in seqs {
             let m = self.missing[&seq];
             if m.tries >= MAX_NACKS || now.saturating_since(m.noticed) > deadline {
@@ -470,28 +511,12 @@ impl SwarmNode {
                 continue;
             }
             let club = (seq % k) as u8;
-            // First the club's sources: upstreams and seeds (which had the piece pushed to
-            // them) before mates (which may have missed it as we did). After two tries, any
-            // member we are linked with: every member receives every club, so most have it.
-            let mut sources: Vec<(u8, SocketAddr)> = self
-                .links
-                .iter()
-                .filter(|(_, l)| l.established || !l.initiated)
-                .filter_map(|(a, l)| {
-                    let rank = match (l.is_source_of(club), l.mate) {
-                        (true, false) => 0,
-                        (true, true) => 1,
-                        _ if m.tries >= 2 => 2,
-                        _ => return None,
-                    };
-                    Some((rank, *a))
-                })
-                .collect();
+            let wide = m.tries >= 2;
+            let sources = sources_by_club[usize::from(club) * 2 + usize::from(wide)]
+                .get_or_insert_with(|| self.nack_sources(club, wide));
             if sources.is_empty() {
                 continue;
             }
-            sources.sort_unstable();
-            let sources: Vec<SocketAddr> = sources.into_iter().map(|(_, a)| a).collect();
             let target = sources[(m.tries as usize) % sources.len()];
             let rtt = self
                 .links
