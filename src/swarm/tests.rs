@@ -385,3 +385,44 @@ fn a_relay_amplifies_a_weak_publisher() {
         );
     }
 }
+
+#[test]
+fn a_member_asks_an_unanswering_tracker_again_within_a_quarter_second() {
+    // A lost HELLO or COOKIE used to cost the publisher a whole second per try, and peers
+    // learnt of it that much later.
+    let key = ChannelKey::from_seed(&[7; 32]);
+    let public = key.public();
+    let mut buf = [0u8; MAX_DATAGRAM];
+    let n = Descriptor::encode_signed(&public.to_bytes(), 1000, 4, false, BITRATE, &mut buf, |m| {
+        key.sign(m)
+    })
+    .unwrap();
+    let info = ChannelInfo {
+        clubs: 4,
+        bitrate_bps: BITRATE,
+        first_seq: 1000,
+        private: false,
+    };
+    let tracker = addr(999);
+    let mut publisher = SwarmNode::publisher(
+        public,
+        info,
+        buf[..n].to_vec(),
+        SwarmConfig {
+            tracker: Some(tracker),
+            seed: 1,
+            ..SwarmConfig::default()
+        },
+    );
+    let mut rounds = 0;
+    for ms in (0..1000u64).step_by(10) {
+        let now = Timestamp::from_micros(ms * 1000);
+        publisher.handle_timeout(now);
+        let mut asked = false;
+        while let Some(t) = publisher.poll_transmit(now) {
+            asked |= t.to == tracker;
+        }
+        rounds += u32::from(asked);
+    }
+    assert!(rounds >= 4, "asked the tracker in {rounds} rounds in 1 s");
+}

@@ -59,12 +59,19 @@ impl SwarmNode {
         if self.tracker.as_ref().is_none_or(|t| now < t.next_announce) {
             return;
         }
-        let interval = if !self.club_chosen || self.info.is_none() {
-            // Waiting for the channel to appear, or for a peer list: ask again soon.
+        let unanswered = self.tracker.as_ref().is_some_and(|t| t.cookie.is_none());
+        let interval = if !self.club_chosen || self.info.is_none() || unanswered {
+            // Waiting for the channel to appear, for a peer list, or for the tracker to answer
+            // at all (a lost HELLO or COOKIE): ask again soon.
             Duration::from_millis(250)
-        } else if self.picture_incomplete() || !self.all_clubs_sourced() {
-            // Members that have not said their club yet, clubs nobody is known in, or clubs
-            // still without a source (the members we know may all be full): more names help.
+        } else if self.picture_incomplete()
+            || !self.all_clubs_sourced()
+            || !self.own_club_flowing(now)
+        {
+            // Members that have not said their club yet, clubs nobody is known in, clubs
+            // still without a source (the members we know may all be full), or an own club
+            // that does not flow (the publisher may have come after our last list): more names
+            // help.
             Duration::from_secs(1)
         } else {
             self.config.announce_interval
@@ -326,6 +333,19 @@ impl SwarmNode {
         }
     }
 
+    /// Whether a peer's own club arrives on time (not only as repairs); always, for relays and
+    /// the publisher.
+    pub(super) fn own_club_flowing(&self, now: Timestamp) -> bool {
+        if self.config.role != Role::Peer {
+            return true;
+        }
+        self.club_fresh
+            .get(usize::from(self.club))
+            .is_some_and(|last| {
+                *last > Timestamp::ZERO && now.saturating_since(*last) < self.silence_for()
+            })
+    }
+
     pub(super) fn eligible(&self, now: Timestamp, addr: &SocketAddr, c: &Candidate) -> bool {
         // A member that only takes from us may still be asked to give.
         let free = self.links.get(addr).is_none_or(|l| !l.initiated && !l.mate);
@@ -373,7 +393,6 @@ impl SwarmNode {
             return;
         }
         let k = self.k();
-        let silence = self.silence_for();
         let mut needed = ClubMask::NONE;
         for c in 0..k {
             let mut covered = self.links.values().any(|l| {
@@ -383,9 +402,7 @@ impl SwarmNode {
             if c == self.club && self.config.role == Role::Peer {
                 // Mates carry the own club while it flows on time; when it does not (no mate
                 // reaches a seed, or pieces only come as repairs), ask for a source.
-                let last = self.club_fresh[usize::from(c)];
-                let flowing = last > Timestamp::ZERO && now.saturating_since(last) < silence;
-                covered |= flowing && self.links.values().any(|l| l.mate);
+                covered |= self.own_club_flowing(now) && self.links.values().any(|l| l.mate);
             }
             if !covered {
                 needed = needed.union(ClubMask::one(c));
