@@ -22,6 +22,14 @@ use crate::wire::{ChannelId, Cookie, Descriptor, Message, PeerEntry, Peers, Role
 /// A channel with a descriptor but no members is forgotten after this long.
 const IDLE_CHANNEL: Duration = Duration::from_secs(300);
 
+/// A member's announced upload counts for club balance up to this many times the stream's
+/// bitrate: a peer that claims the moon (or says nothing of its limit) cannot empty its club
+/// of everyone else.
+const UPLOAD_CLAIM_CAP: u64 = 4;
+
+/// The cap when the descriptor has not said the bitrate (kbit/s).
+const UPLOAD_CLAIM_CAP_KBPS: u64 = 100_000;
+
 /// Tunables of a tracker.
 #[derive(Debug, Clone)]
 pub struct TrackerConfig {
@@ -62,6 +70,8 @@ pub struct TrackerStats {
 struct Member {
     role: Role,
     club: u8,
+    /// The upload it announced, kbit/s.
+    upload_kbps: u32,
     expires: Timestamp,
 }
 
@@ -171,6 +181,10 @@ struct Channel {
     others: MemberTable,
     /// Peers per club, kept as members come, change club and go.
     club_peers: Vec<usize>,
+    /// The peers' counted upload per club, kbit/s (each claim capped; see [`UPLOAD_CLAIM_CAP`]).
+    club_upload: Vec<u64>,
+    /// The stream's bitrate from the descriptor, kbit/s (0: not known yet).
+    bitrate_kbps: u64,
     /// When a member last announced, or the descriptor last came.
     last_active: Timestamp,
 }
@@ -189,11 +203,30 @@ impl Channel {
     }
 
     fn count(&mut self, m: &Member, delta: isize) {
-        if m.role == Role::Peer && m.club < self.clubs {
-            if let Some(c) = self.club_peers.get_mut(usize::from(m.club)) {
-                *c = c.saturating_add_signed(delta);
-            }
+        if m.role != Role::Peer || m.club >= self.clubs {
+            return;
         }
+        let upload = self.counted_upload(m);
+        let club = usize::from(m.club);
+        if let Some(c) = self.club_peers.get_mut(club) {
+            *c = c.saturating_add_signed(delta);
+        }
+        if let Some(u) = self.club_upload.get_mut(club) {
+            *u = if delta >= 0 {
+                u.saturating_add(upload)
+            } else {
+                u.saturating_sub(upload)
+            };
+        }
+    }
+
+    /// How much of `m`'s announced upload counts towards its club's capacity.
+    fn counted_upload(&self, m: &Member) -> u64 {
+        let cap = match self.bitrate_kbps {
+            0 => UPLOAD_CLAIM_CAP_KBPS,
+            b => b.saturating_mul(UPLOAD_CLAIM_CAP),
+        };
+        u64::from(m.upload_kbps).min(cap)
     }
 
     fn insert(&mut self, addr: SocketAddr, m: Member) {
@@ -225,28 +258,39 @@ impl Channel {
         self.relays.get(addr).or_else(|| self.others.get(addr))
     }
 
-    /// A new descriptor may change K: count the clubs again.
-    fn set_clubs(&mut self, clubs: u8) {
+    /// A new descriptor may change K and the bitrate: count the clubs again.
+    fn set_stream(&mut self, clubs: u8, bitrate_bps: u64) {
         self.clubs = clubs;
+        self.bitrate_kbps = bitrate_bps / 1000;
         self.club_peers = vec![0; usize::from(clubs)];
+        self.club_upload = vec![0; usize::from(clubs)];
         let members: Vec<Member> = self.others.list.iter().map(|(_, m)| *m).collect();
         for m in members {
             self.count(&m, 1);
         }
     }
 
-    /// The club with the fewest peers other than `asker` (lowest first on ties), once the
-    /// descriptor has said how many clubs there are.
-    fn least_populated_club(&self, asker: SocketAddr) -> Option<u8> {
+    /// The club with the least upload among its peers other than `asker` (then the fewest
+    /// peers, then the lowest number), once the descriptor has said how many clubs there are.
+    ///
+    /// Every club must carry its share of the stream to all the others, so what a club needs
+    /// is upload, not heads: clubs even in numbers but not in upload left the poorest club
+    /// unable to seat everyone (the simulator's loss-and-churn swarm, see README).
+    fn club_to_assign(&self, asker: SocketAddr) -> Option<u8> {
         if self.clubs == 0 {
             return None;
         }
         let own = self
             .get(&asker)
-            .filter(|m| m.role == Role::Peer && m.club < self.clubs)
-            .map(|m| m.club);
+            .filter(|m| m.role == Role::Peer && m.club < self.clubs);
         (0..self.clubs).min_by_key(|c| {
-            self.club_peers[usize::from(*c)].saturating_sub(usize::from(own == Some(*c)))
+            let i = usize::from(*c);
+            let (mut upload, mut peers) = (self.club_upload[i], self.club_peers[i]);
+            if let Some(m) = own.filter(|m| m.club == *c) {
+                upload = upload.saturating_sub(self.counted_upload(m));
+                peers = peers.saturating_sub(1);
+            }
+            (upload, peers)
         })
     }
 
@@ -348,7 +392,7 @@ impl TrackerCore {
         }
         channel.descriptor = Some(d.as_bytes().to_vec());
         channel.epoch_us = d.epoch_us();
-        channel.set_clubs(d.clubs());
+        channel.set_stream(d.clubs(), d.bitrate_bps());
         self.stats.descriptors += 1;
     }
 
@@ -375,16 +419,17 @@ impl TrackerCore {
             self.stats.refused += 1;
             return;
         }
-        // A peer without a club is given the club with the fewest peers, so clubs stay even
-        // however many join at once.
+        // A peer without a club is given the club with the least upload, so clubs stay even
+        // in capacity however many join at once.
         let assigned = (a.role == Role::Peer && a.club == NO_CLUB)
-            .then(|| channel.least_populated_club(from))
+            .then(|| channel.club_to_assign(from))
             .flatten();
         channel.insert(
             from,
             Member {
                 role: a.role,
                 club: assigned.unwrap_or(a.club),
+                upload_kbps: a.upload_kbps,
                 expires: now + ttl,
             },
         );
@@ -500,6 +545,65 @@ mod tests {
         t.handle_timeout(at(31));
         assert_eq!(t.members(&ch), 0);
         assert_eq!(t.stats().expired, 4);
+    }
+
+    /// A peer without a club announces `upload_kbps`; the club the tracker gives it.
+    fn assigned(t: &mut TrackerCore, from: SocketAddr, ch: ChannelId, upload_kbps: u32) -> u8 {
+        let c = cookie(t, at(1), from);
+        let mut buf = [0u8; 64];
+        let n = TrackerAnnounce {
+            channel: ch,
+            cookie: c,
+            role: Role::Peer,
+            club: NO_CLUB,
+            upload_kbps,
+            leaving: false,
+        }
+        .encode(&mut buf)
+        .unwrap();
+        exchange(t, at(1), from, &buf[..n])
+            .iter()
+            .find_map(|r| match Message::parse(r) {
+                Ok(Message::Peers(p)) => p.assigned_club(),
+                _ => None,
+            })
+            .expect("no club assigned")
+    }
+
+    #[test]
+    fn clubs_are_assigned_by_upload_with_claims_capped() {
+        let mut t = TrackerCore::new(TrackerConfig::default(), [1; 32], 7);
+        let key = ChannelKey::from_seed(&[3; 32]);
+        let ch = key.public().channel_id();
+        let mut buf = [0u8; MAX_DATAGRAM];
+        let public = key.public().to_bytes();
+        // Two clubs, 1 Mbit/s: claims count up to 4 Mbit/s.
+        let n =
+            Descriptor::encode_signed(&public, 100, 2, false, 1_000_000, &mut buf, |m| key.sign(m))
+                .unwrap();
+        exchange(&mut t, at(0), addr(9), &buf[..n]);
+        assert_eq!(
+            assigned(&mut t, addr(1), ch, 1800),
+            0,
+            "ties go to the lowest"
+        );
+        assert_eq!(assigned(&mut t, addr(2), ch, 800), 1);
+        // Club 1 has as many peers but less upload.
+        assert_eq!(assigned(&mut t, addr(3), ch, 800), 1, "upload, not heads");
+        // A claim of 100 Mbit/s counts as 4: club 1 holds 5 600, club 0 1 800.
+        assert_eq!(assigned(&mut t, addr(4), ch, 100_000), 1);
+        for a in 5..8 {
+            assert_eq!(assigned(&mut t, addr(a), ch, 1800), 0);
+        }
+        // Club 0 now holds 7 200 against club 1's capped 5 600 (uncapped: 101 600).
+        assert_eq!(
+            assigned(&mut t, addr(8), ch, 1800),
+            1,
+            "the claim was capped"
+        );
+        // A peer asking again is weighed without itself: addr(1) (1 800 in club 0) sees
+        // 5 400 there against 7 400, and stays.
+        assert_eq!(assigned(&mut t, addr(1), ch, 1800), 0);
     }
 
     #[test]
