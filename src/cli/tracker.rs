@@ -15,7 +15,9 @@ use super::args;
 ///
 /// Members prove their address with HELLO/COOKIE before they get a list; entries expire when a
 /// member stops announcing for --member-ttl. Descriptors are accepted only with a valid
-/// signature of the channel key they name, and a newer session replaces an older one.
+/// signature of the channel key they name, and a newer session replaces an older one. Each new
+/// watcher is given the club whose members announced the least upload (each claim counted up
+/// to 4x the stream's bitrate), so every club can carry its share to all the others.
 #[derive(Debug, clap::Args)]
 pub(crate) struct Args {
     /// UDP address to listen on.
