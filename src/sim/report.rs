@@ -67,6 +67,63 @@ impl Spread {
     }
 }
 
+/// Outages: a club an honest peer missed, every piece of it, for [`OUTAGE`] or more of the
+/// stream in a row. Repairs fill scattered losses; a run like this means the peer had no
+/// working source for the club (its members full, or its upstream a free rider or gone).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct ClubOutages {
+    /// Outages (one peer, one club, one run of misses).
+    pub count: u64,
+    /// Peers with at least one.
+    pub peers: u64,
+    /// Pieces missed in them.
+    pub pieces: u64,
+    /// The longest, ms of publish time.
+    pub longest_ms: f64,
+    /// Their pieces as a share of all the pieces honest peers missed.
+    pub share_of_missed: f64,
+}
+
+/// The shortest run of a club's missed pieces counted as an outage.
+pub(super) const OUTAGE: std::time::Duration = std::time::Duration::from_secs(2);
+
+impl ClubOutages {
+    /// Adds one peer's outages. `pieces` are the pieces it had to play in publish order, as
+    /// (publish time µs, club, played on time).
+    pub(super) fn add_peer(&mut self, k: u8, pieces: impl Iterator<Item = (u64, u8, bool)>) {
+        // Per club, the run of misses going on: (first publish time, last, pieces).
+        let mut runs: Vec<Option<(u64, u64, u64)>> = vec![None; usize::from(k)];
+        let before = self.count;
+        for (t, club, hit) in pieces {
+            let Some(run) = runs.get_mut(usize::from(club)) else {
+                continue;
+            };
+            if hit {
+                if let Some(r) = run.take() {
+                    self.close(r);
+                }
+            } else {
+                let r = run.get_or_insert((t, t, 0));
+                r.1 = t;
+                r.2 += 1;
+            }
+        }
+        for r in runs.into_iter().flatten() {
+            self.close(r);
+        }
+        self.peers += u64::from(self.count > before);
+    }
+
+    fn close(&mut self, (first, last, pieces): (u64, u64, u64)) {
+        let us = last - first;
+        if us >= OUTAGE.as_micros() as u64 {
+            self.count += 1;
+            self.pieces += pieces;
+            self.longest_ms = self.longest_ms.max((us as f64 / 100.0).round() / 10.0);
+        }
+    }
+}
+
 /// Repair traffic, summed over members.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
 pub struct Repairs {
@@ -187,6 +244,8 @@ pub struct Report {
     pub publisher_upload: f64,
     /// Upload of each relay over the stream, in multiples of the stream rate.
     pub relay_upload: Vec<f64>,
+    /// Clubs honest peers missed whole for a while.
+    pub club_outages: ClubOutages,
     /// Repair traffic.
     pub repairs: Repairs,
     /// Links.
@@ -271,6 +330,17 @@ impl fmt::Display for Report {
             "publisher upload: {}x stream; relays: {:?}",
             self.publisher_upload, self.relay_upload
         )?;
+        let o = &self.club_outages;
+        writeln!(
+            f,
+            "club outages (every piece of a club missed for {} s or more): {} at {} peers, {} pieces ({:.1}% of those missed), longest {} ms",
+            OUTAGE.as_secs(),
+            o.count,
+            o.peers,
+            o.pieces,
+            o.share_of_missed * 100.0,
+            o.longest_ms
+        )?;
         let r = &self.repairs;
         writeln!(
             f,
@@ -336,5 +406,35 @@ mod tests {
             "{q:?}"
         );
         assert!((q.max - 1000.0).abs() < 1.0);
+    }
+
+    #[test]
+    fn only_a_club_missed_whole_for_two_seconds_is_an_outage() {
+        // Two clubs, a piece every 100 ms (each club every 200 ms), 5 s.
+        let piece = |i: u64, hit: bool| (i * 100_000, (i % 2) as u8, hit);
+        let mut o = ClubOutages::default();
+        // Club 1 missed from 1.1 s to 3.3 s (12 pieces, 2.2 s); club 0 misses one piece in
+        // three all along (scattered: no outage).
+        o.add_peer(
+            2,
+            (0..50).map(|i| {
+                let hit = if i % 2 == 1 {
+                    !(11..=33).contains(&i)
+                } else {
+                    i % 3 != 0
+                };
+                piece(i, hit)
+            }),
+        );
+        assert_eq!((o.count, o.peers, o.pieces), (1, 1, 12));
+        assert!((o.longest_ms - 2200.0).abs() < 1e-9);
+        // A run still going at the end counts (2.1 s to 4.9 s, 15 pieces); 1.8 s does not.
+        o.add_peer(2, (0..50).map(|i| piece(i, i % 2 == 0 || i < 21)));
+        o.add_peer(
+            2,
+            (0..50).map(|i| piece(i, i % 2 == 0 || !(10..30).contains(&i))),
+        );
+        assert_eq!((o.count, o.peers, o.pieces), (2, 2, 27));
+        assert!((o.longest_ms - 2800.0).abs() < 1e-9);
     }
 }

@@ -14,7 +14,8 @@ use rand::{Rng, SeedableRng};
 use super::network::{Fate, Host, Network, HEADERS};
 use super::queue::EventQueue;
 use super::report::{
-    round3, Attacks, BoundCheck, Links, NetworkCounts, Quantiles, Repairs, Report, Spread,
+    round3, Attacks, BoundCheck, ClubOutages, Links, NetworkCounts, Quantiles, Repairs, Report,
+    Spread,
 };
 use super::scenario::Scenario;
 use super::SimError;
@@ -826,6 +827,7 @@ impl World {
         let mut total_expected = 0u64;
         let mut total_on_time = 0u64;
         let mut per_peer = Vec::new();
+        let mut outages = ClubOutages::default();
         let mut startup = self.delay.clone();
         startup.reset();
         let mut never_started = 0;
@@ -893,6 +895,20 @@ impl World {
                 expected += 1;
                 on_time += u64::from(hit);
             }
+            let k = self.info.clubs;
+            let first_seq = self.first_seq;
+            let published = &self.published;
+            outages.add_peer(
+                k,
+                (first..last).map(|index| {
+                    let hit = m
+                        .on_time
+                        .get(index / 64)
+                        .is_some_and(|w| w >> (index % 64) & 1 == 1);
+                    let club = ((index as u64 + first_seq) % u64::from(k)) as u8;
+                    (published[index].0, club, hit)
+                }),
+            );
             total_expected += expected;
             total_on_time += on_time;
             per_peer.push(on_time as f64 / expected as f64);
@@ -938,6 +954,13 @@ impl World {
             peer_upload: Spread::of(uploads),
             publisher_upload,
             relay_upload,
+            club_outages: ClubOutages {
+                share_of_missed: round3(
+                    outages.pieces as f64
+                        / total_expected.saturating_sub(total_on_time).max(1) as f64,
+                ),
+                ..outages
+            },
             repairs: Repairs {
                 asked: stats.repairs_asked,
                 repaired: stats.repaired,
