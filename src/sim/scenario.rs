@@ -272,6 +272,8 @@ pub struct Bounds {
     pub max_startup_p99: Option<Duration>,
     /// Most honest peers that never started playing.
     pub max_never_started: Option<u64>,
+    /// Most club outages (a club one honest peer missed whole for 2 s or more).
+    pub max_club_outages: Option<u64>,
     /// Most publisher upload, in multiples of the stream rate.
     pub max_publisher_upload: Option<f64>,
 }

@@ -1055,6 +1055,11 @@ fn check_bounds(s: &Scenario, r: &Report) -> Vec<BoundCheck> {
         r.never_started as f64,
     );
     at_most(
+        "club outages",
+        b.max_club_outages.map(|n| n as f64),
+        r.club_outages.count as f64,
+    );
+    at_most(
         "publisher upload",
         b.max_publisher_upload,
         r.publisher_upload,
