@@ -498,6 +498,7 @@ mod tests {
         c.cookie
     }
 
+    /// A proven announce of `role` in club 1 with 4 Mbit/s; the replies.
     fn announce(
         t: &mut TrackerCore,
         now: Timestamp,
@@ -505,19 +506,43 @@ mod tests {
         channel: ChannelId,
         role: Role,
     ) -> Vec<Vec<u8>> {
+        announce_as(t, now, from, channel, role, 1, 4000)
+    }
+
+    /// A proven announce with the given club and upload; the replies.
+    fn announce_as(
+        t: &mut TrackerCore,
+        now: Timestamp,
+        from: SocketAddr,
+        channel: ChannelId,
+        role: Role,
+        club: u8,
+        upload_kbps: u32,
+    ) -> Vec<Vec<u8>> {
         let c = cookie(t, now, from);
         let mut buf = [0u8; 64];
         let n = TrackerAnnounce {
             channel,
             cookie: c,
             role,
-            club: 1,
-            upload_kbps: 4000,
+            club,
+            upload_kbps,
             leaving: false,
         }
         .encode(&mut buf)
         .unwrap();
         exchange(t, now, from, &buf[..n])
+    }
+
+    /// A descriptor of channel `key` with `clubs` clubs at `bitrate_bps`, signed.
+    fn descriptor(key: &ChannelKey, clubs: u8, bitrate_bps: u64) -> Vec<u8> {
+        let mut buf = [0u8; MAX_DATAGRAM];
+        let public = key.public().to_bytes();
+        let n = Descriptor::encode_signed(&public, 100, clubs, false, bitrate_bps, &mut buf, |m| {
+            key.sign(m)
+        })
+        .unwrap();
+        buf[..n].to_vec()
     }
 
     fn listed(replies: &[Vec<u8>]) -> Vec<SocketAddr> {
@@ -549,19 +574,7 @@ mod tests {
 
     /// A peer without a club announces `upload_kbps`; the club the tracker gives it.
     fn assigned(t: &mut TrackerCore, from: SocketAddr, ch: ChannelId, upload_kbps: u32) -> u8 {
-        let c = cookie(t, at(1), from);
-        let mut buf = [0u8; 64];
-        let n = TrackerAnnounce {
-            channel: ch,
-            cookie: c,
-            role: Role::Peer,
-            club: NO_CLUB,
-            upload_kbps,
-            leaving: false,
-        }
-        .encode(&mut buf)
-        .unwrap();
-        exchange(t, at(1), from, &buf[..n])
+        announce_as(t, at(1), from, ch, Role::Peer, NO_CLUB, upload_kbps)
             .iter()
             .find_map(|r| match Message::parse(r) {
                 Ok(Message::Peers(p)) => p.assigned_club(),
@@ -575,13 +588,8 @@ mod tests {
         let mut t = TrackerCore::new(TrackerConfig::default(), [1; 32], 7);
         let key = ChannelKey::from_seed(&[3; 32]);
         let ch = key.public().channel_id();
-        let mut buf = [0u8; MAX_DATAGRAM];
-        let public = key.public().to_bytes();
         // Two clubs, 1 Mbit/s: claims count up to 4 Mbit/s.
-        let n =
-            Descriptor::encode_signed(&public, 100, 2, false, 1_000_000, &mut buf, |m| key.sign(m))
-                .unwrap();
-        exchange(&mut t, at(0), addr(9), &buf[..n]);
+        exchange(&mut t, at(0), addr(9), &descriptor(&key, 2, 1_000_000));
         assert_eq!(
             assigned(&mut t, addr(1), ch, 1800),
             0,
@@ -635,12 +643,7 @@ mod tests {
         let mut t = TrackerCore::new(TrackerConfig::default(), [1; 32], 7);
         let key = ChannelKey::from_seed(&[3; 32]);
         let ch = key.public().channel_id();
-        let mut buf = [0u8; MAX_DATAGRAM];
-        let public = key.public().to_bytes();
-        let n =
-            Descriptor::encode_signed(&public, 100, 4, false, 4_000_000, &mut buf, |m| key.sign(m))
-                .unwrap();
-        let good = buf[..n].to_vec();
+        let good = descriptor(&key, 4, 4_000_000);
         let mut forged = good.clone();
         forged[44] = 9; // K changed after signing
         assert!(exchange(&mut t, at(0), addr(9), &forged).is_empty());

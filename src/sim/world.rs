@@ -102,6 +102,15 @@ struct Member {
     got_at: Box<[u64; HOP_SLOTS]>,
 }
 
+impl Member {
+    /// Whether it played the piece at `index` (from the first published) before its deadline.
+    fn played_on_time(&self, index: usize) -> bool {
+        self.on_time
+            .get(index / 64)
+            .is_some_and(|w| w >> (index % 64) & 1 == 1)
+    }
+}
+
 enum Agent {
     Tracker(Box<TrackerCore>),
     Member(Box<Member>),
@@ -885,10 +894,7 @@ impl World {
             let mut expected = 0;
             let mut on_time = 0;
             for index in first..last {
-                let hit = m
-                    .on_time
-                    .get(index / 64)
-                    .is_some_and(|w| w >> (index % 64) & 1 == 1);
+                let hit = m.played_on_time(index);
                 let b = bucket_of(self.published[index].0).min(seconds - 1);
                 bucket_expected[b] += 1;
                 bucket_on_time[b] += u64::from(hit);
@@ -901,12 +907,8 @@ impl World {
             outages.add_peer(
                 k,
                 (first..last).map(|index| {
-                    let hit = m
-                        .on_time
-                        .get(index / 64)
-                        .is_some_and(|w| w >> (index % 64) & 1 == 1);
                     let club = ((index as u64 + first_seq) % u64::from(k)) as u8;
-                    (published[index].0, club, hit)
+                    (published[index].0, club, m.played_on_time(index))
                 }),
             );
             total_expected += expected;
