@@ -3,6 +3,7 @@
 //! [`run_swarm_watch`] plays what arrives (`clubcast watch --tracker`) and [`MemberThread`]
 //! runs a publisher's or relay's member beside its other work.
 
+use std::collections::BTreeSet;
 use std::io::{self, Write};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -17,7 +18,7 @@ use crate::backend::{PortableSocket, RecvBatch};
 use crate::crypto::ChannelPublicKey;
 use crate::fault::{FaultInjector, FaultSpec, FaultStats};
 use crate::metrics::SwarmMetrics;
-use crate::swarm::{PieceBytes, SwarmConfig, SwarmNode, SwarmStats, STARTUP_HOLD};
+use crate::swarm::{ChannelInfo, PieceBytes, SwarmConfig, SwarmNode, SwarmStats, STARTUP_HOLD};
 use crate::time::{wall_clock_us, MonotonicClock, Timestamp};
 use crate::viewer::{Received, Viewer, ViewerConfig, ViewerStats};
 use crate::wire::Piece;
@@ -183,10 +184,13 @@ pub fn run_swarm_watch(
     on_bound(member.local_addr()?);
     let mut viewer = Viewer::new(config.channel, config.viewer.clone());
     let mut last_piece: Option<Instant> = None;
-    // Pieces held back until the member has a source for every club (or for a while): the
-    // jitter window then starts when playing starts, and the start of the stream, which
-    // arrives through catch-up and repair, is not skipped.
+    // Pieces held back until the first piece of every club, from where playing starts, is
+    // here (or for a while): the jitter window then starts when playing starts, and the start
+    // of the stream, which arrives through catch-up and repair, is not skipped. (A source for
+    // every club is not enough: a club's first pieces may still be on their way through
+    // catch-up when its link is accepted, and the jitter window would skip them.)
     let mut held: Vec<PieceBytes> = Vec::new();
+    let mut held_seqs: BTreeSet<u64> = BTreeSet::new();
     let mut first_arrival: Option<Instant> = None;
     let mut last_metrics = Instant::now();
     let mut finished_at: Option<Instant> = None;
@@ -198,11 +202,19 @@ pub fn run_swarm_watch(
         let now = member.now();
         while let Some(bytes) = member.node_mut().poll_piece() {
             first_arrival.get_or_insert_with(Instant::now);
+            if let Ok(p) = Piece::parse(&bytes) {
+                held_seqs.insert(p.seq());
+            }
             held.push(bytes);
         }
-        let ready = member.node().all_clubs_sourced()
-            || first_arrival.is_some_and(|t| t.elapsed() >= STARTUP_HOLD);
+        let ready = viewer.stats().pieces_received > 0
+            || first_arrival.is_some_and(|t| t.elapsed() >= STARTUP_HOLD)
+            || member
+                .node()
+                .info()
+                .is_some_and(|info| head_is_complete(info, &held_seqs));
         let release: Vec<PieceBytes> = if ready {
+            held_seqs.clear();
             std::mem::take(&mut held)
         } else {
             Vec::new()
@@ -289,10 +301,29 @@ fn start_playout(viewer: &mut Viewer, node: &SwarmNode, first: &[u8]) {
     let (Some(info), Ok(piece)) = (node.info(), Piece::parse(first)) else {
         return;
     };
-    let per_second = (info.bitrate_bps / 8 / crate::ts::PIECE_PAYLOAD as u64).max(1);
-    if piece.seq() >= info.first_seq && piece.seq() - info.first_seq <= per_second {
+    if plays_from_first(info, piece.seq()) {
         viewer.expect_from(info.first_seq);
     }
+}
+
+/// Whether a member whose earliest piece is `seq` plays from the stream's first piece.
+fn plays_from_first(info: &ChannelInfo, seq: u64) -> bool {
+    let per_second = (info.bitrate_bps / 8 / crate::ts::PIECE_PAYLOAD as u64).max(1);
+    seq >= info.first_seq && seq - info.first_seq <= per_second
+}
+
+/// Whether the pieces `held` let playing start with no gap at its head: one piece of every
+/// club, in a row, from where playing starts (the stream's first piece, or the earliest held).
+fn head_is_complete(info: &ChannelInfo, held: &BTreeSet<u64>) -> bool {
+    let Some(&earliest) = held.first() else {
+        return false;
+    };
+    let start = if plays_from_first(info, earliest) {
+        info.first_seq
+    } else {
+        earliest
+    };
+    (start..start + u64::from(info.clubs)).all(|s| held.contains(&s))
 }
 
 /// A swarm member running on its own thread (the publisher's seeding, a relay's amplifier):
@@ -429,4 +460,35 @@ fn member_loop(
         s.clone_from(member.node().stats());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info() -> ChannelInfo {
+        ChannelInfo {
+            clubs: 4,
+            bitrate_bps: 8 * crate::ts::PIECE_PAYLOAD as u64 * 10, // 10 pieces a second
+            first_seq: 100,
+            private: false,
+        }
+    }
+
+    #[test]
+    fn playing_waits_for_one_piece_of_every_club_from_its_start() {
+        let info = info();
+        let held = |seqs: &[u64]| seqs.iter().copied().collect::<BTreeSet<u64>>();
+        // There at the start: the stream's first pieces are needed, whatever came first.
+        assert!(!head_is_complete(&info, &held(&[])));
+        assert!(!head_is_complete(&info, &held(&[101, 102, 103, 104, 105])));
+        assert!(head_is_complete(&info, &held(&[100, 101, 102, 103])));
+        assert!(!head_is_complete(
+            &info,
+            &held(&[100, 101, 103, 104, 105, 106])
+        ));
+        // Joining later: from the earliest piece held.
+        assert!(head_is_complete(&info, &held(&[500, 501, 502, 503, 509])));
+        assert!(!head_is_complete(&info, &held(&[500, 501, 503, 504])));
+    }
 }

@@ -32,6 +32,9 @@ struct Net {
     key: crate::crypto::ChannelPublicKey,
     unsigned_played: u64,
     sent_by: Vec<u64>,
+    /// Datagrams (from, to, bytes) this returns true for are lost, from `drop_from` on.
+    drop: fn(usize, usize, &[u8]) -> bool,
+    drop_from: Timestamp,
 }
 
 struct Setup {
@@ -132,6 +135,8 @@ fn build(s: &Setup, key: &ChannelKey) -> Net {
         key: public,
         unsigned_played: 0,
         sent_by: vec![0; total],
+        drop: |_, _, _| false,
+        drop_from: Timestamp::ZERO,
     };
     // Peers choose clubs one by one, each seeing those before it.
     for i in first_peer..total {
@@ -179,7 +184,9 @@ impl Net {
                 if matches!(t.data, Datagram::Piece(_)) {
                     self.sent_by[i] += t.data.as_bytes().len() as u64;
                 }
-                if self.rng.gen::<f64>() < self.loss {
+                if self.rng.gen::<f64>() < self.loss
+                    || (now >= self.drop_from && (self.drop)(i, to, t.data.as_bytes()))
+                {
                     continue;
                 }
                 self.order += 1;
@@ -195,8 +202,14 @@ impl Net {
 
 /// Runs `secs` of a 1 Mbit/s stream; returns the net and the seqs published.
 fn run(s: &Setup, secs: u64) -> (Net, Vec<u64>) {
+    run_with(s, secs, |_| {})
+}
+
+/// [`run`], with `shape` applied to the network first.
+fn run_with(s: &Setup, secs: u64, shape: impl FnOnce(&mut Net)) -> (Net, Vec<u64>) {
     let key = ChannelKey::from_seed(&[7; 32]);
     let mut net = build(s, &key);
+    shape(&mut net);
     let mut publisher = Publisher::new(key, 1000, s.clubs);
     let mut buf = [0u8; MAX_DATAGRAM];
     let payload = [0x47u8; 1128];
@@ -425,4 +438,34 @@ fn a_member_asks_an_unanswering_tracker_again_within_a_quarter_second() {
         rounds += u32::from(asked);
     }
     assert!(rounds >= 4, "asked the tracker in {rounds} rounds in 1 s");
+}
+
+#[test]
+fn an_upstream_whose_pieces_arrive_is_kept_when_its_accepts_are_lost() {
+    // From 2 s on, every ACCEPT the publisher sends is lost; its pieces still arrive. The
+    // link used to expire 4 s after the last ACCEPT, taking the club's only seed with it.
+    let s = Setup {
+        peers: 2,
+        clubs: 1,
+        relay: false,
+        loss: 0.0,
+        publisher_cap: 4.0,
+        peer_cap: 4.0,
+        behaviours: vec![],
+    };
+    let (net, published) = run_with(&s, 10, |net| {
+        net.drop_from = Timestamp::from_micros(2_000_000);
+        net.drop = |from, _, bytes| {
+            from == 0
+                && matches!(
+                    crate::wire::Message::parse(bytes),
+                    Ok(crate::wire::Message::Accept(_))
+                )
+        };
+    });
+    for peer in 1..=2 {
+        let c = continuity(&net, peer, &published);
+        assert!(c >= 0.99, "peer {peer} continuity {c:.3}");
+        assert_eq!(net.nodes[peer].stats().links_expired, 0, "peer {peer}");
+    }
 }

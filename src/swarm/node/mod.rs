@@ -542,8 +542,6 @@ impl SwarmNode {
             .sum()
     }
 
-    /// Clubs this member can push: a peer its own club, and, from spare upload, the clubs it
-    /// receives from an upstream (a second hop for clubs too small to serve everyone).
     /// Clubs this member can push: a peer its own club; relays and the publisher every club.
     fn clubs_offered(&self) -> ClubMask {
         match self.config.role {
@@ -589,7 +587,8 @@ const FORWARD_LATE: Duration = Duration::from_millis(1000);
 const UNESTABLISHED_KEEPALIVE: Duration = Duration::from_millis(300);
 /// A JOIN unanswered for this long (three or four tries) is given up.
 const UNANSWERED_JOIN: Duration = Duration::from_millis(1200);
-/// A member replaced as an upstream is not asked again for this long.
+/// A member replaced as an upstream, or that left our JOIN unanswered, is not asked again for
+/// this long.
 const REPLACED_BACKOFF: Duration = Duration::from_secs(3);
 /// A member that refused a JOIN is not asked again for this long.
 const REFUSED_BACKOFF: Duration = Duration::from_secs(2);

@@ -170,13 +170,15 @@ impl SwarmNode {
             }
             // A JOIN nobody answers (the member left, or its answers are lost) frees its slot
             // sooner than a link that went quiet: a new member has few slots and many clubs.
-            let wait = if l.established {
-                timeout
+            // An established link is alive while the member answers our keepalives or sends us
+            // anything else: a few lost ACCEPTs must not cut an upstream whose pieces arrive
+            // (whether it still serves us, its next ACCEPT says; silence is replaced apart).
+            let (wait, alive_at) = if l.established {
+                (timeout, l.last_keepalive.max(l.last_heard))
             } else {
-                UNANSWERED_JOIN
+                (UNANSWERED_JOIN, l.last_keepalive)
             };
-            let asked_stale =
-                (l.initiated || l.mate) && now.saturating_since(l.last_keepalive) > wait;
+            let asked_stale = (l.initiated || l.mate) && now.saturating_since(alive_at) > wait;
             let empty = !l.initiated && !l.mate && l.send.is_empty();
             if asked_stale || empty {
                 dead.push((*a, asked_stale, !l.established));
@@ -521,6 +523,12 @@ impl SwarmNode {
         }
         // Where each club's NACKs go, worked out once per club (and per kind of try).
         let mut sources_by_club: Vec<Option<Vec<SocketAddr>>> = vec![None; k as usize * 2];
+        // The publisher, if it seeds us, and the clubs it seeds us.
+        let publisher = self
+            .links
+            .iter()
+            .find(|(_, l)| l.role == Role::Publisher && l.established)
+            .map(|(a, l)| (*a, l.recv));
         for seq in seqs {
             let m = self.missing[&seq];
             if m.tries >= MAX_NACKS || now.saturating_since(m.noticed) > deadline {
@@ -531,10 +539,12 @@ impl SwarmNode {
             let wide = m.tries >= 2;
             let sources = sources_by_club[usize::from(club) * 2 + usize::from(wide)]
                 .get_or_insert_with(|| self.nack_sources(club, wide));
-            if sources.is_empty() {
+            let seeder = publisher
+                .filter(|(_, clubs)| clubs.contains(club))
+                .map(|(a, _)| a);
+            let Some(target) = nack_target(sources, seeder, m.tries) else {
                 continue;
-            }
-            let target = sources[(m.tries as usize) % sources.len()];
+            };
             let rtt = self
                 .links
                 .get(&target)
@@ -611,5 +621,54 @@ impl SwarmNode {
         }
         self.leaving = true;
         let _ = now;
+    }
+}
+
+/// The member asked on try `tries` from `sources` (best first; after two tries, the wide
+/// list), in turn; the third try goes to the publisher if it seeds us that club. A piece that
+/// every seed of its club lost exists only at the publisher, and the turn through a wide list
+/// asked it once in ten tries: one lost NACK lost the piece for the whole club. (Asking any
+/// upstream again there instead multiplied the repairs given up behind a relay by eight.)
+fn nack_target(
+    sources: &[SocketAddr],
+    publisher: Option<SocketAddr>,
+    tries: u32,
+) -> Option<SocketAddr> {
+    match publisher {
+        Some(p) if tries == 2 && sources.contains(&p) => Some(p),
+        _ if sources.is_empty() => None,
+        _ => Some(sources[tries as usize % sources.len()]),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(i: u8) -> SocketAddr {
+        SocketAddr::from(([10, 0, 0, i], 7000))
+    }
+
+    #[test]
+    fn the_publisher_is_asked_again_when_the_list_widens() {
+        // Before the list widens: the upstream (here the publisher), then the mate.
+        let narrow = [at(1), at(2)];
+        let publisher = Some(at(1));
+        assert_eq!(nack_target(&narrow, publisher, 0), Some(at(1)));
+        assert_eq!(nack_target(&narrow, publisher, 1), Some(at(2)));
+        // The third try goes back to the publisher; the rest go round the wide list.
+        let wide = [at(1), at(2), at(3), at(4), at(5)];
+        let asked: Vec<SocketAddr> = (2..9)
+            .map(|n| nack_target(&wide, publisher, n).unwrap())
+            .collect();
+        assert_eq!(asked, [at(1), at(4), at(5), at(1), at(2), at(3), at(4)]);
+        // Any other upstream (a relay) is not asked again out of turn.
+        let asked: Vec<SocketAddr> = (2..5)
+            .map(|n| nack_target(&wide, None, n).unwrap())
+            .collect();
+        assert_eq!(asked, [at(3), at(4), at(5)]);
+        // An unlinked publisher is not asked; nothing to ask, nothing asked.
+        assert_eq!(nack_target(&wide, Some(at(9)), 2), Some(at(3)));
+        assert_eq!(nack_target(&[], publisher, 3), None);
     }
 }
