@@ -215,6 +215,9 @@ pub fn run_swarm_watch(
                 .is_some_and(|info| head_is_complete(info, &held_seqs));
         let release: Vec<PieceBytes> = if ready {
             held_seqs.clear();
+            // In sequence order: where playing starts is decided on the earliest piece held,
+            // as `head_is_complete` judged it.
+            held.sort_by_key(|b| Piece::parse(b).map_or(u64::MAX, |p| p.seq()));
             std::mem::take(&mut held)
         } else {
             Vec::new()

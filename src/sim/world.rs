@@ -690,8 +690,9 @@ impl World {
         let first = *m.first_piece.get_or_insert(now);
         let held_long_enough = now >= first + STARTUP_HOLD.as_micros() as u64;
         if m.startup.is_none() && (m.clubs_seen & all_clubs == all_clubs || held_long_enough) {
-            // As the watcher does: it starts once every club flows, or after holding its first
-            // pieces for STARTUP_HOLD, with the next piece published.
+            // Close to the watcher: it starts once every club has delivered (the watcher waits
+            // for one piece of every club in a row from where it starts), or after holding its
+            // first pieces for STARTUP_HOLD, with the next piece published.
             m.startup = Some(now);
             m.play_from = Some(next_index);
         }
