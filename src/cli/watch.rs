@@ -205,6 +205,14 @@ fn run_swarm(
         metrics.delay_us(0.5) / 1000,
         metrics.delay_us(0.99) / 1000
     );
+    match report.slowest_club {
+        Some((club, Some(after))) => eprintln!(
+            "clubs: the last to start was club {club}, {} ms after the first piece",
+            after.as_millis()
+        ),
+        Some((club, None)) => eprintln!("clubs: club {club} never arrived"),
+        None => {}
+    }
     Ok(())
 }
 

@@ -167,6 +167,9 @@ pub struct SwarmWatchReport {
     pub swarm: SwarmStats,
     /// What the fault injector did.
     pub faults: Option<FaultStats>,
+    /// The club whose first piece came last, and how long after the first piece of all
+    /// (`None`: it never came).
+    pub slowest_club: Option<(u8, Option<Duration>)>,
 }
 
 /// Joins the swarm, plays what arrives into `output` and re-uploads, until the stream ends,
@@ -289,7 +292,9 @@ pub fn run_swarm_watch(
     if let Some(m) = metrics {
         m.update(member.node().stats(), member.node().link_counts());
     }
+    let slowest_club = member.node().slowest_club_start();
     Ok(SwarmWatchReport {
+        slowest_club,
         end,
         viewer: viewer.stats().clone(),
         swarm: member.node().stats().clone(),

@@ -469,3 +469,33 @@ fn an_upstream_whose_pieces_arrive_is_kept_when_its_accepts_are_lost() {
         assert_eq!(net.nodes[peer].stats().links_expired, 0, "peer {peer}");
     }
 }
+
+#[test]
+fn each_member_says_which_club_started_last() {
+    // Peer 1 (node 1) never gets club 0: every piece of it sent to it is lost.
+    let s = Setup {
+        peers: 6,
+        clubs: 3,
+        relay: false,
+        loss: 0.0,
+        publisher_cap: 4.0,
+        peer_cap: 4.0,
+        behaviours: vec![],
+    };
+    let (net, _) = run_with(&s, 3, |net| {
+        net.drop = |_, to, bytes| to == 1 && Piece::parse(bytes).is_ok_and(|p| p.seq() % 3 == 0);
+    });
+    assert_eq!(net.nodes[1].slowest_club_start(), Some((0, None)));
+    for peer in 2..=6 {
+        let (club, after) = net.nodes[peer].slowest_club_start().unwrap();
+        let after = after.unwrap_or_else(|| panic!("peer {peer}: club {club} never came"));
+        assert!(
+            club < 3 && after < Duration::from_secs(1),
+            "peer {peer}: club {club} after {after:?}"
+        );
+    }
+    // Before any piece there is nothing to say.
+    let key = ChannelKey::from_seed(&[7; 32]);
+    let fresh = SwarmNode::new(key.public(), SwarmConfig::default());
+    assert_eq!(fresh.slowest_club_start(), None);
+}

@@ -238,6 +238,8 @@ pub struct SwarmNode {
     club_high: Vec<Option<u64>>,
     /// When each club last delivered a new piece.
     club_last: Vec<Timestamp>,
+    /// When each club delivered its first piece.
+    club_first: Vec<Option<Timestamp>>,
     /// When each club last delivered a piece on time (not far behind the fastest path): a
     /// club that only arrives through repairs is not flowing.
     club_fresh: Vec<Timestamp>,
@@ -328,6 +330,7 @@ impl SwarmNode {
             banned: BTreeMap::new(),
             club_high: Vec::new(),
             club_last: Vec::new(),
+            club_first: Vec::new(),
             club_fresh: Vec::new(),
             missing: BTreeMap::new(),
             global_high: None,
@@ -394,6 +397,7 @@ impl SwarmNode {
         let k = usize::from(info.clubs.clamp(1, 64));
         self.club_high = vec![None; k];
         self.club_last = vec![Timestamp::ZERO; k];
+        self.club_first = vec![None; k];
         self.club_fresh = vec![Timestamp::ZERO; k];
         self.stats.resize(k);
         self.info = Some(info);
@@ -451,6 +455,18 @@ impl SwarmNode {
     /// Whether every club has a source: an upstream, or for the own club a mate or a seed.
     pub fn all_clubs_sourced(&self) -> bool {
         self.info.is_some() && (0..self.k()).all(|c| self.links.values().any(|l| l.is_source_of(c)))
+    }
+
+    /// The club whose first piece came last, and how long after the member's first piece
+    /// (`None` for a club that never came); `None` before any piece. How long a member went
+    /// without a source for some club at its start, which costs that club's first pieces.
+    pub fn slowest_club_start(&self) -> Option<(u8, Option<Duration>)> {
+        let first = self.first_piece?;
+        self.club_first
+            .iter()
+            .enumerate()
+            .map(|(c, t)| (c as u8, t.map(|t| t.saturating_since(first))))
+            .max_by_key(|(_, d)| d.unwrap_or(Duration::MAX))
     }
 
     /// Publisher: clubs that have at least one seed.

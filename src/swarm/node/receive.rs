@@ -229,6 +229,9 @@ impl SwarmNode {
         if let Some(t) = self.club_last.get_mut(usize::from(club)) {
             *t = now;
         }
+        if let Some(t) = self.club_first.get_mut(usize::from(club)) {
+            t.get_or_insert(now);
+        }
         // Lateness of this path behind the fastest one seen (clock offsets cancel).
         let offset = now.as_micros() as i64 - publish_time_us as i64;
         let best = *self.best_offset_us.get_or_insert(offset);
