@@ -203,24 +203,32 @@ pub fn run_swarm_watch(
         }
         member.turn(MAX_WAIT)?;
         let now = member.now();
+        // Once playing, pieces go straight to the viewer; until then they are held and their
+        // sequence numbers kept, to tell when the head of the stream is complete.
+        let playing = viewer.stats().pieces_received > 0;
         while let Some(bytes) = member.node_mut().poll_piece() {
             first_arrival.get_or_insert_with(Instant::now);
-            if let Ok(p) = Piece::parse(&bytes) {
-                held_seqs.insert(p.seq());
+            if !playing {
+                if let Ok(p) = Piece::parse(&bytes) {
+                    held_seqs.insert(p.seq());
+                }
             }
             held.push(bytes);
         }
-        let ready = viewer.stats().pieces_received > 0
-            || first_arrival.is_some_and(|t| t.elapsed() >= STARTUP_HOLD)
-            || member
-                .node()
-                .info()
-                .is_some_and(|info| head_is_complete(info, &held_seqs));
-        let release: Vec<PieceBytes> = if ready {
-            held_seqs.clear();
+        let starting = !playing
+            && !held.is_empty()
+            && (first_arrival.is_some_and(|t| t.elapsed() >= STARTUP_HOLD)
+                || member
+                    .node()
+                    .info()
+                    .is_some_and(|info| head_is_complete(info, &held_seqs)));
+        if starting {
             // In sequence order: where playing starts is decided on the earliest piece held,
             // as `head_is_complete` judged it.
-            held.sort_by_key(|b| Piece::parse(b).map_or(u64::MAX, |p| p.seq()));
+            held.sort_by_cached_key(|b| Piece::parse(b).map_or(u64::MAX, |p| p.seq()));
+            held_seqs.clear();
+        }
+        let release: Vec<PieceBytes> = if playing || starting {
             std::mem::take(&mut held)
         } else {
             Vec::new()
