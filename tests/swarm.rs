@@ -168,6 +168,17 @@ fn channel(dir: &Path, private: bool) -> (PathBuf, String) {
     )
 }
 
+/// Indexes of `input`'s pieces absent from `output`.
+fn missing_pieces(input: &[u8], output: &[u8]) -> Vec<usize> {
+    let have: HashSet<&[u8]> = pieces(output).into_iter().collect();
+    pieces(input)
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| !have.contains(*p))
+        .map(|(n, _)| n)
+        .collect()
+}
+
 /// Median of `v`.
 fn median(mut v: Vec<u64>) -> u64 {
     v.sort_unstable();
@@ -313,13 +324,7 @@ fn repair_keeps_continuity_with_five_percent_loss_at_every_peer() {
             "peer {i}: {}",
             r.stderr
         );
-        let have: HashSet<&[u8]> = pieces(&r.output).into_iter().collect();
-        let missing: Vec<usize> = pieces(&ts)
-            .iter()
-            .enumerate()
-            .filter(|(_, p)| !have.contains(*p))
-            .map(|(n, _)| n)
-            .collect();
+        let missing = missing_pieces(&ts, &r.output);
         assert!(
             c >= 0.995,
             "peer {i} continuity {c:.4}, missing pieces {missing:?}: {}",
@@ -368,7 +373,8 @@ fn a_private_channel_plays_only_with_the_content_key() {
     for r in with_key.into_iter().map(Peer::finish) {
         assert!(
             r.output == ts,
-            "a watcher with the key did not play: {}",
+            "a watcher with the key did not play the stream (missing pieces {:?}): {}",
+            missing_pieces(&ts, &r.output),
             r.stderr
         );
     }

@@ -286,7 +286,7 @@ impl SwarmNode {
             .club_last
             .iter()
             .any(|t| *t > Timestamp::ZERO && now.saturating_since(*t) < silence / 2);
-        let mut bad: Vec<(SocketAddr, &'static str)> = Vec::new();
+        let mut bad: Vec<(SocketAddr, UpstreamFault)> = Vec::new();
         for (addr, l) in &self.links {
             if !l.initiated || !l.established || l.mate {
                 continue;
@@ -316,23 +316,57 @@ impl SwarmNode {
             let lossy = received >= 50 && l.pieces_missed * 2 > received;
             let slow =
                 received >= 50 && l.lateness_us > self.config.slow_threshold.as_micros() as f64;
-            let (why, count) = if silent_club || barren {
-                ("silent", &mut self.stats.replaced_silent)
+            let why = if silent_club || barren {
+                UpstreamFault::Silent
             } else if lossy {
-                ("lossy", &mut self.stats.replaced_lossy)
+                UpstreamFault::Lossy
             } else if slow {
-                ("slow", &mut self.stats.replaced_slow)
+                UpstreamFault::Slow
             } else {
                 continue;
             };
-            *count += 1;
             bad.push((*addr, why));
         }
+        // Replacing an upstream nobody else can stand in for leaves its clubs with no source
+        // at all (and backs it off): in a small swarm, where every other member of a club was
+        // replaced or refused lately, a poor source is better than none.
+        bad.retain(|(addr, _)| self.replaceable(now, addr));
         for (addr, why) in bad {
-            tracing::debug!(peer = %addr, why, "replacing upstream");
+            *match why {
+                UpstreamFault::Silent => &mut self.stats.replaced_silent,
+                UpstreamFault::Lossy => &mut self.stats.replaced_lossy,
+                UpstreamFault::Slow => &mut self.stats.replaced_slow,
+            } += 1;
+            tracing::debug!(peer = %addr, ?why, "replacing upstream");
             self.drop_link(now, addr, true);
             self.stats.peers_replaced += 1;
         }
+    }
+
+    /// Whether some other member could give us the clubs the upstream `addr` sends: another
+    /// source of one of them, or a candidate we may ask for one.
+    fn replaceable(&self, now: Timestamp, addr: &SocketAddr) -> bool {
+        let Some(link) = self.links.get(addr) else {
+            return false;
+        };
+        let clubs = link.recv;
+        let other_source = self
+            .links
+            .iter()
+            .any(|(a, l)| a != addr && clubs.iter().any(|c| l.is_source_of(c)));
+        other_source
+            || self.candidates.iter().any(|(a, c)| {
+                a != addr
+                    && self.eligible(now, a, c)
+                    && match c.role {
+                        Role::Relay => true,
+                        // Peers ask the publisher for their own club; relays for any.
+                        Role::Publisher => {
+                            self.config.role != Role::Peer || clubs.contains(self.club)
+                        }
+                        Role::Peer => clubs.contains(c.club),
+                    }
+            })
     }
 
     /// Whether a peer's own club arrives on time (not only as repairs); always, for relays and
@@ -622,6 +656,17 @@ impl SwarmNode {
         self.leaving = true;
         let _ = now;
     }
+}
+
+/// Why an upstream is replaced.
+#[derive(Debug, Clone, Copy)]
+enum UpstreamFault {
+    /// A club it sends has not arrived for a while, or it has sent nothing at all.
+    Silent,
+    /// It misses most of what it should send.
+    Lossy,
+    /// Its pieces trail the fastest path.
+    Slow,
 }
 
 /// The member asked on try `tries` from `sources` (best first; after two tries, the wide
