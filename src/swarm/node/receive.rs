@@ -467,23 +467,20 @@ impl SwarmNode {
                 backoff_until: Timestamp::ZERO,
             });
         }
-        // A keepalive of a link we granted: it keeps only what it still wants, and may ask
-        // for more.
-        let kept = self
-            .links
-            .get_mut(&from)
-            .filter(|l| l.mate || !l.send.is_empty())
-            .map(|l| {
+        let (granted, mate) = match self.links.get_mut(&from) {
+            Some(l) if l.mate || !l.send.is_empty() => {
+                // A keepalive of a link we granted: it keeps only what it still wants.
                 if !l.mate {
                     l.send = l.send.intersect(j.want);
                 }
-                (l.send, l.mate)
-            });
-        let (granted, mate) = match kept {
-            Some((send, true)) => (send.union(ClubMask::one(self.club)), true),
-            Some((send, false)) if j.mate || j.want.minus(send).is_empty() => (send, false),
-            Some((send, false)) => (self.grant_more(now, from, j, send), false),
-            None => self.grant(now, from, j),
+                let own = if l.mate {
+                    ClubMask::one(self.club)
+                } else {
+                    ClubMask::NONE
+                };
+                (l.send.union(own), l.mate)
+            }
+            _ => self.grant(now, from, j),
         };
         if let Some(l) = self.links.get_mut(&from) {
             l.their_join = now;
@@ -523,58 +520,7 @@ impl SwarmNode {
             l.club = j.club;
             return (ClubMask::one(self.club), true);
         }
-        let offer = self.affordable(now, j, j.want);
-        let downstreams = self
-            .links
-            .values()
-            .filter(|l| !l.mate && !l.send.is_empty())
-            .count();
-        if offer.is_empty() || downstreams >= self.config.max_downstreams {
-            self.stats.joins_refused += 1;
-            return (ClubMask::NONE, false);
-        }
-        let l = self
-            .links
-            .entry(from)
-            .or_insert_with(|| Link::new(now, j.role, j.club, false, unit));
-        l.send = l.send.union(offer);
-        l.club = j.club;
-        let share = unit * u64::from(l.send.len());
-        l.set_share(share);
-        self.stats.joins_granted += 1;
-        tracing::debug!(%from, clubs = offer.0, club = j.club, "granted");
-        (offer, false)
-    }
-
-    /// A member we push `send` to asks for more clubs: it gets as many more as the upload
-    /// affords (a relay asked for a club its peer sources stopped giving, say). What it
-    /// receives from now on.
-    pub(super) fn grant_more(
-        &mut self,
-        now: Timestamp,
-        from: SocketAddr,
-        j: &Join,
-        send: ClubMask,
-    ) -> ClubMask {
-        let more = self.affordable(now, j, j.want.minus(send));
-        if more.is_empty() {
-            self.stats.joins_refused += 1;
-            return send;
-        }
-        let unit = self.unit_bytes();
-        if let Some(l) = self.links.get_mut(&from) {
-            l.send = l.send.union(more);
-            l.set_share(unit * u64::from(l.send.len()));
-        }
-        self.stats.joins_granted += 1;
-        tracing::debug!(%from, clubs = more.0, club = j.club, "granted more");
-        send.union(more)
-    }
-
-    /// Which of the clubs `want` that `j` asks for this member offers and its upload affords
-    /// (making room, at the publisher, for a seed or a relay).
-    pub(super) fn affordable(&mut self, now: Timestamp, j: &Join, want: ClubMask) -> ClubMask {
-        let mut offer = want.intersect(self.clubs_offered());
+        let mut offer = j.want.intersect(self.clubs_offered());
         if self.config.role == Role::Publisher {
             self.make_room_for_seed(now, j);
             // At most a few seeds per club, and a second seed only while every other club can
@@ -597,14 +543,34 @@ impl SwarmNode {
         if self.config.role == Role::Publisher && j.role == Role::Relay {
             self.make_room_for_relay(u64::from(offer.len()));
         }
+        let downstreams = self
+            .links
+            .values()
+            .filter(|l| !l.mate && !l.send.is_empty())
+            .count();
         let free = self.upload_units().saturating_sub(self.units_used());
         // As many of the clubs asked for as the upload affords.
-        ClubMask(
+        let offer = ClubMask(
             offer
                 .iter()
                 .take(usize::try_from(free).unwrap_or(usize::MAX))
                 .fold(0, |m, c| m | (1u64 << c)),
-        )
+        );
+        if offer.is_empty() || downstreams >= self.config.max_downstreams {
+            self.stats.joins_refused += 1;
+            return (ClubMask::NONE, false);
+        }
+        let l = self
+            .links
+            .entry(from)
+            .or_insert_with(|| Link::new(now, j.role, j.club, false, unit));
+        l.send = l.send.union(offer);
+        l.club = j.club;
+        let share = unit * u64::from(l.send.len());
+        l.set_share(share);
+        self.stats.joins_granted += 1;
+        tracing::debug!(%from, clubs = offer.0, club = j.club, "granted");
+        (offer, false)
     }
 
     /// Publisher: a member asks to seed its club and the club's seats are taken. Members ask
@@ -705,11 +671,6 @@ impl SwarmNode {
         }
         if !l.established {
             l.established_at = now;
-        } else if !a.mate && !l.wanted.minus(a.granted).is_empty() {
-            // Asked for more and refused (full): what it gives is all we want from it, for
-            // a while.
-            l.wanted = a.granted.intersect(l.wanted);
-            l.widen_at = now + REFUSED_BACKOFF;
         }
         l.established = true;
         l.mate = a.mate;

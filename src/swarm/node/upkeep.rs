@@ -433,8 +433,7 @@ impl SwarmNode {
         for c in 0..k {
             let mut covered = self.links.values().any(|l| {
                 (!l.mate && l.is_source_of(c))
-                    || (l.initiated && l.wanted.contains(c) && !l.established)
-                    || (l.initiated && l.wanted.contains(c) && now < l.widen_at)
+                    || (l.initiated && !l.established && l.wanted.contains(c))
             });
             if c == self.club && self.config.role == Role::Peer {
                 // Mates carry the own club while it flows on time; when it does not (no mate
@@ -446,10 +445,6 @@ impl SwarmNode {
             }
         }
         if self.config.role == Role::Publisher || needed.is_empty() {
-            return;
-        }
-        needed = self.widen_upstreams(now, needed);
-        if needed.is_empty() {
             return;
         }
         // Own club: its mates are sources once linked; still ask the publisher or a relay to
@@ -499,46 +494,6 @@ impl SwarmNode {
             self.ask(now, addr, want.intersect(needed), false);
             needed = needed.minus(want);
         }
-    }
-
-    /// Asks upstreams that can give more than they do (a relay; the publisher, to a relay)
-    /// for clubs in `needed`, on the link we hold: a new link would need a free downstream
-    /// slot there, and a member that holds one for some clubs would otherwise never get the
-    /// others from it. What is still needed.
-    fn widen_upstreams(&mut self, now: Timestamp, mut needed: ClubMask) -> ClubMask {
-        let k = self.k();
-        let own = ClubMask::one(self.club);
-        let role = self.config.role;
-        let mut asks = Vec::new();
-        for (addr, l) in self.links.iter_mut() {
-            if !l.initiated || !l.established || l.mate {
-                continue;
-            }
-            if now >= l.widen_at {
-                l.wanted = l.recv; // an earlier ask went unanswered
-            }
-            let offered = match (l.role, role) {
-                (Role::Relay, _) => ClubMask::all(k),
-                (Role::Publisher, Role::Peer) => own,
-                (Role::Publisher, _) => ClubMask::all(k),
-                (Role::Peer, _) => ClubMask::NONE,
-            };
-            let more = needed.intersect(offered).minus(l.recv);
-            if more.is_empty() || now < l.widen_at {
-                continue;
-            }
-            l.wanted = l.recv.union(more);
-            l.widen_at = now + UNANSWERED_JOIN;
-            needed = needed.minus(more);
-            asks.push(*addr);
-        }
-        for addr in asks {
-            let cookie = self.links.get(&addr).map(|l| l.cookie).unwrap_or_default();
-            let join = self.join_for(addr, cookie);
-            self.send_control(addr, |b| join.encode(b));
-            self.stats.joins_sent += 1;
-        }
-        needed
     }
 
     /// Where NACKs for `club` go, best first: the club's sources, upstreams and seeds (which
