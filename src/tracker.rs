@@ -187,7 +187,13 @@ struct Channel {
     bitrate_kbps: u64,
     /// When a member last announced, or the descriptor last came.
     last_active: Timestamp,
+    /// Members that announced as the publisher, newest last (at most [`MAX_PUBLISHERS`];
+    /// entries that left or changed role are skipped when read and pruned on expiry).
+    publishers: Vec<SocketAddr>,
 }
+
+/// Publisher addresses a channel keeps for relays' lists.
+const MAX_PUBLISHERS: usize = 4;
 
 impl Channel {
     fn members(&self) -> usize {
@@ -243,6 +249,30 @@ impl Channel {
             self.count(&old, -1);
         }
         self.count(&m, 1);
+        if m.role == Role::Publisher {
+            self.publishers.retain(|a| *a != addr);
+            if self.publishers.len() == MAX_PUBLISHERS {
+                self.publishers.remove(0);
+            }
+            self.publishers.push(addr);
+        }
+    }
+
+    /// The live members that announced as the publisher, newest first, but `asker`.
+    fn live_publishers(&self, asker: SocketAddr, now: Timestamp) -> Vec<PeerEntry> {
+        self.publishers
+            .iter()
+            .rev()
+            .filter(|a| **a != asker)
+            .filter_map(|a| {
+                let m = self.others.get(a)?;
+                (m.role == Role::Publisher && m.expires > now).then_some(PeerEntry {
+                    addr: *a,
+                    role: m.role,
+                    club: m.club,
+                })
+            })
+            .collect()
     }
 
     fn remove(&mut self, addr: &SocketAddr) {
@@ -301,6 +331,9 @@ impl Channel {
         for m in &gone {
             self.count(m, -1);
         }
+        let others = &self.others;
+        self.publishers
+            .retain(|a| others.get(a).is_some_and(|m| m.role == Role::Publisher));
         gone.len()
     }
 }
@@ -434,10 +467,28 @@ impl TrackerCore {
             },
         );
         // Relays first, then a random sample of the rest; never the asker itself. Sampling
-        // costs the size of the list, not of the channel.
-        let mut others = channel.relays.sample(&mut self.rng, Peers::MAX, from, now);
+        // costs the size of the list, not of the channel. A relay is told of the publisher
+        // too, first: it feeds hundreds and should not take the stream from peers while it
+        // waits to draw the publisher by chance (peers find the publisher by chance, which
+        // keeps a flash crowd from all asking it at once).
+        let mut others = if a.role == Role::Relay {
+            channel.live_publishers(from, now)
+        } else {
+            Vec::new()
+        };
+        let listed = others.len();
+        others.extend(
+            channel
+                .relays
+                .sample(&mut self.rng, Peers::MAX - listed, from, now),
+        );
         let room = Peers::MAX - others.len();
-        others.extend(channel.others.sample(&mut self.rng, room, from, now));
+        let sampled = channel.others.sample(&mut self.rng, room, from, now);
+        for e in sampled {
+            if !others[..listed].iter().any(|p| p.addr == e.addr) {
+                others.push(e);
+            }
+        }
         let mut buf = [0u8; MAX_DATAGRAM];
         if let Some(d) = &channel.descriptor {
             send(d);
@@ -570,6 +621,42 @@ mod tests {
         t.handle_timeout(at(31));
         assert_eq!(t.members(&ch), 0);
         assert_eq!(t.stats().expired, 4);
+    }
+
+    #[test]
+    fn relays_are_told_of_the_publisher_first_peers_by_chance() {
+        let mut t = TrackerCore::new(TrackerConfig::default(), [1; 32], 7);
+        let ch = ChannelId([9; 8]);
+        // Far more peers than a list holds: a list draws the publisher by chance.
+        let peers = 4 * Peers::MAX;
+        for i in 0..peers {
+            announce(&mut t, at(0), addr(100 + i as u16), ch, Role::Peer);
+        }
+        announce(&mut t, at(0), addr(2), ch, Role::Publisher);
+        let publisher_listed = |l: &[SocketAddr]| l.iter().filter(|a| **a == addr(2)).count();
+        for n in 0..20 {
+            let l = listed(&announce(&mut t, at(1), addr(3), ch, Role::Relay));
+            assert_eq!(
+                l[0],
+                addr(2),
+                "announce {n}: the publisher comes first for a relay"
+            );
+            assert_eq!(publisher_listed(&l), 1, "listed once");
+            // (The sample may have drawn it too, and gives one entry fewer then.)
+            assert!(l.len() >= Peers::MAX - 1, "a full list: {}", l.len());
+        }
+        let peer_lists: usize = (0..20)
+            .map(|_| publisher_listed(&listed(&announce(&mut t, at(1), addr(4), ch, Role::Peer))))
+            .sum();
+        assert!(
+            peer_lists < 20,
+            "peers find the publisher by chance: {peer_lists} of 20"
+        );
+        // A publisher that stops announcing is no longer listed to relays.
+        t.handle_timeout(at(40));
+        announce(&mut t, at(41), addr(5), ch, Role::Peer);
+        let l = listed(&announce(&mut t, at(41), addr(3), ch, Role::Relay));
+        assert_eq!(l, vec![addr(5)]);
     }
 
     /// A peer without a club announces `upload_kbps`; the club the tracker gives it.

@@ -117,6 +117,9 @@ pub struct Link {
     pub established_at: Timestamp,
     /// The other side has accepted (for links we asked for).
     pub established: bool,
+    /// Links we asked for, once established: asked to carry more clubs (`wanted` beyond
+    /// `recv`), the answer is awaited until this; not asked for more again before it.
+    pub widen_at: Timestamp,
     /// When we last heard anything from it.
     pub last_heard: Timestamp,
     /// When the link we asked for (or a mate link) was last confirmed (an ACCEPT, or for mates
@@ -168,6 +171,7 @@ impl Link {
             cookie: CookieBytes::default(),
             established_at: now,
             established: !initiated,
+            widen_at: now,
             last_heard: now,
             last_keepalive: now,
             their_join: now,

@@ -529,3 +529,32 @@ fn an_upstream_nobody_else_can_stand_in_for_is_kept_through_a_silence() {
     assert!(c >= 0.97, "peer 1 continuity {c:.3}");
     assert!(continuity(&net, 2, &published) >= 0.99);
 }
+
+#[test]
+fn a_peer_gets_its_own_club_from_the_relay_it_already_receives_others_from() {
+    // Behind a relay, with a publisher that can seed little more than the relay. From 3 s
+    // on, every piece other peers send to the last peer is lost: everything it plays must
+    // come from the relay, its own club too (which its mates had carried, and which it did
+    // not ask the relay for). It used to be unable to ask a member it held a link to for
+    // more clubs.
+    let s = Setup {
+        peers: 6,
+        clubs: 3,
+        relay: true,
+        loss: 0.0,
+        publisher_cap: 1.2,
+        peer_cap: 4.0,
+        behaviours: vec![],
+    };
+    let (net, published) = run_with(&s, 8, |net| {
+        net.drop_from = Timestamp::from_micros(3_000_000);
+        net.drop = |from, to, bytes| from >= 2 && to == 7 && Piece::parse(bytes).is_ok();
+    });
+    // Pieces published from 4 s on (a second to notice and ask) all play.
+    let late: Vec<u64> = published[published.len() * 3 / 8..].to_vec();
+    let c = continuity(&net, 7, &late);
+    assert!(
+        c >= 0.99,
+        "the last peer played {c:.3} of the stream after 4 s"
+    );
+}

@@ -467,20 +467,23 @@ impl SwarmNode {
                 backoff_until: Timestamp::ZERO,
             });
         }
-        let (granted, mate) = match self.links.get_mut(&from) {
-            Some(l) if l.mate || !l.send.is_empty() => {
-                // A keepalive of a link we granted: it keeps only what it still wants.
+        // A keepalive of a link we granted: it keeps only what it still wants, and may ask
+        // for more.
+        let kept = self
+            .links
+            .get_mut(&from)
+            .filter(|l| l.mate || !l.send.is_empty())
+            .map(|l| {
                 if !l.mate {
                     l.send = l.send.intersect(j.want);
                 }
-                let own = if l.mate {
-                    ClubMask::one(self.club)
-                } else {
-                    ClubMask::NONE
-                };
-                (l.send.union(own), l.mate)
-            }
-            _ => self.grant(now, from, j),
+                (l.send, l.mate)
+            });
+        let (granted, mate) = match kept {
+            Some((send, true)) => (send.union(ClubMask::one(self.club)), true),
+            Some((send, false)) if j.mate || j.want.minus(send).is_empty() => (send, false),
+            Some((send, false)) => (self.grant_more(now, from, j, send), false),
+            None => self.grant(now, from, j),
         };
         if let Some(l) = self.links.get_mut(&from) {
             l.their_join = now;
@@ -520,7 +523,58 @@ impl SwarmNode {
             l.club = j.club;
             return (ClubMask::one(self.club), true);
         }
-        let mut offer = j.want.intersect(self.clubs_offered());
+        let offer = self.affordable(now, j, j.want);
+        let downstreams = self
+            .links
+            .values()
+            .filter(|l| !l.mate && !l.send.is_empty())
+            .count();
+        if offer.is_empty() || downstreams >= self.config.max_downstreams {
+            self.stats.joins_refused += 1;
+            return (ClubMask::NONE, false);
+        }
+        let l = self
+            .links
+            .entry(from)
+            .or_insert_with(|| Link::new(now, j.role, j.club, false, unit));
+        l.send = l.send.union(offer);
+        l.club = j.club;
+        let share = unit * u64::from(l.send.len());
+        l.set_share(share);
+        self.stats.joins_granted += 1;
+        tracing::debug!(%from, clubs = offer.0, club = j.club, "granted");
+        (offer, false)
+    }
+
+    /// A member we push `send` to asks for more clubs: it gets as many more as the upload
+    /// affords (a relay asked for a club its peer sources stopped giving, say). What it
+    /// receives from now on.
+    pub(super) fn grant_more(
+        &mut self,
+        now: Timestamp,
+        from: SocketAddr,
+        j: &Join,
+        send: ClubMask,
+    ) -> ClubMask {
+        let more = self.affordable(now, j, j.want.minus(send));
+        if more.is_empty() {
+            self.stats.joins_refused += 1;
+            return send;
+        }
+        let unit = self.unit_bytes();
+        if let Some(l) = self.links.get_mut(&from) {
+            l.send = l.send.union(more);
+            l.set_share(unit * u64::from(l.send.len()));
+        }
+        self.stats.joins_granted += 1;
+        tracing::debug!(%from, clubs = more.0, club = j.club, "granted more");
+        send.union(more)
+    }
+
+    /// Which of the clubs `want` that `j` asks for this member offers and its upload affords
+    /// (making room, at the publisher, for a seed or a relay).
+    pub(super) fn affordable(&mut self, now: Timestamp, j: &Join, want: ClubMask) -> ClubMask {
+        let mut offer = want.intersect(self.clubs_offered());
         if self.config.role == Role::Publisher {
             self.make_room_for_seed(now, j);
             // At most a few seeds per club, and a second seed only while every other club can
@@ -543,34 +597,14 @@ impl SwarmNode {
         if self.config.role == Role::Publisher && j.role == Role::Relay {
             self.make_room_for_relay(u64::from(offer.len()));
         }
-        let downstreams = self
-            .links
-            .values()
-            .filter(|l| !l.mate && !l.send.is_empty())
-            .count();
         let free = self.upload_units().saturating_sub(self.units_used());
         // As many of the clubs asked for as the upload affords.
-        let offer = ClubMask(
+        ClubMask(
             offer
                 .iter()
                 .take(usize::try_from(free).unwrap_or(usize::MAX))
                 .fold(0, |m, c| m | (1u64 << c)),
-        );
-        if offer.is_empty() || downstreams >= self.config.max_downstreams {
-            self.stats.joins_refused += 1;
-            return (ClubMask::NONE, false);
-        }
-        let l = self
-            .links
-            .entry(from)
-            .or_insert_with(|| Link::new(now, j.role, j.club, false, unit));
-        l.send = l.send.union(offer);
-        l.club = j.club;
-        let share = unit * u64::from(l.send.len());
-        l.set_share(share);
-        self.stats.joins_granted += 1;
-        tracing::debug!(%from, clubs = offer.0, club = j.club, "granted");
-        (offer, false)
+        )
     }
 
     /// Publisher: a member asks to seed its club and the club's seats are taken. Members ask
@@ -669,18 +703,33 @@ impl SwarmNode {
             }
             return;
         }
+        // (An established link asked for more and answered without them: the answer to an
+        // earlier keepalive, or a refusal. Either way the ask stands until `widen_at`, and is
+        // then given up, so an answer overtaken by our ask does not cancel it.)
         if !l.established {
             l.established_at = now;
+        }
+        let recv = if a.mate {
+            ClubMask::NONE
+        } else {
+            a.granted.intersect(l.wanted)
+        };
+        if l.established && !recv.minus(l.recv).is_empty() {
+            // It gives us more clubs: the link starts again, so that their silence and its
+            // misses count from now (those clubs had been missing, which is why we asked).
+            l.established_at = now;
+            l.pieces_new = 0;
+            l.pieces_dup = 0;
+            l.pieces_missed = 0;
         }
         l.established = true;
         l.mate = a.mate;
         l.club = a.club;
         l.role = a.role;
-        l.recv = if a.mate {
-            ClubMask::NONE
-        } else {
-            a.granted.intersect(l.wanted)
-        };
+        l.recv = recv;
+        if a.role != Role::Peer {
+            self.drop_covered_peer_sources();
+        }
     }
 
     pub(super) fn on_nack(&mut self, now: Timestamp, from: SocketAddr, n: &Nack) {

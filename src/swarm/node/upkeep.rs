@@ -430,10 +430,18 @@ impl SwarmNode {
         }
         let k = self.k();
         let mut needed = ClubMask::NONE;
+        // A relay feeds hundreds: a club it gets only from peers (a hop further, and a loop
+        // with no source when those peers get it from the relay) is a club it still needs
+        // from the publisher or another relay.
+        let relay = self.config.role == Role::Relay;
         for c in 0..k {
             let mut covered = self.links.values().any(|l| {
-                (!l.mate && l.is_source_of(c))
-                    || (l.initiated && !l.established && l.wanted.contains(c))
+                let source = !l.mate && l.is_source_of(c) && !(relay && l.role == Role::Peer);
+                let asked = l.initiated
+                    && l.wanted.contains(c)
+                    && (!l.established || now < l.widen_at)
+                    && !(relay && l.role == Role::Peer);
+                source || asked
             });
             if c == self.club && self.config.role == Role::Peer {
                 // Mates carry the own club while it flows on time; when it does not (no mate
@@ -447,6 +455,17 @@ impl SwarmNode {
         if self.config.role == Role::Publisher || needed.is_empty() {
             return;
         }
+        needed = self.widen_upstreams(now, needed);
+        // What peers can be asked for: what no peer gives us yet (a relay's other needs are
+        // for the publisher and relays only).
+        let from_peers = if relay {
+            needed.minus(self.clubs_from_peers())
+        } else {
+            needed
+        };
+        if needed.is_empty() {
+            return;
+        }
         // Own club: its mates are sources once linked; still ask the publisher or a relay to
         // seed it, which is how a club's first pieces arrive.
         let mut best: Vec<(u8, SocketAddr)> = Vec::new();
@@ -457,10 +476,10 @@ impl SwarmNode {
             let rank = match c.role {
                 Role::Relay => 0,
                 Role::Publisher => 1,
-                Role::Peer if needed.contains(c.club) && c.club != self.club => 2,
+                Role::Peer if from_peers.contains(c.club) && c.club != self.club => 2,
                 // A member of our own club that the mates do not reach: any member of the
                 // club can push it to us like to an outside member.
-                Role::Peer if needed.contains(c.club) => 3,
+                Role::Peer if from_peers.contains(c.club) => 3,
                 Role::Peer => continue,
             };
             best.push((rank, *addr));
@@ -483,7 +502,7 @@ impl SwarmNode {
             }
             let c = self.candidates[&addr];
             let want = match (c.role, self.config.role) {
-                (Role::Peer, _) => ClubMask::one(c.club),
+                (Role::Peer, _) => ClubMask::one(c.club).intersect(from_peers),
                 // Peers ask the publisher to seed their own club only; relays ask it for all.
                 (Role::Publisher, Role::Peer) => ClubMask::one(self.club),
                 _ => needed,
@@ -494,6 +513,78 @@ impl SwarmNode {
             self.ask(now, addr, want.intersect(needed), false);
             needed = needed.minus(want);
         }
+    }
+
+    /// Clubs a peer upstream gives us.
+    fn clubs_from_peers(&self) -> ClubMask {
+        self.links
+            .values()
+            .filter(|l| l.role == Role::Peer && !l.mate)
+            .fold(ClubMask::NONE, |m, l| m.union(l.recv).union(l.wanted))
+    }
+
+    /// Relay: ends the links to peers that give it only clubs the publisher or another relay
+    /// now gives it (their pieces come a hop later, and cost their upload).
+    pub(super) fn drop_covered_peer_sources(&mut self) {
+        if self.config.role != Role::Relay {
+            return;
+        }
+        let seeded = self
+            .links
+            .values()
+            .filter(|l| l.role != Role::Peer && l.established && !l.mate)
+            .fold(ClubMask::NONE, |m, l| m.union(l.recv));
+        let covered = self.links_where(|l| {
+            l.role == Role::Peer
+                && l.initiated
+                && !l.mate
+                && !l.wanted.is_empty()
+                && l.wanted.minus(seeded).is_empty()
+        });
+        for &addr in &covered {
+            self.stop_receiving(addr);
+        }
+        self.give_back(covered);
+    }
+
+    /// Asks upstreams that can give more than they do (a relay; the publisher, to a relay)
+    /// for clubs in `needed`, on the link we hold: a new link would need a free downstream
+    /// slot there, and a member that holds one for some clubs would otherwise never get the
+    /// others from it. What is still needed.
+    fn widen_upstreams(&mut self, now: Timestamp, mut needed: ClubMask) -> ClubMask {
+        let k = self.k();
+        let own = ClubMask::one(self.club);
+        let role = self.config.role;
+        let mut asks = Vec::new();
+        for (addr, l) in self.links.iter_mut() {
+            if !l.initiated || !l.established || l.mate {
+                continue;
+            }
+            if now >= l.widen_at {
+                l.wanted = l.recv; // an earlier ask went unanswered
+            }
+            let offered = match (l.role, role) {
+                (Role::Relay, _) => ClubMask::all(k),
+                (Role::Publisher, Role::Peer) => own,
+                (Role::Publisher, _) => ClubMask::all(k),
+                (Role::Peer, _) => ClubMask::NONE,
+            };
+            let more = needed.intersect(offered).minus(l.recv);
+            if more.is_empty() || now < l.widen_at {
+                continue;
+            }
+            l.wanted = l.recv.union(more);
+            l.widen_at = now + UNANSWERED_JOIN;
+            needed = needed.minus(more);
+            asks.push(*addr);
+        }
+        for addr in asks {
+            let cookie = self.links.get(&addr).map(|l| l.cookie).unwrap_or_default();
+            let join = self.join_for(addr, cookie);
+            self.send_control(addr, |b| join.encode(b));
+            self.stats.joins_sent += 1;
+        }
+        needed
     }
 
     /// Where NACKs for `club` go, best first: the club's sources, upstreams and seeds (which
