@@ -714,7 +714,8 @@ impl SwarmNode {
         } else {
             a.granted.intersect(l.wanted)
         };
-        if l.established && !recv.minus(l.recv).is_empty() {
+        let grew = !recv.minus(l.recv).is_empty();
+        if l.established && grew {
             // It gives us more clubs: the link starts again, so that their silence and its
             // misses count from now (those clubs had been missing, which is why we asked).
             l.established_at = now;
@@ -727,7 +728,7 @@ impl SwarmNode {
         l.club = a.club;
         l.role = a.role;
         l.recv = recv;
-        if a.role != Role::Peer {
+        if grew && a.role != Role::Peer {
             self.drop_covered_peer_sources();
         }
     }

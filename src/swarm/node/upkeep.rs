@@ -358,15 +358,21 @@ impl SwarmNode {
             || self.candidates.iter().any(|(a, c)| {
                 a != addr
                     && self.eligible(now, a, c)
-                    && match c.role {
-                        Role::Relay => true,
-                        // Peers ask the publisher for their own club; relays for any.
-                        Role::Publisher => {
-                            self.config.role != Role::Peer || clubs.contains(self.club)
-                        }
-                        Role::Peer => clubs.contains(c.club),
-                    }
+                    && !self
+                        .clubs_given_by(c.role, c.club)
+                        .intersect(clubs)
+                        .is_empty()
             })
+    }
+
+    /// Clubs a member of `role` in `club` would push to us: a relay any; the publisher any to
+    /// a relay, only its own club to a peer (a seed seat); a peer its own club.
+    fn clubs_given_by(&self, role: Role, club: u8) -> ClubMask {
+        match (role, self.config.role) {
+            (Role::Peer, _) => ClubMask::one(club),
+            (Role::Publisher, Role::Peer) => ClubMask::one(self.club),
+            _ => ClubMask::all(self.k()),
+        }
     }
 
     /// Whether a peer's own club arrives on time (not only as repairs); always, for relays and
@@ -436,12 +442,11 @@ impl SwarmNode {
         let relay = self.config.role == Role::Relay;
         for c in 0..k {
             let mut covered = self.links.values().any(|l| {
-                let source = !l.mate && l.is_source_of(c) && !(relay && l.role == Role::Peer);
-                let asked = l.initiated
-                    && l.wanted.contains(c)
-                    && (!l.established || now < l.widen_at)
-                    && !(relay && l.role == Role::Peer);
-                source || asked
+                let counts = !(relay && l.role == Role::Peer);
+                let source = !l.mate && l.is_source_of(c);
+                let asked =
+                    l.initiated && l.wanted.contains(c) && (!l.established || now < l.widen_at);
+                counts && (source || asked)
             });
             if c == self.club && self.config.role == Role::Peer {
                 // Mates carry the own club while it flows on time; when it does not (no mate
@@ -501,12 +506,12 @@ impl SwarmNode {
                 break;
             }
             let c = self.candidates[&addr];
-            let want = match (c.role, self.config.role) {
-                (Role::Peer, _) => ClubMask::one(c.club).intersect(from_peers),
-                // Peers ask the publisher to seed their own club only; relays ask it for all.
-                (Role::Publisher, Role::Peer) => ClubMask::one(self.club),
-                _ => needed,
+            let asked_of_it = if c.role == Role::Peer {
+                from_peers
+            } else {
+                needed
             };
+            let want = self.clubs_given_by(c.role, c.club).intersect(asked_of_it);
             if want.intersect(needed).is_empty() {
                 continue;
             }
@@ -552,34 +557,31 @@ impl SwarmNode {
     /// slot there, and a member that holds one for some clubs would otherwise never get the
     /// others from it. What is still needed.
     fn widen_upstreams(&mut self, now: Timestamp, mut needed: ClubMask) -> ClubMask {
-        let k = self.k();
-        let own = ClubMask::one(self.club);
-        let role = self.config.role;
         let mut asks = Vec::new();
-        for (addr, l) in self.links.iter_mut() {
-            if !l.initiated || !l.established || l.mate {
+        for (addr, l) in &self.links {
+            // (A peer gives only its own club, which it gives already.)
+            if !l.initiated || !l.established || l.mate || now < l.widen_at {
                 continue;
             }
-            if now >= l.widen_at {
-                l.wanted = l.recv; // an earlier ask went unanswered
+            let more = needed
+                .intersect(self.clubs_given_by(l.role, l.club))
+                .minus(l.recv);
+            if !more.is_empty() || l.wanted != l.recv {
+                needed = needed.minus(more);
+                asks.push((*addr, more));
             }
-            let offered = match (l.role, role) {
-                (Role::Relay, _) => ClubMask::all(k),
-                (Role::Publisher, Role::Peer) => own,
-                (Role::Publisher, _) => ClubMask::all(k),
-                (Role::Peer, _) => ClubMask::NONE,
-            };
-            let more = needed.intersect(offered).minus(l.recv);
-            if more.is_empty() || now < l.widen_at {
-                continue;
-            }
-            l.wanted = l.recv.union(more);
-            l.widen_at = now + UNANSWERED_JOIN;
-            needed = needed.minus(more);
-            asks.push(*addr);
         }
-        for addr in asks {
-            let cookie = self.links.get(&addr).map(|l| l.cookie).unwrap_or_default();
+        for (addr, more) in asks {
+            let Some(l) = self.links.get_mut(&addr) else {
+                continue;
+            };
+            // An earlier ask that went unanswered lapses here.
+            l.wanted = l.recv.union(more);
+            if more.is_empty() {
+                continue;
+            }
+            l.widen_at = now + UNANSWERED_JOIN;
+            let cookie = l.cookie;
             let join = self.join_for(addr, cookie);
             self.send_control(addr, |b| join.encode(b));
             self.stats.joins_sent += 1;
