@@ -49,6 +49,22 @@ struct Setup {
     behaviours: Vec<Behaviour>,
 }
 
+impl Setup {
+    /// `peers` honest peers in `clubs` clubs, no relay, no loss, and upload to spare (4x the
+    /// stream rate) at the publisher and every peer; tests change what they are about.
+    fn honest(peers: usize, clubs: u8) -> Setup {
+        Setup {
+            peers,
+            clubs,
+            relay: false,
+            loss: 0.0,
+            publisher_cap: 4.0,
+            peer_cap: 4.0,
+            behaviours: vec![],
+        }
+    }
+}
+
 const BITRATE: u64 = 1_000_000;
 
 fn build(s: &Setup, key: &ChannelKey) -> Net {
@@ -252,13 +268,9 @@ fn continuity(net: &Net, node: usize, published: &[u64]) -> f64 {
 #[test]
 fn every_peer_plays_the_whole_stream_within_upload_caps() {
     let s = Setup {
-        peers: 24,
-        clubs: 8,
-        relay: false,
-        loss: 0.0,
         publisher_cap: 2.0,
         peer_cap: 1.5,
-        behaviours: vec![],
+        ..Setup::honest(24, 8)
     };
     let (net, published) = run(&s, 6);
     for i in 1..net.nodes.len() {
@@ -307,13 +319,10 @@ fn forgers_are_banned_and_nothing_forged_is_played() {
     behaviours[3] = Behaviour::Forger;
     behaviours[9] = Behaviour::Forger;
     let s = Setup {
-        peers: 18,
-        clubs: 6,
-        relay: false,
-        loss: 0.0,
         publisher_cap: 2.0,
         peer_cap: 2.5,
         behaviours,
+        ..Setup::honest(18, 6)
     };
     let (net, published) = run(&s, 8);
     let banned: u64 = net.nodes.iter().map(|n| n.stats().peers_banned).sum();
@@ -345,13 +354,10 @@ fn forgers_are_banned_and_nothing_forged_is_played() {
 #[test]
 fn repair_keeps_continuity_under_five_percent_loss() {
     let s = Setup {
-        peers: 21,
-        clubs: 10,
-        relay: false,
         loss: 0.05,
         publisher_cap: 2.0,
         peer_cap: 1.5,
-        behaviours: vec![],
+        ..Setup::honest(21, 10)
     };
     let (net, published) = run(&s, 6);
     let mut worst = 1.0f64;
@@ -381,13 +387,10 @@ fn repair_keeps_continuity_under_five_percent_loss() {
 #[test]
 fn a_relay_amplifies_a_weak_publisher() {
     let s = Setup {
-        peers: 30,
-        clubs: 6,
         relay: true,
-        loss: 0.0,
         publisher_cap: 1.2,
         peer_cap: 1.0,
-        behaviours: vec![],
+        ..Setup::honest(30, 6)
     };
     let (net, published) = run(&s, 5);
     for i in 2..net.nodes.len() {
@@ -449,15 +452,7 @@ fn a_member_asks_an_unanswering_tracker_again_within_a_quarter_second() {
 fn an_upstream_whose_pieces_arrive_is_kept_when_its_accepts_are_lost() {
     // From 2 s on, every ACCEPT the publisher sends is lost; its pieces still arrive. The
     // link used to expire 4 s after the last ACCEPT, taking the club's only seed with it.
-    let s = Setup {
-        peers: 2,
-        clubs: 1,
-        relay: false,
-        loss: 0.0,
-        publisher_cap: 4.0,
-        peer_cap: 4.0,
-        behaviours: vec![],
-    };
+    let s = Setup::honest(2, 1);
     let (net, published) = run_with(&s, 10, |net| {
         net.drop_from = Timestamp::from_micros(2_000_000);
         net.drop = |from, _, bytes| {
@@ -478,15 +473,7 @@ fn an_upstream_whose_pieces_arrive_is_kept_when_its_accepts_are_lost() {
 #[test]
 fn each_member_says_which_club_started_last() {
     // Peer 1 (node 1) never gets club 0: every piece of it sent to it is lost.
-    let s = Setup {
-        peers: 6,
-        clubs: 3,
-        relay: false,
-        loss: 0.0,
-        publisher_cap: 4.0,
-        peer_cap: 4.0,
-        behaviours: vec![],
-    };
+    let s = Setup::honest(6, 3);
     let (net, _) = run_with(&s, 3, |net| {
         net.drop = |_, to, bytes| to == 1 && Piece::parse(bytes).is_ok_and(|p| p.seq() % 3 == 0);
     });
@@ -510,15 +497,7 @@ fn an_upstream_nobody_else_can_stand_in_for_is_kept_through_a_silence() {
     // Two peers in two clubs: each gets the other's club only from the other (the publisher
     // seeds a peer its own club). Peer 2's pieces to peer 1 are lost for 0.8 s, longer than a
     // silence. Replacing peer 2 used to leave peer 1 without that club for the 3 s back-off.
-    let s = Setup {
-        peers: 2,
-        clubs: 2,
-        relay: false,
-        loss: 0.0,
-        publisher_cap: 4.0,
-        peer_cap: 4.0,
-        behaviours: vec![],
-    };
+    let s = Setup::honest(2, 2);
     let (net, published) = run_with(&s, 8, |net| {
         net.drop_from = Timestamp::from_micros(3_000_000);
         net.drop_until = Timestamp::from_micros(3_800_000);
@@ -538,13 +517,9 @@ fn a_peer_gets_its_own_club_from_the_relay_it_already_receives_others_from() {
     // not ask the relay for). It used to be unable to ask a member it held a link to for
     // more clubs.
     let s = Setup {
-        peers: 6,
-        clubs: 3,
         relay: true,
-        loss: 0.0,
         publisher_cap: 1.2,
-        peer_cap: 4.0,
-        behaviours: vec![],
+        ..Setup::honest(6, 3)
     };
     let (net, published) = run_with(&s, 8, |net| {
         net.drop_from = Timestamp::from_micros(3_000_000);
