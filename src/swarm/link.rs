@@ -10,51 +10,41 @@ use super::ledbat::{Ledbat, LedbatConfig};
 use crate::time::Timestamp;
 use crate::wire::{AckEntry, ClubMask, CookieBytes, Role};
 
-/// A piece sent on a link and not yet acknowledged.
+/// A background piece sent on a link and not yet acknowledged.
 #[derive(Debug, Clone, Copy)]
 struct Sent {
     seq: u64,
     at: Timestamp,
     bytes: u64,
-    background: bool,
 }
 
-/// The live send rate of a link to a downstream member: AIMD on the losses its ACKs reveal,
-/// between the link's share of the stream and twice it. Random loss of a few percent does not
-/// move it (that is repair's job); only heavy loss, a sign of congestion, cuts it, and a path
-/// that cannot carry the share is left to the downstream, which replaces its upstream.
+/// The live send rate of a link to a downstream member: at most twice the link's share of the
+/// stream, with a burst of 16 pieces. Live pieces are not acknowledged (an ACK per piece cost
+/// a peer about 5 % of the stream rate in upload); a path that cannot carry its share shows as
+/// gaps at the downstream, which repairs them or replaces its upstream.
 #[derive(Debug, Clone)]
 pub struct LiveRate {
-    share: u64,
     rate: u64,
     tokens: u64,
     last: Timestamp,
-    last_cut: Timestamp,
-    /// Recent outcomes, one bit per piece (1: lost), newest in bit 0.
-    recent: u64,
 }
 
 impl LiveRate {
     fn new(share_bytes_per_s: u64) -> Self {
-        let share = share_bytes_per_s.max(1);
         LiveRate {
-            share,
-            rate: share * 2,
+            rate: share_bytes_per_s.max(1) * 2,
             tokens: 16 * 1232,
             last: Timestamp::ZERO,
-            last_cut: Timestamp::ZERO,
-            recent: 0,
         }
     }
 
-    /// Bytes per second allowed now.
+    /// Bytes per second allowed.
     pub fn rate(&self) -> u64 {
         self.rate
     }
 
     fn set_share(&mut self, share_bytes_per_s: u64) {
-        self.share = share_bytes_per_s.max(1);
-        self.rate = self.share * 2;
+        self.rate = share_bytes_per_s.max(1) * 2;
     }
 
     /// Takes `bytes` for a live piece if the rate allows.
@@ -69,26 +59,6 @@ impl LiveRate {
         } else {
             false
         }
-    }
-
-    /// Loss fraction above which the rate is cut.
-    const CONGESTED: u32 = 64 / 5;
-
-    fn on_loss(&mut self, now: Timestamp, rtt: Duration) {
-        self.recent = (self.recent << 1) | 1;
-        if self.recent.count_ones() < Self::CONGESTED
-            || now.saturating_since(self.last_cut) < rtt.max(Duration::from_millis(50))
-        {
-            return;
-        }
-        self.last_cut = now;
-        self.rate = (self.rate * 4 / 5).max(self.share);
-    }
-
-    fn on_ack(&mut self, bytes: u64) {
-        self.recent <<= 1;
-        // About one stream share more per second of clean acknowledgements.
-        self.rate = (self.rate + bytes / 8).min(self.share * 2);
     }
 }
 
@@ -147,10 +117,14 @@ pub struct Link {
     pub pending_acks: Vec<AckEntry>,
     /// When the oldest pending acknowledgement was recorded.
     pub acks_since: Timestamp,
+    /// Links that push to us: pieces from it are acknowledged until this (it may be sending
+    /// repairs we asked for, or catch-up, under LEDBAT); live pieces alone are not.
+    pub acks_until: Timestamp,
     sent: VecDeque<Sent>,
-    /// Smoothed round-trip time (send → ACK, including the ACK's batching delay).
+    /// Smoothed round-trip time of background pieces (send → ACK, including the ACK's
+    /// batching delay).
     pub srtt: Duration,
-    /// Pieces sent and lost on this link.
+    /// Background pieces sent and lost on this link.
     pub lost: u64,
 }
 
@@ -190,6 +164,7 @@ impl Link {
             live: LiveRate::new(share_bytes),
             pending_acks: Vec::new(),
             acks_since: now,
+            acks_until: now,
             sent: VecDeque::new(),
             srtt: Duration::from_millis(100),
             lost: 0,
@@ -211,14 +186,13 @@ impl Link {
         self.ledbat.can_send(bytes)
     }
 
-    /// Records a piece sent on the link (for ACK matching). Mates are not acknowledged.
-    pub fn on_sent(&mut self, now: Timestamp, seq: u64, bytes: u64, background: bool) {
+    /// Records a background piece sent on the link (for ACK matching). Live pieces and
+    /// everything between mates go unacknowledged.
+    pub fn on_sent(&mut self, now: Timestamp, seq: u64, bytes: u64) {
         if self.mate {
             return;
         }
-        if background {
-            self.ledbat.on_sent(bytes);
-        }
+        self.ledbat.on_sent(bytes);
         if self.sent.len() >= Self::MAX_TRACKED {
             if let Some(old) = self.sent.pop_front() {
                 self.forget(now, old);
@@ -228,16 +202,12 @@ impl Link {
             seq,
             at: now,
             bytes,
-            background,
         });
     }
 
     fn forget(&mut self, now: Timestamp, s: Sent) {
         self.lost += 1;
-        if s.background {
-            self.ledbat.on_loss(now, s.bytes);
-        }
-        self.live.on_loss(now, self.srtt);
+        self.ledbat.on_loss(now, s.bytes);
     }
 
     /// Handles acknowledgements from the other side.
@@ -251,18 +221,14 @@ impl Link {
             };
             let rtt = now.saturating_since(s.at);
             self.srtt = (self.srtt * 7 + rtt) / 8;
-            if s.background {
-                self.ledbat.on_rtt(rtt);
-                // One-way delay plus the clocks' offset; the offset cancels against the base
-                // delay. Shifted by 2^62 µs so a negative offset cannot wrap.
-                let owd = e
-                    .received_us
-                    .wrapping_sub(s.at.as_micros())
-                    .wrapping_add(1 << 62);
-                self.ledbat.on_ack(now, s.bytes, owd);
-            } else {
-                self.live.on_ack(s.bytes);
-            }
+            self.ledbat.on_rtt(rtt);
+            // One-way delay plus the clocks' offset; the offset cancels against the base
+            // delay. Shifted by 2^62 µs so a negative offset cannot wrap.
+            let owd = e
+                .received_us
+                .wrapping_sub(s.at.as_micros())
+                .wrapping_add(1 << 62);
+            self.ledbat.on_ack(now, s.bytes, owd);
         }
     }
 
@@ -289,29 +255,40 @@ mod tests {
     use super::*;
 
     #[test]
-    fn live_rate_backs_off_on_loss_and_recovers_on_acks() {
+    fn live_pieces_are_held_to_twice_the_share_with_a_burst_of_sixteen() {
         let now = Timestamp::from_micros(1_000_000);
         let mut l = Link::new(now, Role::Peer, 0, false, 10_000);
         assert_eq!(l.live.rate(), 20_000);
+        let sent = (0..40).filter(|_| l.live_allows(now, 1_232)).count();
+        assert_eq!(sent, 16);
+        // 100 ms at 20 000 B/s: 2 000 bytes, one more piece.
+        let later = now + Duration::from_millis(100);
+        assert!(l.live_allows(later, 1_232));
+        assert!(!l.live_allows(later, 1_232));
+    }
+
+    #[test]
+    fn background_pieces_are_lost_unless_acknowledged_in_time() {
+        let now = Timestamp::from_micros(1_000_000);
+        let mut l = Link::new(now, Role::Peer, 0, false, 10_000);
         for i in 0..20 {
-            l.on_sent(now, i, 1_000, false);
+            l.on_sent(now, i, 1_000);
         }
         l.detect_losses(now + Duration::from_secs(1));
         assert_eq!(l.lost, 20);
-        assert!(l.live.rate() < 20_000 && l.live.rate() >= 10_000);
-        let low = l.live.rate();
         let later = now + Duration::from_secs(2);
-        for i in 10..30 {
-            l.on_sent(later, i, 1_000, false);
+        for i in 20..40 {
+            l.on_sent(later, i, 1_000);
         }
         l.on_acks(
             later + Duration::from_millis(10),
-            (10..30).map(|seq| AckEntry {
+            (20..40).map(|seq| AckEntry {
                 seq,
                 received_us: 0,
             }),
         );
-        assert!(l.live.rate() > low);
+        l.detect_losses(later + Duration::from_secs(1));
         assert_eq!(l.lost, 20);
+        assert!(l.srtt < Duration::from_millis(100));
     }
 }

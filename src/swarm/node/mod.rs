@@ -286,6 +286,9 @@ const MAX_LIVE_WAIT: Duration = Duration::from_millis(500);
 const TICK: Duration = Duration::from_millis(20);
 /// ACKs are flushed after this long or when full.
 const ACK_DELAY: Duration = Duration::from_millis(20);
+/// Pieces from a member are acknowledged for the repair horizon and this much more after we
+/// NACKed it or it accepted our link: its repairs or catch-up go within the horizon.
+const ACK_WINDOW_SLACK: Duration = Duration::from_millis(500);
 /// How often the candidate table is searched for mates and sources (it may hold thousands).
 const SEARCH: Duration = Duration::from_millis(100);
 /// Gaps NACKed at most this many times.
@@ -572,6 +575,11 @@ impl SwarmNode {
             let per_s = i.bitrate_bps / 8 / PAYLOAD;
             per_s * self.config.catch_up.as_millis() as u64 / 1000
         })
+    }
+
+    /// How long after we NACK a member, or it accepts our link, its pieces are acknowledged.
+    fn ack_window(&self) -> Duration {
+        self.config.repair_horizon + ACK_WINDOW_SLACK
     }
 
     /// How long a club may be silent before its upstream is replaced.

@@ -387,7 +387,9 @@ impl SwarmNode {
         let Some(l) = self.links.get_mut(&from) else {
             return;
         };
-        if l.mate {
+        // Only what may be background (repairs we asked for, catch-up of a new link) is
+        // acknowledged: LEDBAT paces it on the ACKs. Mates and live pieces go unacknowledged.
+        if l.mate || (l.established && now >= l.acks_until) {
             return;
         }
         if l.pending_acks.is_empty() {
@@ -676,6 +678,7 @@ impl SwarmNode {
 
     pub(super) fn on_accept(&mut self, now: Timestamp, from: SocketAddr, a: &Accept) {
         tracing::trace!(%from, granted = a.granted.0, mate = a.mate, "ACCEPT");
+        let window = self.ack_window();
         let Some(l) = self.links.get_mut(&from) else {
             return;
         };
@@ -708,6 +711,7 @@ impl SwarmNode {
         // then given up, so an answer overtaken by our ask does not cancel it.)
         if !l.established {
             l.established_at = now;
+            l.acks_until = now + window; // its catch-up follows
         }
         let recv = if a.mate {
             ClubMask::NONE

@@ -169,8 +169,10 @@ impl SwarmNode {
         let len = q.bytes.len() as u64;
         let club = (q.seq % u64::from(self.k())) as u8;
         self.stats.add_upload(club, len);
-        if let Some(l) = self.links.get_mut(&q.to) {
-            l.on_sent(now, q.seq, len, background);
+        if background {
+            if let Some(l) = self.links.get_mut(&q.to) {
+                l.on_sent(now, q.seq, len);
+            }
         }
         Transmit {
             to: q.to,

@@ -693,7 +693,11 @@ impl SwarmNode {
             }
             self.stats.repairs_given_up += 1;
         }
+        let window = self.ack_window();
         for (to, mut seqs) in by_target {
+            if let Some(l) = self.links.get_mut(&to) {
+                l.acks_until = now + window; // its repairs follow
+            }
             seqs.sort_unstable();
             let mut i = 0;
             while i < seqs.len() {
