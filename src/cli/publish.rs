@@ -47,8 +47,9 @@ pub(crate) struct Args {
     #[arg(long, value_name = "ADDR", value_parser = args::socket_addr)]
     tracker: Option<SocketAddr>,
 
-    /// Most the publisher uploads to the swarm (e.g. 4mbit; default: unlimited). Twice the
-    /// stream's bitrate seeds every club twice.
+    /// Most the publisher uploads to the swarm (e.g. 4mbit; default: unlimited), counting
+    /// everything it sends, IP and UDP headers included. Twice the stream's bitrate seeds
+    /// every club twice.
     #[arg(long, value_name = "RATE", value_parser = args::bitrate, requires = "tracker")]
     upload_limit: Option<u64>,
 

@@ -40,8 +40,8 @@ pub(crate) struct Args {
     #[arg(long, value_name = "ADDR", value_parser = args::socket_addr)]
     tracker: Option<SocketAddr>,
 
-    /// Swarm: most this watcher uploads to other members (e.g. 3mbit; default: unlimited). The
-    /// tracker also hears it and balances clubs by their members' upload (a claim counts up to
+    /// Swarm: most this watcher uploads to other members (e.g. 3mbit; default: unlimited),
+    /// counting everything it sends, IP and UDP headers included. The tracker also hears it and balances clubs by their members' upload (a claim counts up to
     /// 4x the stream's bitrate, as does an unlimited one).
     #[arg(long, value_name = "RATE", value_parser = args::bitrate, requires = "tracker")]
     upload_limit: Option<u64>,

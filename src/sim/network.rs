@@ -8,9 +8,6 @@ use rand::{Rng, SeedableRng};
 
 use super::scenario::NetworkSpec;
 
-/// Bytes of IP and UDP header added to each datagram on the wire.
-pub(super) const HEADERS: u64 = 28;
-
 /// One attachment to the network.
 #[derive(Debug, Clone)]
 pub(super) struct Host {

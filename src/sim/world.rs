@@ -11,7 +11,7 @@ use hdrhistogram::Histogram;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::network::{Fate, Host, Network, HEADERS};
+use super::network::{Fate, Host, Network};
 use super::queue::EventQueue;
 use super::report::{
     round3, Attacks, BoundCheck, ClubOutages, Links, NetworkCounts, Quantiles, Repairs, Report,
@@ -21,6 +21,7 @@ use super::scenario::Scenario;
 use super::SimError;
 use crate::crypto::{ChannelKey, ChannelPublicKey};
 use crate::publisher::Publisher;
+use crate::swarm::DATAGRAM_OVERHEAD as HEADERS;
 use crate::swarm::{
     Behaviour, ChannelInfo, Datagram, PieceBytes, SwarmConfig, SwarmNode, SwarmStats, Transmit,
     VerifiedPieces, STARTUP_HOLD,
@@ -41,10 +42,9 @@ const HOP_SLOTS: usize = 1024;
 /// A member that asks to be woken "now" after being served is woken this much later (it is
 /// waiting on something the clock alone will not bring).
 const IDLE_WAKE_US: u64 = 1_000;
-/// Share of its line's upload a peer is configured to use (`--upload-limit`).
-const PEER_LIMIT_SHARE: f64 = 0.9;
-/// The same for the publisher and relays, which receive little and so ACK little.
-const SOURCE_LIMIT_SHARE: f64 = 0.95;
+/// Share of its line's upload a member is configured to use (`--upload-limit`, which counts
+/// everything it sends, headers included): a little room for bursts.
+const LIMIT_SHARE: f64 = 0.95;
 /// How often spoofed JOINs are sent (in batches).
 const BOGUS_TICK_US: u64 = 10_000;
 
@@ -279,13 +279,8 @@ impl World {
 
     fn member_config(&self, role: Role, upload: Option<f64>, seed: u64) -> SwarmConfig {
         // Members are told to use a little less than their line, as an operator would set
-        // `--upload-limit`: ACKs, NACKs, JOINs and IP/UDP headers go outside the limit, and
-        // peers, which ACK every piece they receive, send more of them.
-        let share = if role == Role::Peer {
-            PEER_LIMIT_SHARE
-        } else {
-            SOURCE_LIMIT_SHARE
-        };
+        // `--upload-limit`.
+        let share = LIMIT_SHARE;
         SwarmConfig {
             role,
             tracker: Some(addr_of(TRACKER)),

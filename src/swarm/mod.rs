@@ -18,7 +18,7 @@ pub use node::{
     Behaviour, ChannelInfo, Datagram, SwarmConfig, SwarmNode, Transmit, ALL_CLUBS, NO_CLUB,
     STARTUP_HOLD,
 };
-pub use pacer::TokenBucket;
+pub use pacer::{TokenBucket, DATAGRAM_OVERHEAD};
 pub use ring::{PieceBytes, PieceRing};
 pub use stats::SwarmStats;
 pub use verified::VerifiedPieces;

@@ -1,17 +1,24 @@
 //! Pacing: a token bucket that holds a member's upload to its limit (`--upload-limit`), with
-//! a burst of a few datagrams so pacing adds at most a millisecond or two of delay.
+//! a burst of a few datagrams so pacing adds at most a millisecond or two of delay. The limit
+//! counts everything a member sends, as its line does: pieces and control, and each datagram's
+//! IP and UDP headers ([`DATAGRAM_OVERHEAD`]).
 
 use std::time::Duration;
 
 use crate::time::Timestamp;
 
-/// A token bucket in bytes.
+/// Bytes a datagram costs on the line beyond its payload: IPv4 and UDP headers.
+pub const DATAGRAM_OVERHEAD: u64 = 28;
+
+/// A token bucket in bytes. Pieces wait for tokens; control is charged when it goes (it must
+/// not wait behind pieces), which may leave the bucket in debt by up to one burst.
 #[derive(Debug, Clone)]
 pub struct TokenBucket {
     /// Bytes per second; `None` is unlimited.
     rate: Option<u64>,
     burst: u64,
-    tokens: u64,
+    /// Negative: in debt for control sent.
+    tokens: i64,
     last: Timestamp,
 }
 
@@ -22,7 +29,7 @@ impl TokenBucket {
         TokenBucket {
             rate: rate_bps.map(|r| (r / 8).max(1)),
             burst,
-            tokens: burst,
+            tokens: burst as i64,
             last: Timestamp::ZERO,
         }
     }
@@ -40,9 +47,13 @@ impl TokenBucket {
         let us = now.saturating_since(self.last).as_micros() as u64;
         let add = us.saturating_mul(rate) / 1_000_000;
         if add > 0 {
-            self.tokens = (self.tokens + add).min(self.burst);
+            let burst = self.burst as i64;
+            self.tokens = self
+                .tokens
+                .saturating_add(i64::try_from(add).unwrap_or(i64::MAX))
+                .min(burst);
             // Keep the fraction of a byte that did not make a whole token.
-            self.last = if self.tokens == self.burst {
+            self.last = if self.tokens == burst {
                 now
             } else {
                 self.last + Duration::from_micros(add * 1_000_000 / rate)
@@ -56,12 +67,23 @@ impl TokenBucket {
             return true;
         }
         self.refill(now);
+        let bytes = signed(bytes);
         if self.tokens >= bytes {
             self.tokens -= bytes;
             true
         } else {
             false
         }
+    }
+
+    /// Takes `bytes` whether they are there or not (control, which goes at once), going into
+    /// debt by at most one burst.
+    pub fn charge(&mut self, now: Timestamp, bytes: u64) {
+        if self.rate.is_none() {
+            return;
+        }
+        self.refill(now);
+        self.tokens = (self.tokens - signed(bytes)).max(-(self.burst as i64));
     }
 
     /// Takes `bytes` only if `reserve` more would be left (background traffic leaves room for
@@ -71,8 +93,9 @@ impl TokenBucket {
             return true;
         }
         self.refill(now);
-        if self.tokens >= bytes + reserve.min(self.burst.saturating_sub(bytes)) {
-            self.tokens -= bytes;
+        let needed = signed(bytes.saturating_add(reserve.min(self.burst.saturating_sub(bytes))));
+        if self.tokens >= needed {
+            self.tokens -= signed(bytes);
             true
         } else {
             false
@@ -84,12 +107,17 @@ impl TokenBucket {
         let Some(rate) = self.rate else { return now };
         let mut b = self.clone();
         b.refill(now);
+        let bytes = signed(bytes);
         if b.tokens >= bytes {
             return now;
         }
-        let missing = bytes - b.tokens;
-        now + Duration::from_micros(missing * 1_000_000 / rate + 1)
+        let missing = (bytes - b.tokens).unsigned_abs();
+        now + Duration::from_micros(missing.saturating_mul(1_000_000) / rate + 1)
     }
+}
+
+fn signed(bytes: u64) -> i64 {
+    i64::try_from(bytes).unwrap_or(i64::MAX)
 }
 
 #[cfg(test)]
@@ -111,5 +139,23 @@ mod tests {
         while b.try_take(now, 1_000) {}
         assert!(b.ready_at(now, 1_000) > now);
         assert!(TokenBucket::new(None, 0).try_take(now, u64::MAX));
+    }
+
+    #[test]
+    fn control_charged_now_is_paid_back_before_pieces_go() {
+        // 1 Mbit/s, a burst of 4 000 bytes, all spent on control and then some.
+        let mut b = TokenBucket::new(Some(1_000_000), 4_000);
+        let now = Timestamp::from_micros(1_000_000);
+        b.charge(now, 3_000);
+        b.charge(now, 3_000);
+        assert!(!b.try_take(now, 1));
+        // 2 000 bytes of debt and 1 000 for the piece: 24 ms at 125 000 bytes/s.
+        let ready = b.ready_at(now, 1_000);
+        assert_eq!(ready.saturating_since(now).as_millis(), 24);
+        assert!(b.try_take(ready, 1_000));
+        // Debt is capped at one burst.
+        b.charge(ready, 1_000_000);
+        let again = b.ready_at(ready, 0);
+        assert_eq!(again.saturating_since(ready).as_millis(), 32);
     }
 }

@@ -34,7 +34,7 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
 use super::link::Link;
-use super::pacer::TokenBucket;
+use super::pacer::{TokenBucket, DATAGRAM_OVERHEAD};
 use super::ring::{PieceBytes, PieceRing};
 use super::stats::SwarmStats;
 use super::verified::VerifiedPieces;
@@ -259,6 +259,12 @@ pub struct SwarmNode {
     live: VecDeque<Queued>,
     delayed: VecDeque<(Timestamp, Queued, bool)>,
     bucket: TokenBucket,
+    /// Control sent, bytes per second on the line, smoothed over seconds: the upload that
+    /// seats cannot have.
+    control_rate: u64,
+    /// Control sent since `control_since`, bytes on the line.
+    control_window: u64,
+    control_since: Timestamp,
     delivered: VecDeque<PieceBytes>,
     /// Scratch list of where a piece goes (kept to avoid an allocation per piece).
     targets: Vec<(SocketAddr, bool)>,
@@ -284,6 +290,8 @@ const MAX_LIVE_QUEUE: usize = 4096;
 const MAX_LIVE_WAIT: Duration = Duration::from_millis(500);
 /// How often links, repairs and timers are looked at.
 const TICK: Duration = Duration::from_millis(20);
+/// Control's share of the upload is measured over this long.
+const CONTROL_WINDOW: Duration = Duration::from_secs(1);
 /// ACKs are flushed after this long or when full.
 const ACK_DELAY: Duration = Duration::from_millis(20);
 /// Pieces from a member are acknowledged for the repair horizon and this much more after we
@@ -353,6 +361,9 @@ impl SwarmNode {
             background_waiting: false,
             stats: SwarmStats::default(),
             next_tick: Timestamp::ZERO,
+            control_rate: 0,
+            control_window: 0,
+            control_since: Timestamp::ZERO,
             next_search: Timestamp::ZERO,
             started: None,
             leaving: false,
@@ -501,10 +512,10 @@ impl SwarmNode {
         self.info.as_ref().map_or(1, |i| i.clubs.clamp(1, 64))
     }
 
-    /// Bytes per second of one club's share of the stream, on the wire (each 1 128-byte
-    /// payload travels with 96 bytes of header and signature).
+    /// Bytes per second of one club's share of the stream, on the line (each 1 128-byte
+    /// payload travels with 96 bytes of header and signature, and 28 of IP and UDP).
     fn unit_bytes(&self) -> u64 {
-        let overhead = (PieceHeader::LEN + SIGNATURE_LEN) as u64;
+        let overhead = (PieceHeader::LEN + SIGNATURE_LEN) as u64 + DATAGRAM_OVERHEAD;
         let wire = |bps: u64| bps / 8 * (PAYLOAD + overhead) / PAYLOAD;
         self.info
             .as_ref()
@@ -516,7 +527,7 @@ impl SwarmNode {
         let Some(limit) = self.config.upload_limit_bps else {
             return u64::MAX;
         };
-        let units = limit / 8 / self.unit_bytes();
+        let units = (limit / 8).saturating_sub(self.control_rate) / self.unit_bytes();
         match self.config.role {
             // Mates come first: a peer keeps room to push its club to them (one push fewer
             // than there are mates: none goes back to the mate a piece came from), and a

@@ -14,7 +14,10 @@ impl SwarmNode {
     /// The next datagram to send now, if any is due and the upload limit allows it.
     pub fn poll_transmit(&mut self, now: Timestamp) -> Option<Transmit> {
         if let Some(t) = self.control.pop_front() {
-            self.stats.control_bytes_out += t.data.as_bytes().len() as u64;
+            let len = t.data.as_bytes().len() as u64;
+            self.stats.control_bytes_out += len;
+            self.bucket.charge(now, len + DATAGRAM_OVERHEAD);
+            self.control_window += len + DATAGRAM_OVERHEAD;
             return Some(t);
         }
         if self.config.behaviour == Behaviour::FreeRider {
@@ -49,7 +52,7 @@ impl SwarmNode {
                 self.stats.live_dropped += 1;
                 continue;
             }
-            if !self.bucket.try_take(now, q.bytes.len() as u64) {
+            if !self.bucket.try_take(now, on_the_line(&q.bytes)) {
                 return None;
             }
             let q = self.urgent.pop_front()?;
@@ -67,7 +70,7 @@ impl SwarmNode {
             }
             let len = q.bytes.len() as u64;
             let to = q.to;
-            if self.bucket.ready_at(now, len) > now {
+            if self.bucket.ready_at(now, on_the_line(&q.bytes)) > now {
                 return None;
             }
             let allowed = match self.links.get_mut(&to) {
@@ -84,7 +87,7 @@ impl SwarmNode {
                 self.stats.live_refused += 1;
                 continue;
             }
-            self.bucket.try_take(now, len);
+            self.bucket.try_take(now, on_the_line(&q.bytes));
             let q = self.live.pop_front()?;
             return Some(self.sent_piece(now, q, false));
         }
@@ -140,7 +143,10 @@ impl SwarmNode {
                     Role::Publisher => MAX_DATAGRAM as u64,
                     _ => 0,
                 };
-                if !self.bucket.try_take_leaving(now, len, reserve) {
+                if !self
+                    .bucket
+                    .try_take_leaving(now, on_the_line(&bytes), reserve)
+                {
                     self.stats.background_blocked_upload += 1;
                     return None;
                 }
@@ -204,7 +210,7 @@ impl SwarmNode {
             next = next.min(*at);
         }
         if let Some(q) = self.urgent.front().or(self.live.front()) {
-            next = next.min(self.bucket.ready_at(now, q.bytes.len() as u64));
+            next = next.min(self.bucket.ready_at(now, on_the_line(&q.bytes)));
         }
         // Background waiting for a link's LEDBAT window waits for that link's ACKs (input) or
         // its loss timer (the tick), not for the clock.
@@ -215,8 +221,16 @@ impl SwarmNode {
                 .values()
                 .any(|l| !l.background.is_empty() && l.background_allows(full_piece))
         {
-            next = next.min(self.bucket.ready_at(now, MAX_DATAGRAM as u64));
+            next = next.min(
+                self.bucket
+                    .ready_at(now, MAX_DATAGRAM as u64 + DATAGRAM_OVERHEAD),
+            );
         }
         next.max(now)
     }
+}
+
+/// What a piece costs on the line: its bytes and the datagram's headers.
+fn on_the_line(bytes: &PieceBytes) -> u64 {
+    bytes.len() as u64 + DATAGRAM_OVERHEAD
 }

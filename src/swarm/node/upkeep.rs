@@ -12,6 +12,7 @@ impl SwarmNode {
             return;
         }
         self.next_tick = now + TICK;
+        self.measure_control(now);
         self.tracker_upkeep(now);
         if self.info.is_none() || self.leaving {
             return;
@@ -34,6 +35,19 @@ impl SwarmNode {
         for l in self.links.values_mut() {
             l.detect_losses(now);
         }
+    }
+
+    /// Once a second: how much upload control took (smoothed: a quarter of the last second's
+    /// and three quarters of what it was).
+    fn measure_control(&mut self, now: Timestamp) {
+        let elapsed = now.saturating_since(self.control_since);
+        if elapsed < CONTROL_WINDOW {
+            return;
+        }
+        let per_s = self.control_window * 1_000_000 / (elapsed.as_micros() as u64).max(1);
+        self.control_rate = (self.control_rate * 3 + per_s) / 4;
+        self.control_window = 0;
+        self.control_since = now;
     }
 
     pub(super) fn flush_due_acks(&mut self, now: Timestamp) {
