@@ -522,12 +522,21 @@ impl SwarmNode {
             .map_or(1, |i| (wire(i.bitrate_bps) / u64::from(self.k())).max(1))
     }
 
+    /// Upload kept for control, bytes per second: what it measured, and at least a JOIN and
+    /// an answer a second on a link per club and per mate (before it has measured anything,
+    /// a member granted seats its control then took).
+    fn control_allowance(&self) -> u64 {
+        let links = u64::from(self.k()) + self.config.max_mates as u64;
+        let keepalives = 2 * links * (Join::LEN as u64 + DATAGRAM_OVERHEAD);
+        self.control_rate.max(keepalives)
+    }
+
     /// Clubs' worth of upload this member can give downstream links.
     fn upload_units(&self) -> u64 {
         let Some(limit) = self.config.upload_limit_bps else {
             return u64::MAX;
         };
-        let units = (limit / 8).saturating_sub(self.control_rate) / self.unit_bytes();
+        let units = (limit / 8).saturating_sub(self.control_allowance()) / self.unit_bytes();
         match self.config.role {
             // Mates come first: a peer keeps room to push its club to them (one push fewer
             // than there are mates: none goes back to the mate a piece came from), and a
@@ -647,4 +656,50 @@ fn corrupt(bytes: &PieceBytes) -> PieceBytes {
         *b ^= 0x5a;
     }
     Arc::from(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::ChannelKey;
+
+    fn relay_with_limit(limit_bps: u64) -> SwarmNode {
+        let config = SwarmConfig {
+            role: Role::Relay,
+            upload_limit_bps: Some(limit_bps),
+            ..SwarmConfig::default()
+        };
+        let mut node = SwarmNode::new(ChannelKey::from_seed(&[7; 32]).public(), config);
+        node.info = Some(ChannelInfo {
+            clubs: 24,
+            bitrate_bps: 1_000_000,
+            first_seq: 0,
+            private: false,
+        });
+        node
+    }
+
+    #[test]
+    fn seats_leave_room_for_control_before_any_is_measured() {
+        let mut node = relay_with_limit(10_000_000);
+        let line = 10_000_000 / 8 / node.unit_bytes();
+        // Nothing measured yet: a JOIN and an answer a second per club and per mate are kept.
+        let floor = node.control_allowance();
+        assert_eq!(
+            floor,
+            2 * (24 + node.config.max_mates as u64) * (Join::LEN as u64 + DATAGRAM_OVERHEAD)
+        );
+        assert_eq!(
+            node.upload_units(),
+            (10_000_000 / 8 - floor) / node.unit_bytes()
+        );
+        assert!(node.upload_units() < line);
+        // Measured control above the floor is what is kept.
+        node.control_rate = 10 * floor;
+        assert_eq!(node.control_allowance(), 10 * floor);
+        assert_eq!(
+            node.upload_units(),
+            (10_000_000 / 8 - 10 * floor) / node.unit_bytes()
+        );
+    }
 }
