@@ -803,6 +803,7 @@ impl World {
                     mate: false,
                     catch_up: true,
                     leaving: false,
+                    starving: false,
                 };
                 let mut buf = [0u8; Join::LEN];
                 let Ok(n) = join.encode(&mut buf) else {

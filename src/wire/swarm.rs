@@ -90,6 +90,10 @@ pub struct Join {
     pub catch_up: bool,
     /// The sender is leaving the link: stop sending now.
     pub leaving: bool,
+    /// With [`Join::mate`]: the sender's own club has not reached it on time while other
+    /// clubs do (its mates do not reach a source); a member whose club flows may take it as
+    /// a mate beyond its usual number.
+    pub starving: bool,
 }
 
 impl Join {
@@ -98,11 +102,12 @@ impl Join {
     const MATE: u8 = 0x01;
     const CATCH_UP: u8 = 0x02;
     const LEAVING: u8 = 0x04;
+    const STARVING: u8 = 0x08;
 
     /// Parses a JOIN.
     pub fn parse(d: &[u8]) -> Result<Self, WireError> {
         let flags = parse_header_within(d, MessageType::Join, Self::LEN..=Self::LEN)?;
-        if flags & !(Self::MATE | Self::CATCH_UP | Self::LEAVING) != 0 {
+        if flags & !(Self::MATE | Self::CATCH_UP | Self::LEAVING | Self::STARVING) != 0 {
             return Err(WireError::UnknownFlags(flags));
         }
         if d[34..36] != [0, 0] {
@@ -117,6 +122,7 @@ impl Join {
             mate: flags & Self::MATE != 0,
             catch_up: flags & Self::CATCH_UP != 0,
             leaving: flags & Self::LEAVING != 0,
+            starving: flags & Self::STARVING != 0,
         })
     }
 
@@ -124,7 +130,8 @@ impl Join {
     pub fn encode(&self, buf: &mut [u8]) -> Result<usize, WireError> {
         let flags = (if self.mate { Self::MATE } else { 0 })
             | (if self.catch_up { Self::CATCH_UP } else { 0 })
-            | (if self.leaving { Self::LEAVING } else { 0 });
+            | (if self.leaving { Self::LEAVING } else { 0 })
+            | (if self.starving { Self::STARVING } else { 0 });
         let out = begin(buf, MessageType::Join, flags, Self::LEN)?;
         out[4..12].copy_from_slice(&self.channel.0);
         out[12..32].copy_from_slice(&self.cookie.0);
@@ -338,6 +345,7 @@ mod tests {
             mate: true,
             catch_up: true,
             leaving: false,
+            starving: true,
         };
         let n = j.encode(&mut buf).unwrap();
         assert_eq!(Message::parse(&buf[..n]), Ok(Message::Join(j)));

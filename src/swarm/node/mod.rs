@@ -303,6 +303,8 @@ const SEARCH: Duration = Duration::from_millis(100);
 const MAX_NACKS: u32 = 10;
 /// Links asked for at once while looking for sources.
 const MAX_PENDING_JOINS: usize = 8;
+/// Mate links a peer accepts beyond the `max_mates` it asks for itself.
+const EXTRA_MATES_ACCEPTED: usize = 1;
 
 impl SwarmNode {
     /// A peer or relay of the channel with key `key`; it learns the channel's clubs and bitrate
@@ -573,12 +575,18 @@ impl SwarmNode {
         known.clamp(1, most)
     }
 
+    /// Seats taken: downstream links' clubs, and mates beyond those kept room for.
     fn units_used(&self) -> u64 {
-        self.links
-            .values()
-            .filter(|l| !l.mate)
-            .map(|l| u64::from(l.send.len()))
-            .sum()
+        let mut mates = 0;
+        let mut seats = 0;
+        for l in self.links.values() {
+            if l.mate {
+                mates += 1;
+            } else {
+                seats += u64::from(l.send.len());
+            }
+        }
+        seats + (mates as u64).saturating_sub(self.mates_expected() as u64)
     }
 
     /// Clubs this member can push: a peer its own club; relays and the publisher every club.

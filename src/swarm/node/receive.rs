@@ -88,7 +88,7 @@ impl SwarmNode {
             l.cookie = cookie;
             l.last_join = now;
         }
-        let join = self.join_for(from, cookie);
+        let join = self.join_for(now, from, cookie);
         self.send_control(from, |b| join.encode(b));
     }
 
@@ -513,7 +513,13 @@ impl SwarmNode {
         let is_peer = self.config.role == Role::Peer;
         let mates = self.links.values().filter(|l| l.mate).count();
         if is_peer && j.mate && self.club_chosen && j.club == self.club {
-            if mates >= self.config.max_mates && !self.links.get(&from).is_some_and(|l| l.mate) {
+            // A member whose club flows takes one mate more than it asks for itself when the
+            // asker starves (the extra mate takes a seat): the first members of a club ask
+            // each other and would otherwise fill every mate slot of a clique that nobody
+            // after them can join, and the club reaches the rest only as repairs.
+            let helps = j.starving && self.own_club_flowing(now);
+            let most = self.config.max_mates + usize::from(helps) * EXTRA_MATES_ACCEPTED;
+            if mates >= most && !self.links.get(&from).is_some_and(|l| l.mate) {
                 return (ClubMask::NONE, false);
             }
             let l = self

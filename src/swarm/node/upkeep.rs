@@ -220,7 +220,7 @@ impl SwarmNode {
         });
         for &a in &due {
             let cookie = self.links.get(&a).map(|l| l.cookie).unwrap_or_default();
-            let join = self.join_for(a, cookie);
+            let join = self.join_for(now, a, cookie);
             self.send_control(a, |b| join.encode(b));
             if let Some(l) = self.links.get_mut(&a) {
                 l.last_join = now;
@@ -230,17 +230,19 @@ impl SwarmNode {
     }
 
     /// The JOIN that asks for (or keeps) the link to `to`.
-    pub(super) fn join_for(&self, to: SocketAddr, cookie: CookieBytes) -> Join {
+    pub(super) fn join_for(&self, now: Timestamp, to: SocketAddr, cookie: CookieBytes) -> Join {
         let l = self.links.get(&to);
+        let mate = l.is_some_and(|l| l.wants_mate);
         Join {
             channel: self.channel,
             cookie,
             role: self.config.role,
             club: self.club,
             want: l.map_or(ClubMask::NONE, |l| l.wanted),
-            mate: l.is_some_and(|l| l.wants_mate),
+            mate,
             catch_up: l.is_some_and(|l| !l.established),
             leaving: false,
+            starving: mate && self.own_club_starving(now),
         }
     }
 
@@ -288,6 +290,7 @@ impl SwarmNode {
             mate: l.wants_mate,
             catch_up: false,
             leaving: false,
+            starving: false,
         }
     }
 
@@ -400,6 +403,15 @@ impl SwarmNode {
             .is_some_and(|last| {
                 *last > Timestamp::ZERO && now.saturating_since(*last) < self.silence_for()
             })
+    }
+
+    /// Whether a peer's own club has not reached it on time for a silence while other clubs
+    /// have been reaching it longer than that: its mates do not reach the club's source.
+    pub(super) fn own_club_starving(&self, now: Timestamp) -> bool {
+        let settled = self
+            .first_piece
+            .is_some_and(|t| now.saturating_since(t) > self.silence_for());
+        settled && !self.own_club_flowing(now)
     }
 
     pub(super) fn eligible(&self, now: Timestamp, addr: &SocketAddr, c: &Candidate) -> bool {
@@ -596,7 +608,7 @@ impl SwarmNode {
             }
             l.widen_at = now + UNANSWERED_JOIN;
             let cookie = l.cookie;
-            let join = self.join_for(addr, cookie);
+            let join = self.join_for(now, addr, cookie);
             self.send_control(addr, |b| join.encode(b));
             self.stats.joins_sent += 1;
         }
@@ -642,7 +654,7 @@ impl SwarmNode {
         // The answer is awaited from now, also on a link that existed already (a member that
         // takes our club and is now asked for its own): its last answer may be long past.
         l.last_keepalive = now;
-        let join = self.join_for(addr, CookieBytes::default());
+        let join = self.join_for(now, addr, CookieBytes::default());
         self.send_control(addr, |b| join.encode(b));
         self.stats.joins_sent += 1;
     }
