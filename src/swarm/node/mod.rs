@@ -687,6 +687,69 @@ mod tests {
         node
     }
 
+    fn mate_join(starving: bool) -> Join {
+        Join {
+            channel: ChannelId([0; 8]),
+            cookie: CookieBytes::default(),
+            role: Role::Peer,
+            club: 3,
+            want: ClubMask::one(3),
+            mate: true,
+            catch_up: false,
+            leaving: false,
+            starving,
+        }
+    }
+
+    #[test]
+    fn a_member_whose_club_flows_takes_a_starving_asker_as_a_fifth_mate() {
+        let config = SwarmConfig {
+            upload_limit_bps: Some(10_000_000),
+            ..SwarmConfig::default()
+        };
+        let mut node = SwarmNode::new(ChannelKey::from_seed(&[7; 32]).public(), config);
+        node.info = Some(ChannelInfo {
+            clubs: 24,
+            bitrate_bps: 1_000_000,
+            first_seq: 0,
+            private: false,
+        });
+        node.club = 3;
+        node.club_chosen = true;
+        node.club_fresh = vec![Timestamp::ZERO; 24];
+        let now = Timestamp::from_micros(10_000_000);
+        let at = |i: u8| SocketAddr::from(([10, 0, 0, i], 7000));
+        for i in 1..=4 {
+            assert_eq!(
+                node.grant(now, at(i), &mate_join(false)),
+                (ClubMask::one(3), true)
+            );
+        }
+        let seats = node.units_used();
+        // Full: a fifth asker is refused while our own club does not flow here either.
+        assert_eq!(
+            node.grant(now, at(5), &mate_join(true)),
+            (ClubMask::NONE, false)
+        );
+        // The club flows: an asker that does not starve is still refused, one that starves
+        // is taken, and its mate link takes a seat.
+        node.club_fresh[3] = now;
+        assert_eq!(
+            node.grant(now, at(5), &mate_join(false)),
+            (ClubMask::NONE, false)
+        );
+        assert_eq!(
+            node.grant(now, at(5), &mate_join(true)),
+            (ClubMask::one(3), true)
+        );
+        assert_eq!(node.units_used(), seats + 1);
+        // One beyond the usual number, not more.
+        assert_eq!(
+            node.grant(now, at(6), &mate_join(true)),
+            (ClubMask::NONE, false)
+        );
+    }
+
     #[test]
     fn seats_leave_room_for_control_before_any_is_measured() {
         let mut node = relay_with_limit(10_000_000);
