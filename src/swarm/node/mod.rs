@@ -671,9 +671,10 @@ mod tests {
     use super::*;
     use crate::crypto::ChannelKey;
 
-    fn relay_with_limit(limit_bps: u64) -> SwarmNode {
+    /// A member of `role` with an upload limit that knows the channel (K = 24, 1 Mbit/s).
+    fn member_with_limit(role: Role, limit_bps: u64) -> SwarmNode {
         let config = SwarmConfig {
-            role: Role::Relay,
+            role,
             upload_limit_bps: Some(limit_bps),
             ..SwarmConfig::default()
         };
@@ -703,17 +704,7 @@ mod tests {
 
     #[test]
     fn a_member_whose_club_flows_takes_a_starving_asker_as_a_fifth_mate() {
-        let config = SwarmConfig {
-            upload_limit_bps: Some(10_000_000),
-            ..SwarmConfig::default()
-        };
-        let mut node = SwarmNode::new(ChannelKey::from_seed(&[7; 32]).public(), config);
-        node.info = Some(ChannelInfo {
-            clubs: 24,
-            bitrate_bps: 1_000_000,
-            first_seq: 0,
-            private: false,
-        });
+        let mut node = member_with_limit(Role::Peer, 10_000_000);
         node.club = 3;
         node.club_chosen = true;
         node.club_fresh = vec![Timestamp::ZERO; 24];
@@ -752,7 +743,7 @@ mod tests {
 
     #[test]
     fn seats_leave_room_for_control_before_any_is_measured() {
-        let mut node = relay_with_limit(10_000_000);
+        let mut node = member_with_limit(Role::Relay, 10_000_000);
         let line = 10_000_000 / 8 / node.unit_bytes();
         // Nothing measured yet: a JOIN and an answer a second per club and per mate are kept.
         let floor = node.control_allowance();
