@@ -202,15 +202,22 @@ fn forty_capped_peers_carry_a_publisher_capped_at_twice_the_stream() {
     let reports: Vec<Report> = peers.into_iter().map(Peer::finish).collect();
 
     // Every peer played the whole stream, byte for byte.
-    let short: Vec<(usize, f64)> = reports
+    let short: Vec<(usize, f64, Vec<usize>)> = reports
         .iter()
         .enumerate()
         .filter(|(_, r)| r.output != ts)
-        .map(|(i, r)| (i, continuity(&ts, &r.output)))
+        .map(|(i, r)| {
+            (
+                i,
+                continuity(&ts, &r.output),
+                missing_pieces(&ts, &r.output),
+            )
+        })
         .collect();
     assert!(
         short.is_empty(),
-        "peers that did not play the stream byte for byte (peer, share of pieces): {short:?}; first: {}",
+        "peers that did not play the stream byte for byte (peer, share of pieces, pieces missing of {}): {short:?}; first: {}",
+        pieces(&ts).len(),
         reports[short[0].0].stderr
     );
     // The publisher stayed under its cap: 2 Mbit/s over the time its member ran, plus the
