@@ -73,7 +73,8 @@ pub(crate) struct Args {
     output: String,
 
     /// How long a missing piece is waited for before it is skipped (default: 200ms from a
-    /// relay, 2s in a swarm, where repairs need a round trip or two).
+    /// relay, 2s in a swarm, where repairs need a round trip or two). In a swarm, gaps are
+    /// repaired for as long, and pieces served to others' repairs for as long after arrival.
     #[arg(long, value_name = "DURATION", value_parser = args::duration)]
     jitter: Option<Duration>,
 
@@ -155,6 +156,7 @@ fn run_swarm(
             .with_context(|| format!("cannot serve metrics on {addr}"))?;
         tracing::info!("metrics on http://{}/metrics", server.local_addr());
     }
+    let jitter_window = args.jitter.unwrap_or(Duration::from_secs(2));
     let config = SwarmWatchConfig {
         channel: args.channel,
         listen: args.listen,
@@ -164,9 +166,10 @@ fn run_swarm(
             behaviour: args.adversary.unwrap_or_default(),
             seed: rand::random(),
             ..SwarmConfig::default()
-        },
+        }
+        .repairing_within(jitter_window),
         viewer: ViewerConfig {
-            jitter_window: args.jitter.unwrap_or(Duration::from_secs(2)),
+            jitter_window,
             content_key,
             ..ViewerConfig::default()
         },

@@ -152,6 +152,17 @@ impl Default for SwarmConfig {
     }
 }
 
+impl SwarmConfig {
+    /// Repairs for as long as the player waits for a piece (its jitter window): gaps are
+    /// asked for, and pieces served, until `window` after they were noticed or arrived, and
+    /// pieces are kept twice that (never less than the default).
+    pub fn repairing_within(mut self, window: Duration) -> Self {
+        self.repair_horizon = window;
+        self.ring = self.ring.max(window * 2);
+        self
+    }
+}
+
 /// A datagram to send.
 #[derive(Debug, Clone)]
 pub struct Transmit {
