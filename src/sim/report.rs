@@ -127,14 +127,20 @@ impl ClubOutages {
 /// Repair traffic, summed over members.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
 pub struct Repairs {
-    /// Pieces asked for in NACKs.
+    /// Pieces asked for in NACKs (a piece asked again counts again).
     pub asked: u64,
     /// Gaps filled after a NACK.
     pub repaired: u64,
     /// Gaps given up on.
     pub given_up: u64,
-    /// Pieces resent to others.
+    /// NACKed pieces queued for resending to others.
     pub served: u64,
+    /// Queued or NACKed pieces not resent: no longer had, or too old by the time there was room.
+    pub unavailable: u64,
+    /// Pieces sent from the background queues under LEDBAT: repairs and catch-up.
+    pub resent: u64,
+    /// Pieces members received and already had (in-club push to every mate, repair races).
+    pub duplicates: u64,
 }
 
 /// Attacks and how they fared.
@@ -344,8 +350,9 @@ impl fmt::Display for Report {
         let r = &self.repairs;
         writeln!(
             f,
-            "repairs: {} asked, {} repaired, {} given up, {} served",
-            r.asked, r.repaired, r.given_up, r.served
+            "repairs: {} asked, {} repaired, {} given up, {} served ({} unavailable), {} resent \
+             with catch-up; {} duplicate pieces",
+            r.asked, r.repaired, r.given_up, r.served, r.unavailable, r.resent, r.duplicates
         )?;
         let l = &self.links;
         writeln!(

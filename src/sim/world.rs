@@ -965,6 +965,9 @@ impl World {
                 repaired: stats.repaired,
                 given_up: stats.repairs_given_up,
                 served: stats.repairs_served,
+                unavailable: stats.repairs_unavailable,
+                resent: stats.background_pieces_out,
+                duplicates: stats.duplicates,
             },
             attacks: Attacks {
                 forged_caught: stats.bad_pieces,
