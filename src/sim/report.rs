@@ -141,6 +141,8 @@ pub struct Repairs {
     pub resent: u64,
     /// Pieces members received and already had (in-club push to every mate, repair races).
     pub duplicates: u64,
+    /// Of those, pieces pushed by club mates (in-club flooding).
+    pub duplicates_from_mates: u64,
 }
 
 /// Attacks and how they fared.
@@ -351,8 +353,15 @@ impl fmt::Display for Report {
         writeln!(
             f,
             "repairs: {} asked, {} repaired, {} given up, {} served ({} unavailable), {} resent \
-             with catch-up; {} duplicate pieces",
-            r.asked, r.repaired, r.given_up, r.served, r.unavailable, r.resent, r.duplicates
+             with catch-up; {} duplicate pieces ({} from club mates)",
+            r.asked,
+            r.repaired,
+            r.given_up,
+            r.served,
+            r.unavailable,
+            r.resent,
+            r.duplicates,
+            r.duplicates_from_mates
         )?;
         let l = &self.links;
         writeln!(

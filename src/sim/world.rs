@@ -968,6 +968,7 @@ impl World {
                 unavailable: stats.repairs_unavailable,
                 resent: stats.background_pieces_out,
                 duplicates: stats.duplicates,
+                duplicates_from_mates: stats.duplicates_from_mates,
             },
             attacks: Attacks {
                 forged_caught: stats.bad_pieces,

@@ -7,6 +7,8 @@ pub struct SwarmStats {
     pub pieces_new: u64,
     /// Pieces it already had (the price of in-club push and of repair races).
     pub duplicates: u64,
+    /// Of those, pieces pushed by club mates (in-club flooding).
+    pub duplicates_from_mates: u64,
     /// Pieces that failed verification (each bans its sender).
     pub bad_pieces: u64,
     /// Pieces from addresses it has no link with (dropped unverified).
@@ -41,6 +43,9 @@ pub struct SwarmStats {
     pub repairs_served: u64,
     /// NACKed pieces it no longer had, or had too long ago.
     pub repairs_unavailable: u64,
+    /// Queued pieces not sent because their receiver sent us the same piece meanwhile.
+    pub sends_cancelled: u64,
+
     /// NACKs from members it has no link with.
     pub nacks_ignored: u64,
     /// Pieces queued as catch-up for new links.
@@ -102,6 +107,7 @@ impl SwarmStats {
     pub fn absorb(&mut self, other: &SwarmStats) {
         self.pieces_new += other.pieces_new;
         self.duplicates += other.duplicates;
+        self.duplicates_from_mates += other.duplicates_from_mates;
         self.bad_pieces += other.bad_pieces;
         self.unknown_sender += other.unknown_sender;
         self.stale += other.stale;
@@ -116,6 +122,8 @@ impl SwarmStats {
         self.repaired += other.repaired;
         self.repairs_given_up += other.repairs_given_up;
         self.repairs_served += other.repairs_served;
+        self.sends_cancelled += other.sends_cancelled;
+
         self.repairs_unavailable += other.repairs_unavailable;
         self.nacks_ignored += other.nacks_ignored;
         self.catch_up_queued += other.catch_up_queued;
