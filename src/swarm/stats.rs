@@ -43,8 +43,6 @@ pub struct SwarmStats {
     pub repairs_served: u64,
     /// NACKed pieces it no longer had, or had too long ago.
     pub repairs_unavailable: u64,
-    /// Queued pieces not sent because their receiver sent us the same piece meanwhile.
-    pub sends_cancelled: u64,
 
     /// NACKs from members it has no link with.
     pub nacks_ignored: u64,
@@ -122,7 +120,6 @@ impl SwarmStats {
         self.repaired += other.repaired;
         self.repairs_given_up += other.repairs_given_up;
         self.repairs_served += other.repairs_served;
-        self.sends_cancelled += other.sends_cancelled;
 
         self.repairs_unavailable += other.repairs_unavailable;
         self.nacks_ignored += other.nacks_ignored;

@@ -681,7 +681,6 @@ fn corrupt(bytes: &PieceBytes) -> PieceBytes {
 mod tests {
     use super::*;
     use crate::crypto::ChannelKey;
-    use crate::wire::PieceFlags;
 
     /// A member of `role` with an upload limit that knows the channel (K = 24, 1 Mbit/s).
     fn member_with_limit(role: Role, limit_bps: u64) -> SwarmNode {
@@ -751,49 +750,6 @@ mod tests {
             node.grant(now, at(6), &mate_join(true)),
             (ClubMask::NONE, false)
         );
-    }
-
-    #[test]
-    fn a_push_waiting_for_a_mate_that_sends_us_the_same_piece_stays_home() {
-        let key = ChannelKey::from_seed(&[7; 32]);
-        let mut node = member_with_limit(Role::Peer, 10_000_000);
-        node.club = 3;
-        node.club_chosen = true;
-        let now = Timestamp::from_micros(10_000_000);
-        let at = |i: u8| SocketAddr::from(([10, 0, 0, i], 7000));
-        for i in 1..=3 {
-            assert_eq!(
-                node.grant(now, at(i), &mate_join(false)),
-                (ClubMask::one(3), true)
-            );
-        }
-        let header = PieceHeader {
-            flags: PieceFlags::default(),
-            club: 3,
-            channel: node.channel,
-            seq: 27, // club 3 of 24
-            publish_time_us: 1,
-        };
-        let mut piece = [0u8; MAX_DATAGRAM];
-        let n = header
-            .encode(&[0x47; 188], &mut piece, |b| key.sign(b))
-            .unwrap();
-        let piece = &piece[..n];
-        // From mate 1: pushed on to mates 2 and 3, queued until the sender runs.
-        node.handle_datagram(now, at(1), piece);
-        assert_eq!(node.stats.pieces_new, 1);
-        let queued = |node: &SwarmNode| node.urgent.iter().map(|q| q.to).collect::<Vec<_>>();
-        assert_eq!(queued(&node), [at(2), at(3)]);
-        // Mate 2 pushes it to us meanwhile: it has it, so ours to it stays home.
-        node.handle_datagram(now, at(2), piece);
-        assert_eq!(node.stats.duplicates_from_mates, 1);
-        assert_eq!(node.stats.sends_cancelled, 1);
-        assert_eq!(queued(&node), [at(3)]);
-        let sent: Vec<SocketAddr> = std::iter::from_fn(|| node.poll_transmit(now))
-            .filter(|t| matches!(t.data, Datagram::Piece(_)))
-            .map(|t| t.to)
-            .collect();
-        assert_eq!(sent, [at(3)]);
     }
 
     #[test]

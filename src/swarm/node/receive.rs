@@ -147,7 +147,6 @@ impl SwarmNode {
                     self.stats.duplicates_from_mates += 1;
                 }
             }
-            self.cancel_sends(from, seq);
             self.queue_ack(now, from, seq);
             return;
         }
@@ -313,22 +312,6 @@ impl SwarmNode {
             }
         }
         self.targets = targets;
-    }
-
-    /// `to` sent us `seq`, so it has it: what we still had queued of it for `to` (a push to a
-    /// mate both of us got it from, a repair it no longer needs) stays home.
-    fn cancel_sends(&mut self, to: SocketAddr, seq: u64) {
-        let before = self.urgent.len() + self.live.len();
-        let other = |q: &Queued| q.seq != seq || q.to != to;
-        self.urgent.retain(other);
-        self.live.retain(other);
-        let mut cancelled = before - self.urgent.len() - self.live.len();
-        if let Some(l) = self.links.get_mut(&to) {
-            let queued = l.background.len();
-            l.background.retain(|s| *s != seq);
-            cancelled += queued - l.background.len();
-        }
-        self.stats.sends_cancelled += cancelled as u64;
     }
 
     pub(super) fn push_urgent(&mut self, q: Queued) {
