@@ -18,7 +18,9 @@ mod scenario;
 mod world;
 
 pub use plot::draw as plot;
-pub use report::{Attacks, BoundCheck, Links, NetworkCounts, Quantiles, Repairs, Report, Spread};
+pub use report::{
+    Attacks, BoundCheck, Duplicates, Links, NetworkCounts, Quantiles, Repairs, Report, Spread,
+};
 pub use scenario::{
     AdversarySpec, Bounds, ChurnSpec, NetworkSpec, PeerClass, PeerSpec, PublisherSpec, Region,
     RelaySpec, Scenario, StreamSpec,

@@ -139,10 +139,15 @@ pub struct Repairs {
     pub unavailable: u64,
     /// Pieces sent from the background queues under LEDBAT: repairs and catch-up.
     pub resent: u64,
-    /// Pieces members received and already had (in-club push to every mate, repair races).
-    pub duplicates: u64,
-    /// Of those, pieces pushed by club mates (in-club flooding).
-    pub duplicates_from_mates: u64,
+}
+
+/// Pieces members received and already had: upload spent for nothing.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct Duplicates {
+    /// All of them (in-club push to every mate, repair races).
+    pub pieces: u64,
+    /// Those pushed by club mates (in-club flooding).
+    pub from_mates: u64,
 }
 
 /// Attacks and how they fared.
@@ -252,10 +257,15 @@ pub struct Report {
     pub publisher_upload: f64,
     /// Upload of each relay over the stream, in multiples of the stream rate.
     pub relay_upload: Vec<f64>,
+    /// Control (JOINs, ACCEPTs, ACKs, NACKs, keepalives) members sent, bytes without IP and
+    /// UDP headers, summed.
+    pub control_bytes: u64,
     /// Clubs honest peers missed whole for a while.
     pub club_outages: ClubOutages,
     /// Repair traffic.
     pub repairs: Repairs,
+    /// Duplicate pieces, summed over members.
+    pub duplicates: Duplicates,
     /// Links.
     pub links: Links,
     /// Attacks.
@@ -335,8 +345,8 @@ impl fmt::Display for Report {
         )?;
         writeln!(
             f,
-            "publisher upload: {}x stream; relays: {:?}",
-            self.publisher_upload, self.relay_upload
+            "publisher upload: {}x stream; relays: {:?}; control sent by members: {} bytes",
+            self.publisher_upload, self.relay_upload, self.control_bytes
         )?;
         let o = &self.club_outages;
         writeln!(
@@ -353,15 +363,14 @@ impl fmt::Display for Report {
         writeln!(
             f,
             "repairs: {} asked, {} repaired, {} given up, {} served ({} unavailable), {} resent \
-             with catch-up; {} duplicate pieces ({} from club mates)",
-            r.asked,
-            r.repaired,
-            r.given_up,
-            r.served,
-            r.unavailable,
-            r.resent,
-            r.duplicates,
-            r.duplicates_from_mates
+             with catch-up",
+            r.asked, r.repaired, r.given_up, r.served, r.unavailable, r.resent
+        )?;
+        let d = &self.duplicates;
+        writeln!(
+            f,
+            "duplicate pieces: {} ({} from club mates)",
+            d.pieces, d.from_mates
         )?;
         let l = &self.links;
         writeln!(

@@ -14,8 +14,8 @@ use rand::{Rng, SeedableRng};
 use super::network::{Fate, Host, Network};
 use super::queue::EventQueue;
 use super::report::{
-    round3, Attacks, BoundCheck, ClubOutages, Links, NetworkCounts, Quantiles, Repairs, Report,
-    Spread,
+    round3, Attacks, BoundCheck, ClubOutages, Duplicates, Links, NetworkCounts, Quantiles, Repairs,
+    Report, Spread,
 };
 use super::scenario::Scenario;
 use super::SimError;
@@ -952,6 +952,7 @@ impl World {
             },
             peer_upload: Spread::of(uploads),
             publisher_upload,
+            control_bytes: stats.control_bytes_out,
             relay_upload,
             club_outages: ClubOutages {
                 share_of_missed: round3(
@@ -967,8 +968,10 @@ impl World {
                 served: stats.repairs_served,
                 unavailable: stats.repairs_unavailable,
                 resent: stats.background_pieces_out,
-                duplicates: stats.duplicates,
-                duplicates_from_mates: stats.duplicates_from_mates,
+            },
+            duplicates: Duplicates {
+                pieces: stats.duplicates,
+                from_mates: stats.duplicates_from_mates,
             },
             attacks: Attacks {
                 forged_caught: stats.bad_pieces,

@@ -43,7 +43,6 @@ pub struct SwarmStats {
     pub repairs_served: u64,
     /// NACKed pieces it no longer had, or had too long ago.
     pub repairs_unavailable: u64,
-
     /// NACKs from members it has no link with.
     pub nacks_ignored: u64,
     /// Pieces queued as catch-up for new links.
@@ -120,7 +119,6 @@ impl SwarmStats {
         self.repaired += other.repaired;
         self.repairs_given_up += other.repairs_given_up;
         self.repairs_served += other.repairs_served;
-
         self.repairs_unavailable += other.repairs_unavailable;
         self.nacks_ignored += other.nacks_ignored;
         self.catch_up_queued += other.catch_up_queued;

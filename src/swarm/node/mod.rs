@@ -753,6 +753,17 @@ mod tests {
     }
 
     #[test]
+    fn a_longer_playout_window_repairs_and_keeps_pieces_longer() {
+        let long = SwarmConfig::default().repairing_within(Duration::from_secs(5));
+        assert_eq!(long.repair_horizon, Duration::from_secs(5));
+        assert_eq!(long.ring, Duration::from_secs(10));
+        // A short window repairs for as long, but pieces are kept as long as by default.
+        let short = SwarmConfig::default().repairing_within(Duration::from_secs(1));
+        assert_eq!(short.repair_horizon, Duration::from_secs(1));
+        assert_eq!(short.ring, SwarmConfig::default().ring);
+    }
+
+    #[test]
     fn seats_leave_room_for_control_before_any_is_measured() {
         let mut node = member_with_limit(Role::Relay, 10_000_000);
         let line = 10_000_000 / 8 / node.unit_bytes();
