@@ -286,6 +286,9 @@ pub struct SwarmNode {
     acks_due: Option<Timestamp>,
     /// Some link may have repairs or catch-up queued (cleared when a look finds none).
     background_waiting: bool,
+    /// The links whose background queue is not empty, in address order (kept exactly, so
+    /// the sender does not walk every link on every call: most have nothing queued).
+    backlogged: Vec<SocketAddr>,
     rng: StdRng,
     stats: SwarmStats,
     next_tick: Timestamp,
@@ -372,6 +375,7 @@ impl SwarmNode {
             visit: Vec::new(),
             acks_due: None,
             background_waiting: false,
+            backlogged: Vec::new(),
             stats: SwarmStats::default(),
             next_tick: Timestamp::ZERO,
             control_rate: 0,
@@ -519,6 +523,45 @@ impl SwarmNode {
 
     fn give_back(&mut self, v: Vec<SocketAddr>) {
         self.visit = v;
+    }
+
+    /// Queues `seq` for resending or catch-up on the link to `to` (not twice, and not beyond
+    /// [`MAX_BACKGROUND`]); whether it was queued.
+    fn queue_background(&mut self, to: SocketAddr, seq: u64) -> bool {
+        let Some(l) = self.links.get_mut(&to) else {
+            return false;
+        };
+        if l.background.contains(&seq) || l.background.len() >= MAX_BACKGROUND {
+            return false;
+        }
+        l.background.push_back(seq);
+        self.background_waiting = true;
+        if let Err(i) = self.backlogged.binary_search(&to) {
+            self.backlogged.insert(i, to);
+        }
+        true
+    }
+
+    /// Takes the next background piece queued on the link to `to`.
+    fn pop_background(&mut self, to: SocketAddr) -> Option<u64> {
+        let l = self.links.get_mut(&to)?;
+        let seq = l.background.pop_front();
+        if l.background.is_empty() {
+            self.forget_backlog(to);
+        }
+        seq
+    }
+
+    fn forget_backlog(&mut self, to: SocketAddr) {
+        if let Ok(i) = self.backlogged.binary_search(&to) {
+            self.backlogged.remove(i);
+        }
+    }
+
+    /// Removes the link to `addr` and whatever it had queued.
+    fn unlink(&mut self, addr: SocketAddr) -> Option<Link> {
+        self.forget_backlog(addr);
+        self.links.remove(&addr)
     }
 
     fn k(&self) -> u8 {

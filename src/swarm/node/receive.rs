@@ -432,7 +432,7 @@ impl SwarmNode {
         if !publisher && self.banned.insert(addr, now + BAN).is_none() {
             self.stats.peers_banned += 1;
         }
-        self.links.remove(&addr);
+        self.unlink(addr);
         if !publisher {
             self.candidates.remove(&addr);
         }
@@ -457,7 +457,7 @@ impl SwarmNode {
                     l.mate = false;
                 }
                 if l.recv.is_empty() {
-                    self.links.remove(&from);
+                    self.unlink(from);
                 }
             }
             return;
@@ -645,7 +645,7 @@ impl SwarmNode {
         if let Some(l) = self.links.get_mut(&oldest) {
             l.send = l.send.minus(ClubMask::one(c));
             if l.send.is_empty() && l.recv.is_empty() {
-                self.links.remove(&oldest);
+                self.unlink(oldest);
             }
             self.stats.seeds_rotated += 1;
         }
@@ -665,7 +665,7 @@ impl SwarmNode {
             if self.upload_units().saturating_sub(self.units_used()) >= units {
                 break;
             }
-            self.links.remove(&addr);
+            self.unlink(addr);
             self.stats.seeds_rotated += 1;
         }
     }
@@ -674,12 +674,9 @@ impl SwarmNode {
         let recent = self
             .ring
             .recent(now, self.config.catch_up, |c| clubs.contains(c));
-        if let Some(l) = self.links.get_mut(&to) {
+        if self.links.contains_key(&to) {
             for (seq, _) in &recent {
-                if !l.background.contains(seq) && l.background.len() < MAX_BACKGROUND {
-                    l.background.push_back(*seq);
-                    self.background_waiting = true;
-                }
+                self.queue_background(to, *seq);
             }
             self.stats.catch_up_queued += recent.len() as u64;
         }
@@ -707,7 +704,7 @@ impl SwarmNode {
                     l.established = true;
                 }
                 _ => {
-                    self.links.remove(&from);
+                    self.unlink(from);
                 }
             }
             if let Some(c) = self.candidates.get_mut(&from) {
@@ -757,12 +754,8 @@ impl SwarmNode {
         let seqs: Vec<u64> = n.seqs().collect();
         for seq in seqs {
             if self.ring.get_fresh(now, seq, horizon).is_some() {
-                if let Some(l) = self.links.get_mut(&from) {
-                    if !l.background.contains(&seq) && l.background.len() < MAX_BACKGROUND {
-                        l.background.push_back(seq);
-                        self.background_waiting = true;
-                        served += 1;
-                    }
+                if self.queue_background(from, seq) {
+                    served += 1;
                 }
             } else {
                 missed += 1;

@@ -99,7 +99,17 @@ impl SwarmNode {
         if !self.background_waiting {
             return None;
         }
-        let mut addrs = self.links_where(|l| !l.background.is_empty());
+        debug_assert_eq!(
+            self.backlogged,
+            self.links
+                .iter()
+                .filter(|(_, l)| !l.background.is_empty())
+                .map(|(a, _)| *a)
+                .collect::<Vec<_>>()
+        );
+        let mut addrs = std::mem::take(&mut self.visit);
+        addrs.clear();
+        addrs.extend_from_slice(&self.backlogged);
         if addrs.is_empty() {
             self.background_waiting = false;
         }
@@ -127,7 +137,7 @@ impl SwarmNode {
                     break;
                 };
                 let Some(bytes) = self.ring.get_fresh(now, seq, horizon).cloned() else {
-                    l.background.pop_front();
+                    self.pop_background(to);
                     self.stats.repairs_unavailable += 1;
                     continue;
                 };
@@ -150,7 +160,7 @@ impl SwarmNode {
                     self.stats.background_blocked_upload += 1;
                     return None;
                 }
-                l.background.pop_front();
+                self.pop_background(to);
                 let bytes = match self.config.behaviour {
                     Behaviour::Forger => corrupt(&bytes),
                     _ => bytes,
@@ -217,9 +227,10 @@ impl SwarmNode {
         let full_piece = PAYLOAD + (PieceHeader::LEN + SIGNATURE_LEN) as u64;
         if self.background_waiting
             && self
-                .links
-                .values()
-                .any(|l| !l.background.is_empty() && l.background_allows(full_piece))
+                .backlogged
+                .iter()
+                .filter_map(|a| self.links.get(a))
+                .any(|l| l.background_allows(full_piece))
         {
             next = next.min(
                 self.bucket

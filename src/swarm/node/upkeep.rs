@@ -203,7 +203,7 @@ impl SwarmNode {
                 self.stats.links_expired += 1;
                 self.drop_link(now, a, unanswered);
             } else {
-                self.links.remove(&a);
+                self.unlink(a);
             }
         }
     }
@@ -275,7 +275,7 @@ impl SwarmNode {
                 l.established = true;
             }
             _ => {
-                self.links.remove(&addr);
+                self.unlink(addr);
             }
         }
     }
@@ -759,6 +759,7 @@ impl SwarmNode {
             }
         }
         self.links.clear();
+        self.backlogged.clear();
         self.urgent.clear();
         self.live.clear();
         self.delayed.clear();
