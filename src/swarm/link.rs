@@ -1,9 +1,10 @@
 //! One link between two swarm members, as one side sees it: which clubs flow each way, whether
 //! it is a club-mate link, when it was last heard from, its background (repair, catch-up)
 //! queue under LEDBAT, its live send rate under AIMD, and the figures that decide whether to
-//! replace the member at the other end.
+//! replace the member at the other end. Also a member's table of its links.
 
 use std::collections::VecDeque;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use super::ledbat::{Ledbat, LedbatConfig};
@@ -109,17 +110,22 @@ pub struct Link {
     pub lateness_us: f64,
     /// Background queue: sequence numbers to resend or catch up, under LEDBAT.
     pub background: VecDeque<u64>,
-    /// The background flow's congestion controller.
-    pub ledbat: Ledbat,
+    /// The background flow's congestion controller (boxed: the timers walk every link, and
+    /// a smaller link keeps more of them in cache).
+    pub ledbat: Box<Ledbat>,
     /// The live flow's rate.
     pub live: LiveRate,
     /// Acknowledgements to send it (for links that push to us).
     pub pending_acks: Vec<AckEntry>,
     /// When the oldest pending acknowledgement was recorded.
     pub acks_since: Timestamp,
-    /// Links that push to us: pieces from it are acknowledged until this (it may be sending
-    /// repairs we asked for, or catch-up, under LEDBAT); live pieces alone are not.
+    /// Links that push to us: repairs from it (pieces we were missing, or that do not advance
+    /// their club) are acknowledged until this, after we NACKed it: LEDBAT paces them on the
+    /// ACKs. Live pieces are not.
     pub acks_until: Timestamp,
+    /// Links that push to us: every piece from it is acknowledged until this, after it
+    /// accepted our link (its catch-up, under LEDBAT, comes with the first live pieces).
+    pub catch_up_until: Timestamp,
     sent: VecDeque<Sent>,
     /// Smoothed round-trip time of background pieces (send → ACK, including the ACK's
     /// batching delay).
@@ -157,14 +163,15 @@ impl Link {
             background: VecDeque::new(),
             // Four packets at least: at 5 % loss, two held by unacknowledged losses for a
             // few round trips starved repairs.
-            ledbat: Ledbat::new(LedbatConfig {
+            ledbat: Box::new(Ledbat::new(LedbatConfig {
                 min_cwnd_packets: 4,
                 ..LedbatConfig::default()
-            }),
+            })),
             live: LiveRate::new(share_bytes),
             pending_acks: Vec::new(),
             acks_since: now,
             acks_until: now,
+            catch_up_until: now,
             sent: VecDeque::new(),
             srtt: Duration::from_millis(100),
             lost: 0,
@@ -247,6 +254,111 @@ impl Link {
     /// Whether this link brings us `club`: an upstream that granted it, or a club mate of it.
     pub fn is_source_of(&self, club: u8) -> bool {
         self.established && (self.recv.contains(club) || (self.mate && self.club == club))
+    }
+}
+
+/// A member's links by address, in address order. Kept as two sorted vectors: a lookup is a
+/// binary search over the addresses alone, and a walk (the timers walk every link every tick,
+/// and every new piece looks for where it goes) goes through the links contiguously. Links
+/// come and go far less often than they are looked up or walked.
+#[derive(Debug, Default)]
+pub struct LinkTable {
+    addrs: Vec<SocketAddr>,
+    links: Vec<Link>,
+}
+
+impl LinkTable {
+    /// Number of links.
+    pub fn len(&self) -> usize {
+        self.addrs.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.addrs.is_empty()
+    }
+
+    /// The link to `addr`.
+    pub fn get(&self, addr: &SocketAddr) -> Option<&Link> {
+        let i = self.addrs.binary_search(addr).ok()?;
+        self.links.get(i)
+    }
+
+    /// The link to `addr`, to change.
+    pub fn get_mut(&mut self, addr: &SocketAddr) -> Option<&mut Link> {
+        let i = self.addrs.binary_search(addr).ok()?;
+        self.links.get_mut(i)
+    }
+
+    /// Whether there is a link to `addr`.
+    pub fn contains_key(&self, addr: &SocketAddr) -> bool {
+        self.addrs.binary_search(addr).is_ok()
+    }
+
+    /// The link to `addr`, made by `new` if there is none.
+    pub fn get_or_insert_with(
+        &mut self,
+        addr: SocketAddr,
+        new: impl FnOnce() -> Link,
+    ) -> &mut Link {
+        let i = match self.addrs.binary_search(&addr) {
+            Ok(i) => i,
+            Err(i) => {
+                self.addrs.insert(i, addr);
+                self.links.insert(i, new());
+                i
+            }
+        };
+        &mut self.links[i]
+    }
+
+    /// Removes the link to `addr`.
+    pub fn remove(&mut self, addr: &SocketAddr) -> Option<Link> {
+        let i = self.addrs.binary_search(addr).ok()?;
+        self.addrs.remove(i);
+        Some(self.links.remove(i))
+    }
+
+    /// Removes every link.
+    pub fn clear(&mut self) {
+        self.addrs.clear();
+        self.links.clear();
+    }
+
+    /// Addresses and links, in address order.
+    pub fn iter(
+        &self,
+    ) -> std::iter::Zip<std::slice::Iter<'_, SocketAddr>, std::slice::Iter<'_, Link>> {
+        self.addrs.iter().zip(self.links.iter())
+    }
+
+    /// Addresses and links to change, in address order.
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = (&SocketAddr, &mut Link)> {
+        self.addrs.iter().zip(self.links.iter_mut())
+    }
+
+    /// Addresses, in order.
+    pub fn keys(&self) -> std::slice::Iter<'_, SocketAddr> {
+        self.addrs.iter()
+    }
+
+    /// Links, in address order.
+    pub fn values(&self) -> std::slice::Iter<'_, Link> {
+        self.links.iter()
+    }
+
+    /// Links to change, in address order.
+    pub fn values_mut(&mut self) -> std::slice::IterMut<'_, Link> {
+        self.links.iter_mut()
+    }
+}
+
+impl<'a> IntoIterator for &'a LinkTable {
+    type Item = (&'a SocketAddr, &'a Link);
+    type IntoIter = std::iter::Zip<std::slice::Iter<'a, SocketAddr>, std::slice::Iter<'a, Link>>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.iter()
     }
 }
 

@@ -66,7 +66,15 @@ impl ClubMask {
 
     /// The clubs in the set, lowest first.
     pub fn iter(self) -> impl Iterator<Item = u8> {
-        (0..64u8).filter(move |c| self.contains(*c))
+        let mut rest = self.0;
+        std::iter::from_fn(move || {
+            if rest == 0 {
+                return None;
+            }
+            let club = rest.trailing_zeros() as u8;
+            rest &= rest - 1;
+            Some(club)
+        })
     }
 }
 
@@ -395,5 +403,11 @@ mod tests {
         assert_eq!(ClubMask::all(64).len(), 64);
         assert!(m.contains(3) && !m.contains(4) && !m.contains(200));
         assert_eq!(m.minus(ClubMask::one(1)).len(), 3);
+        let sparse = ClubMask::one(63)
+            .union(ClubMask::one(5))
+            .union(ClubMask::one(0));
+        assert_eq!(sparse.iter().collect::<Vec<_>>(), vec![0, 5, 63]);
+        assert_eq!(ClubMask::all(64).iter().count(), 64);
+        assert_eq!(ClubMask::NONE.iter().count(), 0);
     }
 }

@@ -147,7 +147,8 @@ impl SwarmNode {
                     self.stats.duplicates_from_mates += 1;
                 }
             }
-            self.queue_ack(now, from, seq);
+            // (A duplicate may be the answer to a NACK that another path beat.)
+            self.queue_ack(now, from, seq, true);
             return;
         }
         if self.ring.is_stale(seq) || self.info.as_ref().is_some_and(|i| seq < i.first_seq) {
@@ -160,7 +161,14 @@ impl SwarmNode {
             self.stats.bad_pieces += 1;
             return;
         };
-        self.queue_ack(now, from, seq);
+        // A repair is a piece we were missing, or one behind its club's newest (live pieces
+        // advance their club).
+        let advances = self
+            .club_high
+            .get(usize::from(club))
+            .is_some_and(|h| h.is_none_or(|h| seq > h));
+        let repair = !advances || self.missing.contains_key(&seq);
+        self.queue_ack(now, from, seq, repair);
         self.accept_piece(now, Some(from), seq, club, piece.publish_time_us(), shared);
     }
 
@@ -386,13 +394,16 @@ impl SwarmNode {
         }
     }
 
-    pub(super) fn queue_ack(&mut self, now: Timestamp, from: SocketAddr, seq: u64) {
+    /// Acknowledges `seq` from `from` if it may be background: LEDBAT paces repairs and
+    /// catch-up on the ACKs. Pieces from mates, and live pieces (`repair` false) from a link
+    /// not catching us up, go unacknowledged (an ACK for them would be matched to nothing).
+    pub(super) fn queue_ack(&mut self, now: Timestamp, from: SocketAddr, seq: u64, repair: bool) {
         let Some(l) = self.links.get_mut(&from) else {
             return;
         };
-        // Only what may be background (repairs we asked for, catch-up of a new link) is
-        // acknowledged: LEDBAT paces it on the ACKs. Mates and live pieces go unacknowledged.
-        if l.mate || (l.established && now >= l.acks_until) {
+        let catching_up = !l.established || now < l.catch_up_until;
+        let repairing = repair && now < l.acks_until;
+        if l.mate || !(catching_up || repairing) {
             return;
         }
         if l.pending_acks.is_empty() {
@@ -527,8 +538,7 @@ impl SwarmNode {
             }
             let l = self
                 .links
-                .entry(from)
-                .or_insert_with(|| Link::new(now, j.role, j.club, false, unit));
+                .get_or_insert_with(from, || Link::new(now, j.role, j.club, false, unit));
             l.mate = true;
             l.established = true;
             l.club = j.club;
@@ -546,8 +556,7 @@ impl SwarmNode {
         }
         let l = self
             .links
-            .entry(from)
-            .or_insert_with(|| Link::new(now, j.role, j.club, false, unit));
+            .get_or_insert_with(from, || Link::new(now, j.role, j.club, false, unit));
         l.send = l.send.union(offer);
         l.club = j.club;
         let share = unit * u64::from(l.send.len());
@@ -633,7 +642,18 @@ impl SwarmNode {
             .map(|(a, l)| (l.established_at, *a))
             .collect();
         let free = self.upload_units().saturating_sub(self.units_used());
-        if seats.is_empty() || (seats.len() < self.seeds_per_club() && free > 1) {
+        if seats.is_empty() {
+            let downstreams = self
+                .links
+                .values()
+                .filter(|l| !l.mate && !l.send.is_empty())
+                .count();
+            if free == 0 || downstreams >= self.config.max_downstreams {
+                self.unseat_for_unseeded_club(now, c);
+            }
+            return;
+        }
+        if seats.len() < self.seeds_per_club() && free > 1 {
             return;
         }
         let Some(&(since, oldest)) = seats.iter().min() else {
@@ -646,6 +666,51 @@ impl SwarmNode {
             l.send = l.send.minus(ClubMask::one(c));
             if l.send.is_empty() && l.recv.is_empty() {
                 self.unlink(oldest);
+            }
+            self.stats.seeds_rotated += 1;
+        }
+    }
+
+    /// Publisher: club `c` has no seed and every seat or downstream link is taken (its only
+    /// seed left while the other clubs took the spare ones): the oldest seed of the club with the most seeds (two
+    /// or more, past its tenure) gives up its seat. Without this the club stayed dark for
+    /// every member until another seed happened to leave.
+    fn unseat_for_unseeded_club(&mut self, now: Timestamp, c: u8) {
+        let mut seeds = vec![0usize; usize::from(self.k())];
+        for l in self.links.values() {
+            if l.role == Role::Peer && l.club != c && l.send.contains(l.club) {
+                if let Some(n) = seeds.get_mut(usize::from(l.club)) {
+                    *n += 1;
+                }
+            }
+        }
+        let Some((richest, &most)) = seeds
+            .iter()
+            .enumerate()
+            .max_by_key(|(d, n)| (**n, usize::MAX - d))
+        else {
+            return;
+        };
+        if most < 2 {
+            return;
+        }
+        let richest = richest as u8;
+        let oldest = self
+            .links
+            .iter()
+            .filter(|(_, l)| l.role == Role::Peer && l.club == richest && l.send.contains(richest))
+            .map(|(a, l)| (l.established_at, *a))
+            .min();
+        let Some((since, addr)) = oldest else {
+            return;
+        };
+        if now.saturating_since(since) < SEED_TENURE {
+            return;
+        }
+        if let Some(l) = self.links.get_mut(&addr) {
+            l.send = l.send.minus(ClubMask::one(richest));
+            if l.send.is_empty() && l.recv.is_empty() {
+                self.unlink(addr);
             }
             self.stats.seeds_rotated += 1;
         }
@@ -717,7 +782,7 @@ impl SwarmNode {
         // then given up, so an answer overtaken by our ask does not cancel it.)
         if !l.established {
             l.established_at = now;
-            l.acks_until = now + window; // its catch-up follows
+            l.catch_up_until = now + window; // its catch-up follows
         }
         let recv = if a.mate {
             ClubMask::NONE

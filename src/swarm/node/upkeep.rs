@@ -466,14 +466,21 @@ impl SwarmNode {
         // with no source when those peers get it from the relay) is a club it still needs
         // from the publisher or another relay.
         let relay = self.config.role == Role::Relay;
+        // Clubs an upstream gives us, or that we asked one for and still await.
+        let mut sourced = ClubMask::NONE;
+        for l in self.links.values() {
+            if relay && l.role == Role::Peer {
+                continue;
+            }
+            if !l.mate && l.established {
+                sourced = sourced.union(l.recv);
+            }
+            if l.initiated && (!l.established || now < l.widen_at) {
+                sourced = sourced.union(l.wanted);
+            }
+        }
         for c in 0..k {
-            let mut covered = self.links.values().any(|l| {
-                let counts = !(relay && l.role == Role::Peer);
-                let source = !l.mate && l.is_source_of(c);
-                let asked =
-                    l.initiated && l.wanted.contains(c) && (!l.established || now < l.widen_at);
-                counts && (source || asked)
-            });
+            let mut covered = sourced.contains(c);
             if c == self.club && self.config.role == Role::Peer {
                 // Mates carry the own club while it flows on time; when it does not (no mate
                 // reaches a seed, or pieces only come as repairs), ask for a source.
@@ -644,8 +651,7 @@ impl SwarmNode {
         let unit = self.unit_bytes();
         let l = self
             .links
-            .entry(addr)
-            .or_insert_with(|| Link::new(now, c.role, c.club, true, unit));
+            .get_or_insert_with(addr, || Link::new(now, c.role, c.club, true, unit));
         l.initiated = true;
         l.established = false;
         l.wanted = want;
