@@ -263,11 +263,33 @@ impl Link {
 /// come and go far less often than they are looked up or walked.
 #[derive(Debug, Default)]
 pub struct LinkTable {
+    /// `order_key` of each address: what the binary search compares (a `SocketAddr`
+    /// comparison is an out-of-line match on the address family).
+    keys: Vec<(u128, u128)>,
     addrs: Vec<SocketAddr>,
     links: Vec<Link>,
 }
 
+/// Two integers that order addresses by IP, then family, port, flow and scope: equal exactly
+/// when the addresses are (IPv4 addresses sort as `SocketAddr` sorts them).
+fn order_key(addr: &SocketAddr) -> (u128, u128) {
+    match addr {
+        SocketAddr::V4(a) => (u128::from(a.ip().to_bits()), u128::from(a.port()) << 64),
+        SocketAddr::V6(a) => (
+            a.ip().to_bits(),
+            1 << 80
+                | u128::from(a.port()) << 64
+                | u128::from(a.flowinfo()) << 32
+                | u128::from(a.scope_id()),
+        ),
+    }
+}
+
 impl LinkTable {
+    fn position(&self, addr: &SocketAddr) -> Result<usize, usize> {
+        self.keys.binary_search(&order_key(addr))
+    }
+
     /// Number of links.
     pub fn len(&self) -> usize {
         self.addrs.len()
@@ -280,19 +302,19 @@ impl LinkTable {
 
     /// The link to `addr`.
     pub fn get(&self, addr: &SocketAddr) -> Option<&Link> {
-        let i = self.addrs.binary_search(addr).ok()?;
+        let i = self.position(addr).ok()?;
         self.links.get(i)
     }
 
     /// The link to `addr`, to change.
     pub fn get_mut(&mut self, addr: &SocketAddr) -> Option<&mut Link> {
-        let i = self.addrs.binary_search(addr).ok()?;
+        let i = self.position(addr).ok()?;
         self.links.get_mut(i)
     }
 
     /// Whether there is a link to `addr`.
     pub fn contains_key(&self, addr: &SocketAddr) -> bool {
-        self.addrs.binary_search(addr).is_ok()
+        self.position(addr).is_ok()
     }
 
     /// The link to `addr`, made by `new` if there is none.
@@ -301,9 +323,10 @@ impl LinkTable {
         addr: SocketAddr,
         new: impl FnOnce() -> Link,
     ) -> &mut Link {
-        let i = match self.addrs.binary_search(&addr) {
+        let i = match self.position(&addr) {
             Ok(i) => i,
             Err(i) => {
+                self.keys.insert(i, order_key(&addr));
                 self.addrs.insert(i, addr);
                 self.links.insert(i, new());
                 i
@@ -314,13 +337,15 @@ impl LinkTable {
 
     /// Removes the link to `addr`.
     pub fn remove(&mut self, addr: &SocketAddr) -> Option<Link> {
-        let i = self.addrs.binary_search(addr).ok()?;
+        let i = self.position(addr).ok()?;
+        self.keys.remove(i);
         self.addrs.remove(i);
         Some(self.links.remove(i))
     }
 
     /// Removes every link.
     pub fn clear(&mut self) {
+        self.keys.clear();
         self.addrs.clear();
         self.links.clear();
     }
@@ -365,6 +390,46 @@ impl<'a> IntoIterator for &'a LinkTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_link_table_finds_and_walks_links_in_address_order() {
+        let now = Timestamp::from_micros(1_000_000);
+        let v4 = |a: [u8; 4], port: u16| SocketAddr::from((a, port));
+        let v6: SocketAddr = "[2001:db8::1]:7000".parse().unwrap();
+        let v6_other_scope: SocketAddr = "[2001:db8::1%3]:7000".parse().unwrap();
+        let addrs = [
+            v4([10, 0, 1, 2], 7000),
+            v6,
+            v4([10, 0, 0, 9], 7001),
+            v6_other_scope,
+            v4([10, 0, 0, 9], 7000),
+            v4([192, 168, 0, 1], 1),
+        ];
+        let mut table = LinkTable::default();
+        for (i, a) in addrs.iter().enumerate() {
+            table.get_or_insert_with(*a, || Link::new(now, Role::Peer, i as u8, false, 1));
+        }
+        // Inserting again keeps the link that is there.
+        table.get_or_insert_with(addrs[0], || Link::new(now, Role::Peer, 99, false, 1));
+        assert_eq!(table.len(), 6);
+        for (i, a) in addrs.iter().enumerate() {
+            assert_eq!(table.get(a).map(|l| l.club), Some(i as u8), "{a}");
+        }
+        // IPv4 addresses in the order `SocketAddr` gives them (the simulator's reports depend
+        // on it); every address once.
+        let walked: Vec<SocketAddr> = table.keys().copied().collect();
+        let v4s: Vec<SocketAddr> = walked.iter().copied().filter(|a| a.is_ipv4()).collect();
+        let mut sorted = v4s.clone();
+        sorted.sort();
+        assert_eq!(v4s, sorted);
+        assert_eq!(walked.len(), 6);
+        assert!(table.iter().all(|(a, l)| table.get(a).unwrap().club == l.club));
+        assert_eq!(table.remove(&v6).map(|l| l.club), Some(1));
+        assert!(!table.contains_key(&v6) && table.contains_key(&v6_other_scope));
+        assert!(table.remove(&v6).is_none());
+        table.clear();
+        assert!(table.is_empty() && table.get(&addrs[0]).is_none());
+    }
 
     #[test]
     fn live_pieces_are_held_to_twice_the_share_with_a_burst_of_sixteen() {
