@@ -95,7 +95,8 @@ pub struct SwarmConfig {
     /// Club mates kept (in-club push goes to each).
     pub max_mates: usize,
     /// Most downstream links (outside members we push to). Peers are further held to what
-    /// their upload limit affords.
+    /// their upload limit affords; the publisher may have more, one per seed its upload
+    /// affords.
     pub max_downstreams: usize,
     /// Publisher: most seeds per club.
     pub seeds_per_club: usize,
@@ -616,6 +617,19 @@ impl SwarmNode {
             .max(usize::try_from(per_club).unwrap_or(usize::MAX))
     }
 
+    /// Most downstream links: the configured number, and for the publisher at least a link
+    /// for every seed its upload affords (at 4x the stream rate and K = 24 it affords three
+    /// a club, 72 links: held to the default 64, clubs got fewer seeds than it could feed).
+    fn downstream_cap(&self) -> usize {
+        match self.config.role {
+            Role::Publisher => self
+                .config
+                .max_downstreams
+                .max(self.seeds_per_club().saturating_mul(usize::from(self.k()))),
+            _ => self.config.max_downstreams,
+        }
+    }
+
     /// Club mates this peer will have: the other members of its club it knows, up to the
     /// configured most.
     fn mates_expected(&self) -> usize {
@@ -833,6 +847,20 @@ mod tests {
         let after = then + SEED_TENURE + Duration::from_millis(1);
         assert_eq!(node.grant(after, at(6), &seed_join(7)).0, ClubMask::NONE);
         assert_eq!(node.stats.seeds_rotated, 1);
+    }
+
+    #[test]
+    fn the_publisher_has_a_downstream_link_for_every_seed_it_can_feed() {
+        // 10 Mbit/s for a 1 Mbit/s stream in 24 clubs: far more seeds than 64 links hold.
+        let publisher = member_with_limit(Role::Publisher, 10_000_000);
+        let seeds = publisher.seeds_per_club() * 24;
+        assert!(seeds > SwarmConfig::default().max_downstreams);
+        assert_eq!(publisher.downstream_cap(), seeds);
+        // A weak publisher keeps the configured cap; peers always do.
+        let weak = member_with_limit(Role::Publisher, 1_200_000);
+        assert_eq!(weak.downstream_cap(), SwarmConfig::default().max_downstreams);
+        let peer = member_with_limit(Role::Peer, 10_000_000);
+        assert_eq!(peer.downstream_cap(), SwarmConfig::default().max_downstreams);
     }
 
     #[test]

@@ -550,7 +550,7 @@ impl SwarmNode {
             .values()
             .filter(|l| !l.mate && !l.send.is_empty())
             .count();
-        if offer.is_empty() || downstreams >= self.config.max_downstreams {
+        if offer.is_empty() || downstreams >= self.downstream_cap() {
             self.stats.joins_refused += 1;
             return (ClubMask::NONE, false);
         }
@@ -648,7 +648,7 @@ impl SwarmNode {
                 .values()
                 .filter(|l| !l.mate && !l.send.is_empty())
                 .count();
-            if free == 0 || downstreams >= self.config.max_downstreams {
+            if free == 0 || downstreams >= self.downstream_cap() {
                 self.unseat_for_unseeded_club(now, c);
             }
             return;
