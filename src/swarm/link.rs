@@ -423,7 +423,9 @@ mod tests {
         sorted.sort();
         assert_eq!(v4s, sorted);
         assert_eq!(walked.len(), 6);
-        assert!(table.iter().all(|(a, l)| table.get(a).unwrap().club == l.club));
+        assert!(table
+            .iter()
+            .all(|(a, l)| table.get(a).unwrap().club == l.club));
         assert_eq!(table.remove(&v6).map(|l| l.club), Some(1));
         assert!(!table.contains_key(&v6) && table.contains_key(&v6_other_scope));
         assert!(table.remove(&v6).is_none());

@@ -858,9 +858,15 @@ mod tests {
         assert_eq!(publisher.downstream_cap(), seeds);
         // A weak publisher keeps the configured cap; peers always do.
         let weak = member_with_limit(Role::Publisher, 1_200_000);
-        assert_eq!(weak.downstream_cap(), SwarmConfig::default().max_downstreams);
+        assert_eq!(
+            weak.downstream_cap(),
+            SwarmConfig::default().max_downstreams
+        );
         let peer = member_with_limit(Role::Peer, 10_000_000);
-        assert_eq!(peer.downstream_cap(), SwarmConfig::default().max_downstreams);
+        assert_eq!(
+            peer.downstream_cap(),
+            SwarmConfig::default().max_downstreams
+        );
     }
 
     #[test]
