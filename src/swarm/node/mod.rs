@@ -820,32 +820,28 @@ mod tests {
     #[test]
     fn a_club_left_without_a_seed_takes_one_from_the_club_with_the_most() {
         let mut node = member_with_limit(Role::Publisher, 10_000_000);
-        node.config.max_downstreams = 3;
         let at = |i: u8| SocketAddr::from(([10, 0, 0, i], 7000));
         let start = Timestamp::from_micros(10_000_000);
-        // Every downstream link taken: two seeds of club 0, one of club 1.
+        // Two seeds of club 0, one of club 1.
         assert_eq!(node.grant(start, at(1), &seed_join(0)).0, ClubMask::one(0));
         assert_eq!(node.grant(start, at(2), &seed_join(0)).0, ClubMask::one(0));
         let later = start + Duration::from_millis(10);
         assert_eq!(node.grant(later, at(3), &seed_join(1)).0, ClubMask::one(1));
         let seeds = |n: &SwarmNode, c: u8| n.links.values().filter(|l| l.send.contains(c)).count();
-        // Club 5's only seed left: within the seeds' tenure its members are still refused...
-        let soon = start + Duration::from_millis(500);
-        assert_eq!(node.grant(soon, at(4), &seed_join(5)).0, ClubMask::NONE);
+        // Club 5 has no seed and the publisher is full: within the seeds' tenure nobody moves...
+        node.unseat_for_unseeded_club(start + Duration::from_millis(500), 5);
+        assert_eq!((seeds(&node, 0), seeds(&node, 1)), (2, 1));
         // ...then the oldest seed of the club with the most gives up its seat.
         let then = start + SEED_TENURE + Duration::from_millis(1);
-        assert_eq!(node.grant(then, at(4), &seed_join(5)).0, ClubMask::one(5));
-        assert_eq!(
-            (seeds(&node, 0), seeds(&node, 1), seeds(&node, 5)),
-            (1, 1, 1)
-        );
+        node.unseat_for_unseeded_club(then, 5);
+        assert_eq!((seeds(&node, 0), seeds(&node, 1)), (1, 1));
         assert!(
             !node.links.contains_key(&at(1)),
             "the oldest seed of club 0 left"
         );
         // A club with a single seed is not robbed for another.
-        let after = then + SEED_TENURE + Duration::from_millis(1);
-        assert_eq!(node.grant(after, at(6), &seed_join(7)).0, ClubMask::NONE);
+        node.unseat_for_unseeded_club(then + SEED_TENURE, 7);
+        assert_eq!((seeds(&node, 0), seeds(&node, 1)), (1, 1));
         assert_eq!(node.stats.seeds_rotated, 1);
     }
 

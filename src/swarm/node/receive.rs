@@ -656,26 +656,32 @@ impl SwarmNode {
         if seats.len() < self.seeds_per_club() && free > 1 {
             return;
         }
-        let Some(&(since, oldest)) = seats.iter().min() else {
-            return;
-        };
+        if let Some(&oldest) = seats.iter().min() {
+            self.unseat(now, oldest, c);
+        }
+    }
+
+    /// Publisher: the seed at `seat` (held since `.0`) stops getting club `c`, if it has held
+    /// the seat for its tenure.
+    fn unseat(&mut self, now: Timestamp, seat: (Timestamp, SocketAddr), c: u8) {
+        let (since, addr) = seat;
         if now.saturating_since(since) < SEED_TENURE {
             return;
         }
-        if let Some(l) = self.links.get_mut(&oldest) {
+        if let Some(l) = self.links.get_mut(&addr) {
             l.send = l.send.minus(ClubMask::one(c));
             if l.send.is_empty() && l.recv.is_empty() {
-                self.unlink(oldest);
+                self.unlink(addr);
             }
             self.stats.seeds_rotated += 1;
         }
     }
 
     /// Publisher: club `c` has no seed and every seat or downstream link is taken (its only
-    /// seed left while the other clubs took the spare ones): the oldest seed of the club with the most seeds (two
-    /// or more, past its tenure) gives up its seat. Without this the club stayed dark for
+    /// seed left while the other clubs took the spare ones): the oldest seed of the club with
+    /// the most seeds (two or more, past its tenure) gives up its seat. Without this the club stayed dark for
     /// every member until another seed happened to leave.
-    fn unseat_for_unseeded_club(&mut self, now: Timestamp, c: u8) {
+    pub(super) fn unseat_for_unseeded_club(&mut self, now: Timestamp, c: u8) {
         let mut seeds = vec![0usize; usize::from(self.k())];
         for l in self.links.values() {
             if l.role == Role::Peer && l.club != c && l.send.contains(l.club) {
@@ -701,18 +707,8 @@ impl SwarmNode {
             .filter(|(_, l)| l.role == Role::Peer && l.club == richest && l.send.contains(richest))
             .map(|(a, l)| (l.established_at, *a))
             .min();
-        let Some((since, addr)) = oldest else {
-            return;
-        };
-        if now.saturating_since(since) < SEED_TENURE {
-            return;
-        }
-        if let Some(l) = self.links.get_mut(&addr) {
-            l.send = l.send.minus(ClubMask::one(richest));
-            if l.send.is_empty() && l.recv.is_empty() {
-                self.unlink(addr);
-            }
-            self.stats.seeds_rotated += 1;
+        if let Some(oldest) = oldest {
+            self.unseat(now, oldest, richest);
         }
     }
 
