@@ -265,7 +265,7 @@ impl Link {
 pub struct LinkTable {
     /// `order_key` of each address: what the binary search compares (a `SocketAddr`
     /// comparison is an out-of-line match on the address family).
-    keys: Vec<(u128, u128)>,
+    order: Vec<(u128, u128)>,
     addrs: Vec<SocketAddr>,
     links: Vec<Link>,
 }
@@ -287,7 +287,7 @@ fn order_key(addr: &SocketAddr) -> (u128, u128) {
 
 impl LinkTable {
     fn position(&self, addr: &SocketAddr) -> Result<usize, usize> {
-        self.keys.binary_search(&order_key(addr))
+        self.order.binary_search(&order_key(addr))
     }
 
     /// Number of links.
@@ -326,7 +326,7 @@ impl LinkTable {
         let i = match self.position(&addr) {
             Ok(i) => i,
             Err(i) => {
-                self.keys.insert(i, order_key(&addr));
+                self.order.insert(i, order_key(&addr));
                 self.addrs.insert(i, addr);
                 self.links.insert(i, new());
                 i
@@ -338,14 +338,14 @@ impl LinkTable {
     /// Removes the link to `addr`.
     pub fn remove(&mut self, addr: &SocketAddr) -> Option<Link> {
         let i = self.position(addr).ok()?;
-        self.keys.remove(i);
+        self.order.remove(i);
         self.addrs.remove(i);
         Some(self.links.remove(i))
     }
 
     /// Removes every link.
     pub fn clear(&mut self) {
-        self.keys.clear();
+        self.order.clear();
         self.addrs.clear();
         self.links.clear();
     }

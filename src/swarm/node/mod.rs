@@ -458,12 +458,7 @@ impl SwarmNode {
             .values()
             .filter(|l| !l.mate && !l.recv.is_empty())
             .count();
-        let down = self
-            .links
-            .values()
-            .filter(|l| !l.mate && !l.send.is_empty())
-            .count();
-        (mates, up, down)
+        (mates, up, self.downstream_links())
     }
 
     /// One line per link, for debugging and `clubcast watch -v`.
@@ -615,6 +610,22 @@ impl SwarmNode {
         self.config
             .seeds_per_club
             .max(usize::try_from(per_club).unwrap_or(usize::MAX))
+    }
+
+    /// Whether `seq` is newer than every piece of its club so far (live pieces are; repairs
+    /// and catch-up are not).
+    fn advances_club(&self, seq: u64, club: u8) -> bool {
+        self.club_high
+            .get(usize::from(club))
+            .is_some_and(|h| h.is_none_or(|h| seq > h))
+    }
+
+    /// Links we push to, mates aside.
+    fn downstream_links(&self) -> usize {
+        self.links
+            .values()
+            .filter(|l| !l.mate && !l.send.is_empty())
+            .count()
     }
 
     /// Most downstream links: the configured number, and for the publisher at least a link
@@ -828,7 +839,8 @@ mod tests {
         let later = start + Duration::from_millis(10);
         assert_eq!(node.grant(later, at(3), &seed_join(1)).0, ClubMask::one(1));
         let seeds = |n: &SwarmNode, c: u8| n.links.values().filter(|l| l.send.contains(c)).count();
-        // Club 5 has no seed and the publisher is full: within the seeds' tenure nobody moves...
+        // Club 5 has no seed (and, as `make_room_for_seed` calls this, the publisher is
+        // full): within the seeds' tenure nobody moves...
         node.unseat_for_unseeded_club(start + Duration::from_millis(500), 5);
         assert_eq!((seeds(&node, 0), seeds(&node, 1)), (2, 1));
         // ...then the oldest seed of the club with the most gives up its seat.

@@ -163,11 +163,7 @@ impl SwarmNode {
         };
         // A repair is a piece we were missing, or one behind its club's newest (live pieces
         // advance their club).
-        let advances = self
-            .club_high
-            .get(usize::from(club))
-            .is_some_and(|h| h.is_none_or(|h| seq > h));
-        let repair = !advances || self.missing.contains_key(&seq);
+        let repair = !self.advances_club(seq, club) || self.missing.contains_key(&seq);
         self.queue_ack(now, from, seq, repair);
         self.accept_piece(now, Some(from), seq, club, piece.publish_time_us(), shared);
     }
@@ -205,10 +201,7 @@ impl SwarmNode {
         self.ring.insert(now, seq, club, bytes.clone());
         // Only pieces that advance their club say how late a path is (repairs and catch-up
         // are late by design).
-        let advances = self
-            .club_high
-            .get(usize::from(club))
-            .is_some_and(|h| h.is_none_or(|h| seq > h));
+        let advances = self.advances_club(seq, club);
         let len = bytes.len() as u64;
         self.stats.pieces_new += 1;
         self.stats.add_download(club, len);
@@ -545,12 +538,7 @@ impl SwarmNode {
             return (ClubMask::one(self.club), true);
         }
         let offer = self.affordable(now, j, j.want);
-        let downstreams = self
-            .links
-            .values()
-            .filter(|l| !l.mate && !l.send.is_empty())
-            .count();
-        if offer.is_empty() || downstreams >= self.downstream_cap() {
+        if offer.is_empty() || self.downstream_links() >= self.downstream_cap() {
             self.stats.joins_refused += 1;
             return (ClubMask::NONE, false);
         }
@@ -643,12 +631,7 @@ impl SwarmNode {
             .collect();
         let free = self.upload_units().saturating_sub(self.units_used());
         if seats.is_empty() {
-            let downstreams = self
-                .links
-                .values()
-                .filter(|l| !l.mate && !l.send.is_empty())
-                .count();
-            if free == 0 || downstreams >= self.downstream_cap() {
+            if free == 0 || self.downstream_links() >= self.downstream_cap() {
                 self.unseat_for_unseeded_club(now, c);
             }
             return;
@@ -682,7 +665,7 @@ impl SwarmNode {
     /// the most seeds (two or more, past its tenure) gives up its seat. Without this the club stayed dark for
     /// every member until another seed happened to leave.
     pub(super) fn unseat_for_unseeded_club(&mut self, now: Timestamp, c: u8) {
-        let mut seeds = vec![0usize; usize::from(self.k())];
+        let mut seeds = [0usize; 64];
         for l in self.links.values() {
             if l.role == Role::Peer && l.club != c && l.send.contains(l.club) {
                 if let Some(n) = seeds.get_mut(usize::from(l.club)) {
