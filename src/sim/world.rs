@@ -49,6 +49,12 @@ const LIMIT_SHARE: f64 = 0.95;
 const BOGUS_TICK_US: u64 = 10_000;
 
 /// The address of host `i`.
+/// The span a member's log lines carry while it handles an event (`sim --log-level trace`
+/// shows each member's decisions in virtual time); free when that level is off.
+fn node_span(i: u32, now_us: u64) -> tracing::Span {
+    tracing::trace_span!("member", at = %addr_of(i).ip(), ms = now_us / 1000)
+}
+
 fn addr_of(i: u32) -> SocketAddr {
     if i >= SPOOFED {
         let n = i - SPOOFED;
@@ -465,6 +471,7 @@ impl World {
         }
         m.wake_at = u64::MAX;
         if let Some(node) = &mut m.node {
+            let _at = node_span(i, now).entered();
             node.handle_timeout(Timestamp::from_micros(now));
         }
         self.serve(i, true);
@@ -634,6 +641,7 @@ impl World {
             Agent::Member(m) => {
                 let Some(node) = &mut m.node else { return };
                 let before = node.stats().pieces_new;
+                let _at = node_span(to, self.now).entered();
                 node.handle_datagram(now, from_addr, data.as_bytes());
                 let new = node.stats().pieces_new > before;
                 if let Ok(p) = Piece::parse(data.as_bytes()) {
@@ -804,6 +812,7 @@ impl World {
                     catch_up: true,
                     leaving: false,
                     starving: false,
+                    departing: false,
                 };
                 let mut buf = [0u8; Join::LEN];
                 let Ok(n) = join.encode(&mut buf) else {

@@ -102,6 +102,9 @@ pub struct Join {
     /// clubs do (its mates do not reach a source); a member whose club flows may take it as
     /// a mate beyond its usual number.
     pub starving: bool,
+    /// With [`Join::leaving`]: the sender leaves the swarm, not only this link; the receiver
+    /// forgets it as a member to ask.
+    pub departing: bool,
 }
 
 impl Join {
@@ -111,11 +114,13 @@ impl Join {
     const CATCH_UP: u8 = 0x02;
     const LEAVING: u8 = 0x04;
     const STARVING: u8 = 0x08;
+    const DEPARTING: u8 = 0x10;
 
     /// Parses a JOIN.
     pub fn parse(d: &[u8]) -> Result<Self, WireError> {
         let flags = parse_header_within(d, MessageType::Join, Self::LEN..=Self::LEN)?;
-        if flags & !(Self::MATE | Self::CATCH_UP | Self::LEAVING | Self::STARVING) != 0 {
+        let known = Self::MATE | Self::CATCH_UP | Self::LEAVING | Self::STARVING | Self::DEPARTING;
+        if flags & !known != 0 {
             return Err(WireError::UnknownFlags(flags));
         }
         if d[34..36] != [0, 0] {
@@ -131,6 +136,7 @@ impl Join {
             catch_up: flags & Self::CATCH_UP != 0,
             leaving: flags & Self::LEAVING != 0,
             starving: flags & Self::STARVING != 0,
+            departing: flags & Self::DEPARTING != 0,
         })
     }
 
@@ -139,7 +145,8 @@ impl Join {
         let flags = (if self.mate { Self::MATE } else { 0 })
             | (if self.catch_up { Self::CATCH_UP } else { 0 })
             | (if self.leaving { Self::LEAVING } else { 0 })
-            | (if self.starving { Self::STARVING } else { 0 });
+            | (if self.starving { Self::STARVING } else { 0 })
+            | (if self.departing { Self::DEPARTING } else { 0 });
         let out = begin(buf, MessageType::Join, flags, Self::LEN)?;
         out[4..12].copy_from_slice(&self.channel.0);
         out[12..32].copy_from_slice(&self.cookie.0);
@@ -352,8 +359,9 @@ mod tests {
             want: ClubMask(0b1010),
             mate: true,
             catch_up: true,
-            leaving: false,
+            leaving: true,
             starving: true,
+            departing: true,
         };
         let n = j.encode(&mut buf).unwrap();
         assert_eq!(Message::parse(&buf[..n]), Ok(Message::Join(j)));

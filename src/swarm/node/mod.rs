@@ -778,6 +778,7 @@ mod tests {
             catch_up: false,
             leaving: false,
             starving,
+            departing: false,
         }
     }
 
@@ -826,6 +827,30 @@ mod tests {
             want: ClubMask::one(club),
             ..mate_join(false)
         }
+    }
+
+    #[test]
+    fn a_member_that_leaves_the_swarm_is_no_longer_asked_one_that_ends_a_link_is() {
+        let mut node = member_with_limit(Role::Peer, 10_000_000);
+        let now = Timestamp::from_micros(10_000_000);
+        let at = |i: u8| SocketAddr::from(([10, 0, 0, i], 7000));
+        let (ended, gone) = (at(1), at(2));
+        node.add_candidates([ended, gone].map(|addr| PeerEntry {
+            addr,
+            role: Role::Peer,
+            club: 3,
+        }));
+        for (addr, departing) in [(ended, false), (gone, true)] {
+            let join = Join {
+                cookie: node.cookies.issue(now, addr),
+                leaving: true,
+                departing,
+                ..seed_join(3)
+            };
+            node.on_join(now, addr, &join);
+        }
+        assert!(node.candidates.contains_key(&ended));
+        assert!(!node.candidates.contains_key(&gone));
     }
 
     #[test]

@@ -455,6 +455,11 @@ impl SwarmNode {
             return;
         }
         if j.leaving {
+            if j.departing {
+                // Gone from the swarm (its cookie proves the address): asking it for a club,
+                // say to replace a silent upstream, would only wait out an unanswered JOIN.
+                self.candidates.remove(&from);
+            }
             if let Some(l) = self.links.get_mut(&from) {
                 l.send = ClubMask::NONE;
                 if l.mate {

@@ -243,6 +243,7 @@ impl SwarmNode {
             catch_up: l.is_some_and(|l| !l.established),
             leaving: false,
             starving: mate && self.own_club_starving(now),
+            departing: false,
         }
     }
 
@@ -291,6 +292,7 @@ impl SwarmNode {
             catch_up: false,
             leaving: false,
             starving: false,
+            departing: false,
         }
     }
 
@@ -761,6 +763,7 @@ impl SwarmNode {
             if let Some(l) = self.links.get(&a).filter(|l| l.initiated) {
                 let mut j = self.join_for_link(l, l.cookie);
                 j.leaving = true;
+                j.departing = true;
                 self.send_control(a, |b| j.encode(b));
             }
         }
