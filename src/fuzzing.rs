@@ -185,6 +185,7 @@ pub fn swarm_node(data: &[u8]) {
         addr: addr(t),
         role: Role::Peer,
         club: t,
+        free_seats: t % 2 == 0,
     }));
     let mut now = Timestamp::ZERO;
     let mut piece = [0u8; MAX_DATAGRAM];

@@ -17,7 +17,9 @@ use crate::crypto::verify_descriptor;
 use crate::relay::cookie::{CookieCheck, CookieJar};
 use crate::swarm::NO_CLUB;
 use crate::time::Timestamp;
-use crate::wire::{ChannelId, Cookie, Descriptor, Message, PeerEntry, Peers, Role, MAX_DATAGRAM};
+use crate::wire::{
+    ChannelId, ClubMask, Cookie, Descriptor, Message, PeerEntry, Peers, Role, MAX_DATAGRAM,
+};
 
 /// A channel with a descriptor but no members is forgotten after this long.
 const IDLE_CHANNEL: Duration = Duration::from_secs(300);
@@ -72,6 +74,8 @@ struct Member {
     club: u8,
     /// The upload it announced, kbit/s.
     upload_kbps: u32,
+    /// Downstream seats it announced free.
+    free_seats: u8,
     expires: Timestamp,
 }
 
@@ -129,7 +133,7 @@ impl MemberTable {
     }
 
     /// Removes the members `keep` refuses; the removed ones.
-    fn retain(&mut self, mut keep: impl FnMut(&Member) -> bool) -> Vec<Member> {
+    fn retain(&mut self, mut keep: impl FnMut(&Member) -> bool) -> Vec<(SocketAddr, Member)> {
         let mut gone = Vec::new();
         let mut i = 0;
         while i < self.list.len() {
@@ -137,7 +141,7 @@ impl MemberTable {
                 i += 1;
             } else {
                 let addr = self.list[i].0;
-                gone.extend(self.remove(&addr));
+                gone.extend(self.remove(&addr).map(|m| (addr, m)));
             }
         }
         gone
@@ -167,6 +171,7 @@ impl MemberTable {
                 addr: *addr,
                 role: m.role,
                 club: m.club,
+                free_seats: m.free_seats > 0,
             })
             .collect()
     }
@@ -183,6 +188,9 @@ struct Channel {
     club_peers: Vec<usize>,
     /// The peers' counted upload per club, kbit/s (each claim capped; see [`UPLOAD_CLAIM_CAP`]).
     club_upload: Vec<u64>,
+    /// Per club, the peers that announced free seats: listed first to a member that needs
+    /// the club (one whose source left looks for a seat where there is one).
+    with_seats: Vec<MemberTable>,
     /// The stream's bitrate from the descriptor, kbit/s (0: not known yet).
     bitrate_kbps: u64,
     /// When a member last announced, or the descriptor last came.
@@ -194,6 +202,8 @@ struct Channel {
 
 /// Publisher addresses a channel keeps for relays' lists.
 const MAX_PUBLISHERS: usize = 4;
+/// Most peers with free seats listed per club a member needs.
+const SEATED_PER_NEEDED_CLUB: usize = 3;
 
 impl Channel {
     fn members(&self) -> usize {
@@ -208,12 +218,21 @@ impl Channel {
         }
     }
 
-    fn count(&mut self, m: &Member, delta: isize) {
+    /// Counts `m` at `addr` in (`delta` 1) or out (-1) of its club's peers, upload and
+    /// peers with free seats.
+    fn count(&mut self, addr: SocketAddr, m: &Member, delta: isize) {
         if m.role != Role::Peer || m.club >= self.clubs {
             return;
         }
         let upload = self.counted_upload(m);
         let club = usize::from(m.club);
+        if let Some(t) = self.with_seats.get_mut(club) {
+            if delta < 0 {
+                t.remove(&addr);
+            } else if m.free_seats > 0 {
+                t.insert(addr, *m);
+            }
+        }
         if let Some(c) = self.club_peers.get_mut(club) {
             *c = c.saturating_add_signed(delta);
         }
@@ -243,12 +262,12 @@ impl Channel {
             &mut self.relays
         };
         if let Some(old) = other.remove(&addr) {
-            self.count(&old, -1);
+            self.count(addr, &old, -1);
         }
         if let Some(old) = self.table(m.role).insert(addr, m) {
-            self.count(&old, -1);
+            self.count(addr, &old, -1);
         }
-        self.count(&m, 1);
+        self.count(addr, &m, 1);
         if m.role == Role::Publisher {
             self.publishers.retain(|a| *a != addr);
             if self.publishers.len() == MAX_PUBLISHERS {
@@ -270,6 +289,7 @@ impl Channel {
                     addr: *a,
                     role: m.role,
                     club: m.club,
+                    free_seats: m.free_seats > 0,
                 })
             })
             .collect()
@@ -280,7 +300,7 @@ impl Channel {
             .into_iter()
             .flatten()
         {
-            self.count(&old, -1);
+            self.count(*addr, &old, -1);
         }
     }
 
@@ -294,9 +314,10 @@ impl Channel {
         self.bitrate_kbps = bitrate_bps / 1000;
         self.club_peers = vec![0; usize::from(clubs)];
         self.club_upload = vec![0; usize::from(clubs)];
-        let members: Vec<Member> = self.others.list.iter().map(|(_, m)| *m).collect();
-        for m in members {
-            self.count(&m, 1);
+        self.with_seats = (0..clubs).map(|_| MemberTable::default()).collect();
+        let members = self.others.list.clone();
+        for (addr, m) in members {
+            self.count(addr, &m, 1);
         }
     }
 
@@ -324,12 +345,39 @@ impl Channel {
         })
     }
 
+    /// For a member that `needs` clubs, peers of those clubs that announced free seats: a
+    /// few per club, in all at most half of `room` (the rest of a list stays a random sample).
+    fn with_seats_in(
+        &self,
+        rng: &mut StdRng,
+        needs: ClubMask,
+        room: usize,
+        asker: SocketAddr,
+        now: Timestamp,
+    ) -> Vec<PeerEntry> {
+        let clubs: Vec<u8> = needs.iter().filter(|c| *c < self.clubs).collect();
+        if clubs.is_empty() {
+            return Vec::new();
+        }
+        let budget = room / 2;
+        let per_club = (budget / clubs.len()).clamp(1, SEATED_PER_NEEDED_CLUB);
+        let mut listed = Vec::new();
+        for c in clubs {
+            let n = per_club.min(budget.saturating_sub(listed.len()));
+            if n == 0 {
+                break;
+            }
+            listed.extend(self.with_seats[usize::from(c)].sample(rng, n, asker, now));
+        }
+        listed
+    }
+
     /// Forgets members that stopped announcing; how many.
     fn expire(&mut self, now: Timestamp) -> usize {
         let mut gone = self.relays.retain(|m| m.expires > now);
         gone.extend(self.others.retain(|m| m.expires > now));
-        for m in &gone {
-            self.count(m, -1);
+        for (addr, m) in &gone {
+            self.count(*addr, m, -1);
         }
         let others = &self.others;
         self.publishers
@@ -463,6 +511,7 @@ impl TrackerCore {
                 role: a.role,
                 club: assigned.unwrap_or(a.club),
                 upload_kbps: a.upload_kbps,
+                free_seats: a.free_seats,
                 expires: now + ttl,
             },
         );
@@ -482,10 +531,11 @@ impl TrackerCore {
                 .relays
                 .sample(&mut self.rng, Peers::MAX - listed, from, now),
         );
+        others.extend(channel.with_seats_in(&mut self.rng, a.needs, Peers::MAX - others.len(), from, now));
         let room = Peers::MAX - others.len();
         let sampled = channel.others.sample(&mut self.rng, room, from, now);
         for e in sampled {
-            if !others[..listed].iter().any(|p| p.addr == e.addr) {
+            if !others.iter().any(|p| p.addr == e.addr) && others.len() < Peers::MAX {
                 others.push(e);
             }
         }

@@ -84,6 +84,17 @@ pub struct ClubOutages {
     pub share_of_missed: f64,
 }
 
+/// Why honest peers missed the pieces they missed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct Missed {
+    /// Pieces missed in all (not played before their deadline).
+    pub pieces: u64,
+    /// Of them, played after their deadline (they came, too late).
+    pub late: u64,
+    /// Of them, of the peer's own club (the ones it gets from seeds and mates).
+    pub own_club: u64,
+}
+
 /// The shortest run of a club's missed pieces counted as an outage.
 pub(super) const OUTAGE: std::time::Duration = std::time::Duration::from_secs(2);
 
@@ -260,6 +271,8 @@ pub struct Report {
     /// Control (JOINs, ACCEPTs, ACKs, NACKs, keepalives) members sent, bytes without IP and
     /// UDP headers, summed.
     pub control_bytes: u64,
+    /// Why pieces were missed.
+    pub missed: Missed,
     /// Clubs honest peers missed whole for a while.
     pub club_outages: ClubOutages,
     /// Repair traffic.
@@ -347,6 +360,12 @@ impl fmt::Display for Report {
             f,
             "publisher upload: {}x stream; relays: {:?}; control sent by members: {} bytes",
             self.publisher_upload, self.relay_upload, self.control_bytes
+        )?;
+        let m = &self.missed;
+        writeln!(
+            f,
+            "missed: {} pieces, {} came too late, {} of the peer's own club",
+            m.pieces, m.late, m.own_club
         )?;
         let o = &self.club_outages;
         writeln!(

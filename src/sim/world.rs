@@ -14,7 +14,7 @@ use rand::{Rng, SeedableRng};
 use super::network::{Fate, Host, Network};
 use super::queue::EventQueue;
 use super::report::{
-    round3, Attacks, BoundCheck, ClubOutages, Duplicates, Links, NetworkCounts, Quantiles, Repairs,
+    round3, Attacks, BoundCheck, ClubOutages, Duplicates, Links, Missed, NetworkCounts, Quantiles, Repairs,
     Report, Spread,
 };
 use super::scenario::Scenario;
@@ -103,6 +103,10 @@ struct Member {
     play_from: Option<usize>,
     /// Pieces delivered before their deadline, by index.
     on_time: Vec<u64>,
+    /// Pieces delivered at all, by index.
+    delivered: Vec<u64>,
+    /// Its club, once the tracker gave it one.
+    club: Option<u8>,
     upload_bytes: u64,
     hops: Box<[u8; HOP_SLOTS]>,
     /// When each recent piece arrived, µs.
@@ -112,10 +116,20 @@ struct Member {
 impl Member {
     /// Whether it played the piece at `index` (from the first published) before its deadline.
     fn played_on_time(&self, index: usize) -> bool {
-        self.on_time
-            .get(index / 64)
-            .is_some_and(|w| w >> (index % 64) & 1 == 1)
+        bit(&self.on_time, index)
     }
+}
+
+fn bit(bits: &[u64], index: usize) -> bool {
+    bits.get(index / 64).is_some_and(|w| w >> (index % 64) & 1 == 1)
+}
+
+fn set_bit(bits: &mut Vec<u64>, index: usize) {
+    let word = index / 64;
+    if bits.len() <= word {
+        bits.resize(word + 1, 0);
+    }
+    bits[word] |= 1 << (index % 64);
 }
 
 enum Agent {
@@ -310,6 +324,8 @@ impl World {
             startup: None,
             play_from: None,
             on_time: Vec::new(),
+            delivered: Vec::new(),
+            club: None,
             upload_bytes: 0,
             hops: Box::new([0; HOP_SLOTS]),
             got_at: Box::new([0; HOP_SLOTS]),
@@ -701,11 +717,11 @@ impl World {
             m.play_from = Some(next_index);
         }
         if now <= deadline {
-            let word = index / 64;
-            if m.on_time.len() <= word {
-                m.on_time.resize(word + 1, 0);
-            }
-            m.on_time[word] |= 1 << (index % 64);
+            set_bit(&mut m.on_time, index);
+        }
+        set_bit(&mut m.delivered, index);
+        if m.club.is_none() {
+            m.club = m.node.as_ref().map(SwarmNode::club);
         }
         let _ = self.delay.record(now.saturating_sub(published_at));
         let h = usize::from(hops);
@@ -844,6 +860,7 @@ impl World {
         let mut total_on_time = 0u64;
         let mut per_peer = Vec::new();
         let mut outages = ClubOutages::default();
+        let mut missed = Missed::default();
         let mut startup = self.delay.clone();
         startup.reset();
         let mut never_started = 0;
@@ -902,6 +919,12 @@ impl World {
             let mut on_time = 0;
             for index in first..last {
                 let hit = m.played_on_time(index);
+                if !hit {
+                    missed.pieces += 1;
+                    missed.late += u64::from(bit(&m.delivered, index));
+                    let club = (index as u64 + self.first_seq) % u64::from(self.info.clubs);
+                    missed.own_club += u64::from(m.club == Some(club as u8));
+                }
                 let b = bucket_of(self.published[index].0).min(seconds - 1);
                 bucket_expected[b] += 1;
                 bucket_on_time[b] += u64::from(hit);
@@ -964,6 +987,7 @@ impl World {
             publisher_upload,
             control_bytes: stats.control_bytes_out,
             relay_upload,
+            missed,
             club_outages: ClubOutages {
                 share_of_missed: round3(
                     outages.pieces as f64

@@ -6,6 +6,7 @@
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 
 use super::control::{begin, parse_header_within};
+use super::swarm::ClubMask;
 use super::SIGNATURE_LEN;
 use super::{array, be_u64, ChannelId, CookieBytes, MessageType, WireError};
 
@@ -45,13 +46,17 @@ pub struct TrackerAnnounce {
     pub club: u8,
     /// Upload it offers, kbit/s.
     pub upload_kbps: u32,
+    /// Downstream seats it has free (clubs' worth of upload it could still give; up to 255).
+    pub free_seats: u8,
+    /// Clubs it has no source for: the tracker lists members of them with free seats first.
+    pub needs: ClubMask,
     /// It is leaving: forget it now.
     pub leaving: bool,
 }
 
 impl TrackerAnnounce {
     /// Encoded length.
-    pub const LEN: usize = 40;
+    pub const LEN: usize = 48;
     const LEAVING: u8 = 0x01;
 
     /// Parses a tracker announce.
@@ -60,7 +65,7 @@ impl TrackerAnnounce {
         if flags & !Self::LEAVING != 0 {
             return Err(WireError::UnknownFlags(flags));
         }
-        if d[34..36] != [0, 0] {
+        if d[35] != 0 {
             return Err(WireError::ReservedNonZero);
         }
         Ok(TrackerAnnounce {
@@ -68,7 +73,9 @@ impl TrackerAnnounce {
             cookie: CookieBytes(array(&d[12..32])),
             role: Role::from_byte(d[32])?,
             club: d[33],
+            free_seats: d[34],
             upload_kbps: u32::from_be_bytes(array(&d[36..40])),
+            needs: ClubMask(be_u64(&d[40..48])),
             leaving: flags & Self::LEAVING != 0,
         })
     }
@@ -81,7 +88,9 @@ impl TrackerAnnounce {
         out[12..32].copy_from_slice(&self.cookie.0);
         out[32] = self.role as u8;
         out[33] = self.club;
+        out[34] = self.free_seats;
         out[36..40].copy_from_slice(&self.upload_kbps.to_be_bytes());
+        out[40..48].copy_from_slice(&self.needs.0.to_be_bytes());
         Ok(Self::LEN)
     }
 }
@@ -95,7 +104,12 @@ pub struct PeerEntry {
     pub role: Role,
     /// Its club.
     pub club: u8,
+    /// It announced free seats (a hint: as of its last announce).
+    pub free_seats: bool,
 }
+
+/// Entry byte 18: the role in the low bits, this flag for free seats.
+const FREE_SEATS: u8 = 0x80;
 
 /// Tracker → member: some members of the channel, viewed in place.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -129,7 +143,7 @@ impl<'a> Peers<'a> {
             });
         }
         for e in d[Self::FIXED..].chunks_exact(Self::ENTRY) {
-            Role::from_byte(e[18])?;
+            Role::from_byte(e[18] & !FREE_SEATS)?;
         }
         Ok(Peers { bytes: d })
     }
@@ -156,8 +170,9 @@ impl<'a> Peers<'a> {
                 PeerEntry {
                     addr: SocketAddr::new(ip, u16::from_be_bytes([e[16], e[17]])),
                     // Checked by parse.
-                    role: Role::from_byte(e[18]).unwrap_or(Role::Peer),
+                    role: Role::from_byte(e[18] & !FREE_SEATS).unwrap_or(Role::Peer),
                     club: e[19],
+                    free_seats: e[18] & FREE_SEATS != 0,
                 }
             })
     }
@@ -190,7 +205,7 @@ impl<'a> Peers<'a> {
             };
             e[..16].copy_from_slice(&ip.octets());
             e[16..18].copy_from_slice(&p.addr.port().to_be_bytes());
-            e[18] = p.role as u8;
+            e[18] = p.role as u8 | if p.free_seats { FREE_SEATS } else { 0 };
             e[19] = p.club;
         }
         Ok(len)
@@ -296,6 +311,8 @@ mod tests {
             role: Role::Relay,
             club: 0xff,
             upload_kbps: 100_000,
+            free_seats: 17,
+            needs: ClubMask(0x8000_0000_0000_0005),
             leaving: true,
         };
         let mut buf = [0u8; super::super::MAX_DATAGRAM];
@@ -313,6 +330,7 @@ mod tests {
                 },
                 role: Role::Peer,
                 club: (i % 4) as u8,
+                free_seats: i % 3 == 0,
             })
             .collect();
         let channel = ChannelId([3; 8]);

@@ -197,6 +197,8 @@ impl Datagram {
 struct Candidate {
     role: Role,
     club: u8,
+    /// The tracker last listed it with free seats (and it has not refused us since).
+    free_seats: bool,
     /// Do not ask it again before this.
     backoff_until: Timestamp,
 }
@@ -417,10 +419,12 @@ impl SwarmNode {
             let c = self.candidates.entry(e.addr).or_insert(Candidate {
                 role: e.role,
                 club: e.club,
+                free_seats: e.free_seats,
                 backoff_until: Timestamp::ZERO,
             });
             c.role = e.role;
             c.club = e.club;
+            c.free_seats = e.free_seats;
         }
     }
 
@@ -691,14 +695,26 @@ impl SwarmNode {
 
     /// How long a club may be silent before its upstream is replaced.
     fn silence_for(&self) -> Duration {
-        let eight_rounds = self.info.as_ref().map_or(Duration::ZERO, |i| {
+        self.config.silence_timeout.max(self.club_rounds(8))
+    }
+
+    /// How long an upstream may send us no piece at all before it is replaced: shorter than
+    /// a club's silence, since repairs from other members cannot hide it.
+    fn quiet_for(&self) -> Duration {
+        self.config.silence_timeout.max(self.club_rounds(QUIET_ROUNDS))
+    }
+
+    /// The time `rounds` pieces of one club take at the stream's bitrate.
+    fn club_rounds(&self, rounds: u64) -> Duration {
+        self.info.as_ref().map_or(Duration::ZERO, |i| {
             let piece_us = PAYLOAD * 8 * 1_000_000 / i.bitrate_bps.max(1);
-            Duration::from_micros(piece_us * 8 * u64::from(i.clubs))
-        });
-        self.config.silence_timeout.max(eight_rounds)
+            Duration::from_micros(piece_us * rounds * u64::from(i.clubs))
+        })
     }
 }
 
+/// Pieces of its club an upstream may go without sending us any before it is replaced.
+const QUIET_ROUNDS: u64 = 3;
 /// Payload bytes of a full piece (six TS packets).
 const PAYLOAD: u64 = crate::ts::PIECE_PAYLOAD as u64;
 /// No new piece for this long: look for gaps up to the newest piece (the stream paused or

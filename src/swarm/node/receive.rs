@@ -132,6 +132,9 @@ impl SwarmNode {
         }
         let seq = piece.seq();
         let club = (seq % u64::from(self.k())) as u8;
+        if let Some(l) = self.links.get_mut(&from) {
+            l.last_piece = now;
+        }
         if let Some(held) = self.ring.get(seq) {
             // A copy that differs from the verified one we hold is a forgery (or corrupt):
             // caught even when the honest copy came first, at the cost of a comparison.
@@ -478,6 +481,7 @@ impl SwarmNode {
             self.candidates.entry(from).or_insert(Candidate {
                 role: j.role,
                 club: j.club,
+                free_seats: false,
                 backoff_until: Timestamp::ZERO,
             });
         }
@@ -758,6 +762,7 @@ impl SwarmNode {
             }
             if let Some(c) = self.candidates.get_mut(&from) {
                 c.backoff_until = now + REFUSED_BACKOFF;
+                c.free_seats = false;
             }
             return;
         }

@@ -119,11 +119,37 @@ impl SwarmNode {
                         .config
                         .upload_limit_bps
                         .map_or(u32::MAX, |b| u32::try_from(b / 1000).unwrap_or(u32::MAX)),
+                    free_seats: self.free_seats(),
+                    needs: self.clubs_needed(now),
                     leaving: false,
                 };
                 self.send_control(addr, |b| a.encode(b));
             }
         }
+    }
+
+    /// Downstream seats still free, as the tracker is told (up to 255).
+    fn free_seats(&self) -> u8 {
+        if self.downstream_links() >= self.downstream_cap() {
+            return 0;
+        }
+        let free = self.upload_units().saturating_sub(self.units_used());
+        u8::try_from(free).unwrap_or(u8::MAX)
+    }
+
+    /// Clubs with no source here (the own club counts while its mates carry it on time), as
+    /// the tracker is told: it lists members of them with free seats first.
+    fn clubs_needed(&self, now: Timestamp) -> ClubMask {
+        if self.config.role == Role::Publisher {
+            return ClubMask::NONE;
+        }
+        let mates_carry = self.own_club_flowing(now) && self.links.values().any(|l| l.mate);
+        (0..self.k())
+            .filter(|c| {
+                let own = *c == self.club && self.config.role == Role::Peer;
+                !(own && mates_carry) && !self.links.values().any(|l| !l.mate && l.is_source_of(*c))
+            })
+            .fold(ClubMask::NONE, |m, c| m.union(ClubMask::one(c)))
     }
 
     /// Whether the tracker's next list may tell more: members that had not chosen a club, or
@@ -300,6 +326,7 @@ impl SwarmNode {
     pub(super) fn replace_bad_upstreams(&mut self, now: Timestamp) {
         let k = self.k();
         let silence = self.silence_for();
+        let quiet_for = self.quiet_for();
         // The stream is live if some club delivered recently.
         let live = self
             .club_last
@@ -318,6 +345,15 @@ impl SwarmNode {
                     .max(self.first_piece.unwrap_or(now));
                 live && now.saturating_since(since) > silence
             });
+            // An upstream that sends nothing at all: gone, or lost its own source (repairs
+            // from other members keep its clubs from looking silent).
+            let quiet = live
+                && !l.recv.is_empty()
+                && now.saturating_since(
+                    l.last_piece
+                        .max(l.established_at)
+                        .max(self.first_piece.unwrap_or(now)),
+                ) > quiet_for;
             let received = l.pieces_new + l.pieces_dup;
             // A link that has sent nothing at all while its clubs reach us by other paths
             // (repairs, another link) is not going to: a free rider, or a member that does
@@ -335,7 +371,7 @@ impl SwarmNode {
             let lossy = received >= 50 && l.pieces_missed * 2 > received;
             let slow =
                 received >= 50 && l.lateness_us > self.config.slow_threshold.as_micros() as f64;
-            let why = if silent_club || barren {
+            let why = if silent_club || barren || quiet {
                 UpstreamFault::Silent
             } else if lossy {
                 UpstreamFault::Lossy
@@ -513,13 +549,15 @@ impl SwarmNode {
             if !self.eligible(now, addr, c) {
                 continue;
             }
+            // Peers the tracker listed with free seats first: the others are likely full.
+            let full = u8::from(!c.free_seats);
             let rank = match c.role {
                 Role::Relay => 0,
                 Role::Publisher => 1,
-                Role::Peer if from_peers.contains(c.club) && c.club != self.club => 2,
+                Role::Peer if from_peers.contains(c.club) && c.club != self.club => 2 + full,
                 // A member of our own club that the mates do not reach: any member of the
                 // club can push it to us like to an outside member.
-                Role::Peer if from_peers.contains(c.club) => 3,
+                Role::Peer if from_peers.contains(c.club) => 4 + full,
                 Role::Peer => continue,
             };
             best.push((rank, *addr));
@@ -780,6 +818,8 @@ impl SwarmNode {
                     role: self.config.role,
                     club: self.club,
                     upload_kbps: 0,
+                    free_seats: 0,
+                    needs: ClubMask::NONE,
                     leaving: true,
                 };
                 let addr = t.addr;
