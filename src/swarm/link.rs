@@ -100,8 +100,6 @@ pub struct Link {
     pub their_join: Timestamp,
     /// When we asked for it or last re-sent our JOIN.
     pub last_join: Timestamp,
-    /// When it last sent us a piece (new or not).
-    pub last_piece: Timestamp,
     /// Pieces from it that were new to us.
     pub pieces_new: u64,
     /// Pieces from it we already had.
@@ -158,7 +156,6 @@ impl Link {
             last_keepalive: now,
             their_join: now,
             last_join: now,
-            last_piece: now,
             pieces_new: 0,
             pieces_dup: 0,
             pieces_missed: 0,

@@ -228,6 +228,9 @@ struct TrackerState {
     addr: SocketAddr,
     cookie: Option<CookieBytes>,
     next_announce: Timestamp,
+    /// When we last announced, and the clubs we said we needed.
+    last_announce: Timestamp,
+    said_needed: ClubMask,
     nonce: u64,
 }
 
@@ -341,6 +344,8 @@ impl SwarmNode {
                 addr,
                 cookie: None,
                 next_announce: Timestamp::ZERO,
+                last_announce: Timestamp::ZERO,
+                said_needed: ClubMask::NONE,
                 nonce: config.seed | 1,
             }),
             rng: StdRng::seed_from_u64(config.seed),
@@ -695,26 +700,14 @@ impl SwarmNode {
 
     /// How long a club may be silent before its upstream is replaced.
     fn silence_for(&self) -> Duration {
-        self.config.silence_timeout.max(self.club_rounds(8))
-    }
-
-    /// How long an upstream may send us no piece at all before it is replaced: shorter than
-    /// a club's silence, since repairs from other members cannot hide it.
-    fn quiet_for(&self) -> Duration {
-        self.config.silence_timeout.max(self.club_rounds(QUIET_ROUNDS))
-    }
-
-    /// The time `rounds` pieces of one club take at the stream's bitrate.
-    fn club_rounds(&self, rounds: u64) -> Duration {
-        self.info.as_ref().map_or(Duration::ZERO, |i| {
+        let eight_rounds = self.info.as_ref().map_or(Duration::ZERO, |i| {
             let piece_us = PAYLOAD * 8 * 1_000_000 / i.bitrate_bps.max(1);
-            Duration::from_micros(piece_us * rounds * u64::from(i.clubs))
-        })
+            Duration::from_micros(piece_us * 8 * u64::from(i.clubs))
+        });
+        self.config.silence_timeout.max(eight_rounds)
     }
 }
 
-/// Pieces of its club an upstream may go without sending us any before it is replaced.
-const QUIET_ROUNDS: u64 = 3;
 /// Payload bytes of a full piece (six TS packets).
 const PAYLOAD: u64 = crate::ts::PIECE_PAYLOAD as u64;
 /// No new piece for this long: look for gaps up to the newest piece (the stream paused or
@@ -737,6 +730,9 @@ const UNANSWERED_JOIN: Duration = Duration::from_millis(1200);
 /// A member replaced as an upstream, or that left our JOIN unanswered, is not asked again for
 /// this long.
 const REPLACED_BACKOFF: Duration = Duration::from_secs(3);
+/// A club newly without a source is told to the tracker at most this soon after the last
+/// announce.
+const NEEDS_ANNOUNCE: Duration = Duration::from_millis(500);
 /// A member that refused a JOIN is not asked again for this long.
 const REFUSED_BACKOFF: Duration = Duration::from_secs(2);
 const COOKIE_BUCKET: Duration = Duration::from_secs(30);

@@ -132,9 +132,6 @@ impl SwarmNode {
         }
         let seq = piece.seq();
         let club = (seq % u64::from(self.k())) as u8;
-        if let Some(l) = self.links.get_mut(&from) {
-            l.last_piece = now;
-        }
         if let Some(held) = self.ring.get(seq) {
             // A copy that differs from the verified one we hold is a forgery (or corrupt):
             // caught even when the honest copy came first, at the cost of a comparison.

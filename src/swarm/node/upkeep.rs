@@ -70,7 +70,13 @@ impl SwarmNode {
     }
 
     pub(super) fn tracker_upkeep(&mut self, now: Timestamp) {
-        if self.tracker.as_ref().is_none_or(|t| now < t.next_announce) {
+        let Some(t) = &self.tracker else { return };
+        // A club that lost its source (the upstream left) is worth asking about at once: the
+        // tracker lists members of it with free seats.
+        let newly_needed = t.cookie.is_some()
+            && now.saturating_since(t.last_announce) >= NEEDS_ANNOUNCE
+            && !self.clubs_needed(now).minus(t.said_needed).is_empty();
+        if now < t.next_announce && !newly_needed {
             return;
         }
         let unanswered = self.tracker.as_ref().is_some_and(|t| t.cookie.is_none());
@@ -90,9 +96,11 @@ impl SwarmNode {
         } else {
             self.config.announce_interval
         };
+        let needs = self.clubs_needed(now);
         let Some(t) = &mut self.tracker else { return };
         let addr = t.addr;
         t.next_announce = now + interval;
+        t.last_announce = now;
         let cookie = t.cookie;
         let nonce = t.nonce;
         if let Some(d) = self.descriptor.clone() {
@@ -120,10 +128,13 @@ impl SwarmNode {
                         .upload_limit_bps
                         .map_or(u32::MAX, |b| u32::try_from(b / 1000).unwrap_or(u32::MAX)),
                     free_seats: self.free_seats(),
-                    needs: self.clubs_needed(now),
+                    needs,
                     leaving: false,
                 };
                 self.send_control(addr, |b| a.encode(b));
+                if let Some(t) = &mut self.tracker {
+                    t.said_needed = needs;
+                }
             }
         }
     }
@@ -326,7 +337,6 @@ impl SwarmNode {
     pub(super) fn replace_bad_upstreams(&mut self, now: Timestamp) {
         let k = self.k();
         let silence = self.silence_for();
-        let quiet_for = self.quiet_for();
         // The stream is live if some club delivered recently.
         let live = self
             .club_last
@@ -345,15 +355,6 @@ impl SwarmNode {
                     .max(self.first_piece.unwrap_or(now));
                 live && now.saturating_since(since) > silence
             });
-            // An upstream that sends nothing at all: gone, or lost its own source (repairs
-            // from other members keep its clubs from looking silent).
-            let quiet = live
-                && !l.recv.is_empty()
-                && now.saturating_since(
-                    l.last_piece
-                        .max(l.established_at)
-                        .max(self.first_piece.unwrap_or(now)),
-                ) > quiet_for;
             let received = l.pieces_new + l.pieces_dup;
             // A link that has sent nothing at all while its clubs reach us by other paths
             // (repairs, another link) is not going to: a free rider, or a member that does
@@ -371,7 +372,7 @@ impl SwarmNode {
             let lossy = received >= 50 && l.pieces_missed * 2 > received;
             let slow =
                 received >= 50 && l.lateness_us > self.config.slow_threshold.as_micros() as f64;
-            let why = if silent_club || barren || quiet {
+            let why = if silent_club || barren {
                 UpstreamFault::Silent
             } else if lossy {
                 UpstreamFault::Lossy
