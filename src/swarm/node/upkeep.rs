@@ -141,7 +141,8 @@ impl SwarmNode {
 
     /// Downstream seats still free, as the tracker is told (up to 255).
     fn free_seats(&self) -> u8 {
-        if self.downstream_links() >= self.downstream_cap() {
+        // (Before it knows the stream, it cannot count seats.)
+        if self.info.is_none() || self.downstream_links() >= self.downstream_cap() {
             return 0;
         }
         let free = self.upload_units().saturating_sub(self.units_used());
@@ -702,6 +703,7 @@ impl SwarmNode {
         // takes our club and is now asked for its own): its last answer may be long past.
         l.last_keepalive = now;
         let join = self.join_for(now, addr, CookieBytes::default());
+        tracing::trace!(to = %addr, club = c.club, want = want.0, mate, free_seats = c.free_seats, "asking");
         self.send_control(addr, |b| join.encode(b));
         self.stats.joins_sent += 1;
     }
