@@ -531,11 +531,19 @@ impl TrackerCore {
                 .relays
                 .sample(&mut self.rng, Peers::MAX - listed, from, now),
         );
-        others.extend(channel.with_seats_in(&mut self.rng, a.needs, Peers::MAX - others.len(), from, now));
         let room = Peers::MAX - others.len();
-        let sampled = channel.others.sample(&mut self.rng, room, from, now);
+        others.extend(channel.with_seats_in(&mut self.rng, a.needs, room, from, now));
+        // The rest at random: drawn with room for the members already listed, which the
+        // sample may draw again.
+        let room = Peers::MAX - others.len();
+        let sampled = channel
+            .others
+            .sample(&mut self.rng, room + others.len(), from, now);
         for e in sampled {
-            if !others.iter().any(|p| p.addr == e.addr) && others.len() < Peers::MAX {
+            if others.len() == Peers::MAX {
+                break;
+            }
+            if !others.iter().any(|p| p.addr == e.addr) {
                 others.push(e);
             }
         }
@@ -620,18 +628,29 @@ mod tests {
         club: u8,
         upload_kbps: u32,
     ) -> Vec<Vec<u8>> {
-        let c = cookie(t, now, from);
-        let mut buf = [0u8; 64];
-        let n = TrackerAnnounce {
+        let a = TrackerAnnounce {
             channel,
-            cookie: c,
+            cookie: cookie(t, now, from),
             role,
             club,
             upload_kbps,
+            free_seats: 0,
+            needs: ClubMask::NONE,
             leaving: false,
-        }
-        .encode(&mut buf)
-        .unwrap();
+        };
+        send_announce(t, now, from, a)
+    }
+
+    /// Sends `a` (its cookie made good); the replies.
+    fn send_announce(
+        t: &mut TrackerCore,
+        now: Timestamp,
+        from: SocketAddr,
+        mut a: TrackerAnnounce,
+    ) -> Vec<Vec<u8>> {
+        a.cookie = cookie(t, now, from);
+        let mut buf = [0u8; 64];
+        let n = a.encode(&mut buf).unwrap();
         exchange(t, now, from, &buf[..n])
     }
 
@@ -692,8 +711,7 @@ mod tests {
                 "announce {n}: the publisher comes first for a relay"
             );
             assert_eq!(publisher_listed(&l), 1, "listed once");
-            // (The sample may have drawn it too, and gives one entry fewer then.)
-            assert!(l.len() >= Peers::MAX - 1, "a full list: {}", l.len());
+            assert_eq!(l.len(), Peers::MAX, "a full list");
         }
         let peer_lists: usize = (0..20)
             .map(|_| publisher_listed(&listed(&announce(&mut t, at(1), addr(4), ch, Role::Peer))))
@@ -707,6 +725,80 @@ mod tests {
         announce(&mut t, at(41), addr(5), ch, Role::Peer);
         let l = listed(&announce(&mut t, at(41), addr(3), ch, Role::Relay));
         assert_eq!(l, vec![addr(5)]);
+    }
+
+    /// The peer list in `replies`, as entries.
+    fn entries(replies: &[Vec<u8>]) -> Vec<PeerEntry> {
+        replies
+            .iter()
+            .find_map(|r| match Message::parse(r) {
+                Ok(Message::Peers(p)) => Some(p.iter().collect()),
+                _ => None,
+            })
+            .expect("no peer list")
+    }
+
+    #[test]
+    fn a_member_that_needs_a_club_is_told_of_its_peers_with_free_seats_first() {
+        let mut t = TrackerCore::new(TrackerConfig::default(), [1; 32], 7);
+        let key = ChannelKey::from_seed(&[3; 32]);
+        let ch = key.public().channel_id();
+        exchange(&mut t, at(0), addr(9), &descriptor(&key, 4, 1_000_000));
+        let peer = |club, free_seats, needs| TrackerAnnounce {
+            channel: ch,
+            cookie: CookieBytes::default(),
+            role: Role::Peer,
+            club,
+            upload_kbps: 1800,
+            free_seats,
+            needs: ClubMask(needs),
+            leaving: false,
+        };
+        // Far more full peers than a list holds, in every club; three of club 2 have seats.
+        for i in 0..4 * Peers::MAX as u16 {
+            send_announce(&mut t, at(0), addr(1000 + i), peer((i % 4) as u8, 0, 0));
+        }
+        let seated = [addr(11), addr(12), addr(13)];
+        for a in seated {
+            send_announce(&mut t, at(0), a, peer(2, 5, 0));
+        }
+        let with_seats = |l: &[PeerEntry]| {
+            let mut v: Vec<SocketAddr> =
+                l.iter().filter(|e| e.free_seats).map(|e| e.addr).collect();
+            v.sort();
+            v
+        };
+        // A peer of club 0 that has no source for club 2 hears of all three, flagged.
+        let l = entries(&send_announce(&mut t, at(1), addr(20), peer(0, 0, 0b100)));
+        assert_eq!(with_seats(&l), seated);
+        assert!(l.iter().all(|e| e.free_seats == seated.contains(&e.addr)));
+        assert_eq!(l.len(), Peers::MAX, "the rest is the usual sample");
+        // One that needs nothing draws them only by chance.
+        let drawn: usize = (0..20)
+            .map(|_| {
+                with_seats(&entries(&send_announce(
+                    &mut t,
+                    at(1),
+                    addr(21),
+                    peer(0, 0, 0),
+                )))
+                .len()
+            })
+            .sum();
+        assert!(drawn < 20 * seated.len(), "by chance: {drawn}");
+        // A peer whose seats filled says so and is no longer put first; one that expires is
+        // forgotten there too.
+        send_announce(&mut t, at(2), addr(11), peer(2, 0, 0));
+        for a in (0..4 * Peers::MAX as u16)
+            .map(|i| addr(1000 + i))
+            .chain([addr(12), addr(20)])
+        {
+            let club = if a == addr(12) { 2 } else { 0 };
+            send_announce(&mut t, at(10), a, peer(club, u8::from(a == addr(12)), 0));
+        }
+        t.handle_timeout(at(16));
+        let l = entries(&send_announce(&mut t, at(16), addr(20), peer(0, 0, 0b100)));
+        assert_eq!(with_seats(&l), vec![addr(12)]);
     }
 
     /// A peer without a club announces `upload_kbps`; the club the tracker gives it.
@@ -761,6 +853,8 @@ mod tests {
             role: Role::Peer,
             club: 0,
             upload_kbps: 0,
+            free_seats: 0,
+            needs: ClubMask::NONE,
             leaving: false,
         }
         .encode(&mut buf)

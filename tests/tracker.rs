@@ -8,7 +8,9 @@ use std::net::{SocketAddr, UdpSocket};
 use std::time::Duration;
 
 use clubcast::crypto::ChannelKey;
-use clubcast::wire::{ChannelId, Descriptor, Hello, Message, Role, TrackerAnnounce, MAX_DATAGRAM};
+use clubcast::wire::{
+    ChannelId, ClubMask, Descriptor, Hello, Message, Role, TrackerAnnounce, MAX_DATAGRAM,
+};
 use common::start_tracker;
 
 /// A member socket that has proved its address; announcing returns the replies.
@@ -51,6 +53,8 @@ impl Member {
             role,
             club: 2,
             upload_kbps: 6000,
+            free_seats: 0,
+            needs: ClubMask::NONE,
             leaving: false,
         }
         .encode(&mut buf)

@@ -14,8 +14,8 @@ use rand::{Rng, SeedableRng};
 use super::network::{Fate, Host, Network};
 use super::queue::EventQueue;
 use super::report::{
-    round3, Attacks, BoundCheck, ClubOutages, Duplicates, Links, Missed, NetworkCounts, Quantiles, Repairs,
-    Report, Spread,
+    round3, Attacks, BoundCheck, ClubOutages, Duplicates, Links, Missed, NetworkCounts, Quantiles,
+    Repairs, Report, Spread,
 };
 use super::scenario::Scenario;
 use super::SimError;
@@ -121,7 +121,8 @@ impl Member {
 }
 
 fn bit(bits: &[u64], index: usize) -> bool {
-    bits.get(index / 64).is_some_and(|w| w >> (index % 64) & 1 == 1)
+    bits.get(index / 64)
+        .is_some_and(|w| w >> (index % 64) & 1 == 1)
 }
 
 fn set_bit(bits: &mut Vec<u64>, index: usize) {

@@ -102,12 +102,14 @@ fn build(s: &Setup, key: &ChannelKey) -> Net {
         addr: addr(0),
         role: Role::Publisher,
         club: ALL_CLUBS,
+        free_seats: false,
     }];
     let first_peer = if s.relay {
         entries.push(PeerEntry {
             addr: addr(1),
             role: Role::Relay,
             club: ALL_CLUBS,
+            free_seats: false,
         });
         let mut relay = SwarmNode::new(
             public,
@@ -165,6 +167,7 @@ fn build(s: &Setup, key: &ChannelKey) -> Net {
             addr: addr(i),
             role: Role::Peer,
             club: net.nodes[i].club(),
+            free_seats: false,
         });
     }
     for i in 0..total {

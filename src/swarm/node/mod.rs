@@ -851,6 +851,7 @@ mod tests {
             addr,
             role: Role::Peer,
             club: 3,
+            free_seats: false,
         }));
         for (addr, departing) in [(ended, false), (gone, true)] {
             let join = Join {
@@ -863,6 +864,69 @@ mod tests {
         }
         assert!(node.candidates.contains_key(&ended));
         assert!(!node.candidates.contains_key(&gone));
+    }
+
+    #[test]
+    fn a_peer_asks_members_listed_with_free_seats_first_and_tells_what_it_still_needs() {
+        let mut node = member_with_limit(Role::Peer, 10_000_000);
+        node.club = 3;
+        node.club_chosen = true;
+        let now = Timestamp::from_micros(10_000_000);
+        let at = |i: u8| SocketAddr::from(([10, 0, 0, i], 7000));
+        // Ten members of club 5 the tracker listed as full, one with free seats.
+        node.add_candidates((1..=11).map(|i| PeerEntry {
+            addr: at(i),
+            role: Role::Peer,
+            club: 5,
+            free_seats: i == 11,
+        }));
+        // Nothing comes yet: every club is needed, the own one too (no mates).
+        assert_eq!(node.clubs_needed(now), ClubMask::all(24));
+        node.find_sources(now);
+        let asked: Vec<SocketAddr> = node
+            .links
+            .iter()
+            .filter(|(_, l)| l.initiated && l.wanted.contains(5))
+            .map(|(a, _)| *a)
+            .collect();
+        assert_eq!(
+            asked,
+            vec![at(11)],
+            "one JOIN for club 5, to the one with seats"
+        );
+        // It grants the club: no longer needed. Another that refuses loses its flag (the
+        // tracker's word is as old as the member's last announce).
+        let channel = node.channel;
+        let accept = |granted| Accept {
+            channel,
+            granted,
+            role: Role::Peer,
+            club: 5,
+            mate: false,
+        };
+        node.on_accept(now, at(11), &accept(ClubMask::one(5)));
+        assert!(!node.clubs_needed(now).contains(5));
+        assert_eq!(node.clubs_needed(now).len(), 23);
+        node.add_candidates([PeerEntry {
+            addr: at(12),
+            role: Role::Peer,
+            club: 6,
+            free_seats: true,
+        }]);
+        node.ask(now, at(12), ClubMask::one(6), false);
+        node.on_accept(now, at(12), &accept(ClubMask::NONE));
+        assert!(!node.candidates[&at(12)].free_seats);
+        assert!(node.clubs_needed(now).contains(6));
+    }
+
+    #[test]
+    fn free_seats_are_told_only_once_the_stream_is_known() {
+        let mut node = member_with_limit(Role::Peer, 10_000_000);
+        let free = node.upload_units() - node.units_used();
+        assert!(free > 0);
+        assert_eq!(u64::from(node.free_seats()), free.min(255));
+        node.info = None;
+        assert_eq!(node.free_seats(), 0);
     }
 
     #[test]

@@ -140,7 +140,7 @@ impl SwarmNode {
     }
 
     /// Downstream seats still free, as the tracker is told (up to 255).
-    fn free_seats(&self) -> u8 {
+    pub(super) fn free_seats(&self) -> u8 {
         // (Before it knows the stream, it cannot count seats.)
         if self.info.is_none() || self.downstream_links() >= self.downstream_cap() {
             return 0;
@@ -151,17 +151,20 @@ impl SwarmNode {
 
     /// Clubs with no source here (the own club counts while its mates carry it on time), as
     /// the tracker is told: it lists members of them with free seats first.
-    fn clubs_needed(&self, now: Timestamp) -> ClubMask {
+    pub(super) fn clubs_needed(&self, now: Timestamp) -> ClubMask {
         if self.config.role == Role::Publisher {
             return ClubMask::NONE;
         }
+        let mut sourced = self
+            .links
+            .values()
+            .filter(|l| !l.mate && l.established)
+            .fold(ClubMask::NONE, |m, l| m.union(l.recv));
         let mates_carry = self.own_club_flowing(now) && self.links.values().any(|l| l.mate);
-        (0..self.k())
-            .filter(|c| {
-                let own = *c == self.club && self.config.role == Role::Peer;
-                !(own && mates_carry) && !self.links.values().any(|l| !l.mate && l.is_source_of(*c))
-            })
-            .fold(ClubMask::NONE, |m, c| m.union(ClubMask::one(c)))
+        if self.config.role == Role::Peer && mates_carry {
+            sourced = sourced.union(ClubMask::one(self.club));
+        }
+        ClubMask::all(self.k()).minus(sourced)
     }
 
     /// Whether the tracker's next list may tell more: members that had not chosen a club, or
