@@ -201,6 +201,9 @@ struct Candidate {
     free_seats: bool,
     /// Do not ask it again before this.
     backoff_until: Timestamp,
+    /// Its free seats count for nothing before this: we replaced it as an upstream (a free
+    /// rider or a delayer has seats to spare and says so).
+    demoted_until: Timestamp,
 }
 
 /// A gap being repaired.
@@ -426,6 +429,7 @@ impl SwarmNode {
                 club: e.club,
                 free_seats: e.free_seats,
                 backoff_until: Timestamp::ZERO,
+                demoted_until: Timestamp::ZERO,
             });
             c.role = e.role;
             c.club = e.club;
@@ -733,6 +737,8 @@ const REPLACED_BACKOFF: Duration = Duration::from_secs(3);
 /// A club newly without a source is told to the tracker at most this soon after the last
 /// announce.
 const NEEDS_ANNOUNCE: Duration = Duration::from_millis(500);
+/// How long an upstream we replaced is not preferred for the free seats it announces.
+const REPLACED_DEMOTION: Duration = Duration::from_secs(30);
 /// A member that refused a JOIN is not asked again for this long.
 const REFUSED_BACKOFF: Duration = Duration::from_secs(2);
 const COOKIE_BUCKET: Duration = Duration::from_secs(30);

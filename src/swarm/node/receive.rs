@@ -480,6 +480,7 @@ impl SwarmNode {
                 club: j.club,
                 free_seats: false,
                 backoff_until: Timestamp::ZERO,
+                demoted_until: Timestamp::ZERO,
             });
         }
         // A keepalive of a link we granted: it keeps only what it still wants, and may ask

@@ -293,6 +293,7 @@ impl SwarmNode {
         if backoff {
             if let Some(c) = self.candidates.get_mut(&addr) {
                 c.backoff_until = now + REPLACED_BACKOFF;
+                c.demoted_until = now + REPLACED_DEMOTION;
             }
         }
     }
@@ -555,7 +556,7 @@ impl SwarmNode {
                 continue;
             }
             // Peers the tracker listed with free seats first: the others are likely full.
-            let full = u8::from(!c.free_seats);
+            let full = u8::from(!c.free_seats || c.demoted_until > now);
             let rank = match c.role {
                 Role::Relay => 0,
                 Role::Publisher => 1,
