@@ -926,6 +926,36 @@ mod tests {
     }
 
     #[test]
+    fn an_upstream_replaced_is_not_preferred_for_its_free_seats_for_a_while() {
+        let mut node = member_with_limit(Role::Peer, 10_000_000);
+        node.club = 3;
+        node.club_chosen = true;
+        let now = Timestamp::from_micros(10_000_000);
+        let at = |i: u8| SocketAddr::from(([10, 0, 0, i], 7000));
+        node.add_candidates((1..=2).map(|i| PeerEntry {
+            addr: at(i),
+            role: Role::Peer,
+            club: 5,
+            free_seats: i == 1,
+        }));
+        let rank =
+            |n: &SwarmNode, i: u8, t| n.source_rank(t, &n.candidates[&at(i)], ClubMask::one(5));
+        assert!(rank(&node, 1, now) < rank(&node, 2, now));
+        // Replaced (a free rider has seats to spare): asked again after the back-off, but
+        // as one of the rest until the demotion ends, though the tracker still lists seats.
+        node.drop_link(now, at(1), true);
+        let later = now + REPLACED_BACKOFF;
+        assert!(node.eligible(later, &at(1), &node.candidates[&at(1)]));
+        assert_eq!(rank(&node, 1, later), rank(&node, 2, later));
+        assert!(rank(&node, 1, now + REPLACED_DEMOTION) < rank(&node, 2, now));
+        // Members of clubs not asked for are not ranked at all.
+        assert_eq!(
+            node.source_rank(now, &node.candidates[&at(2)], ClubMask::one(6)),
+            None
+        );
+    }
+
+    #[test]
     fn free_seats_are_told_only_once_the_stream_is_known() {
         let mut node = member_with_limit(Role::Peer, 10_000_000);
         let free = node.upload_units() - node.units_used();

@@ -550,24 +550,12 @@ impl SwarmNode {
         }
         // Own club: its mates are sources once linked; still ask the publisher or a relay to
         // seed it, which is how a club's first pieces arrive.
-        let mut best: Vec<(u8, SocketAddr)> = Vec::new();
-        for (addr, c) in &self.candidates {
-            if !self.eligible(now, addr, c) {
-                continue;
-            }
-            // Peers the tracker listed with free seats first: the others are likely full.
-            let full = u8::from(!c.free_seats || c.demoted_until > now);
-            let rank = match c.role {
-                Role::Relay => 0,
-                Role::Publisher => 1,
-                Role::Peer if from_peers.contains(c.club) && c.club != self.club => 2 + full,
-                // A member of our own club that the mates do not reach: any member of the
-                // club can push it to us like to an outside member.
-                Role::Peer if from_peers.contains(c.club) => 4 + full,
-                Role::Peer => continue,
-            };
-            best.push((rank, *addr));
-        }
+        let mut best: Vec<(u8, SocketAddr)> = self
+            .candidates
+            .iter()
+            .filter(|(addr, c)| self.eligible(now, addr, c))
+            .filter_map(|(addr, c)| Some((self.source_rank(now, c, from_peers)?, *addr)))
+            .collect();
         best.sort_unstable();
         // Shuffle within each rank, deterministically.
         let mut i = 0;
@@ -597,6 +585,27 @@ impl SwarmNode {
             self.ask(now, addr, want.intersect(needed), false);
             needed = needed.minus(want);
         }
+    }
+
+    /// Where candidate `c` comes among the members to ask for clubs (`from_peers`: what
+    /// peers may be asked for), lowest first; `None`: not worth asking.
+    pub(super) fn source_rank(
+        &self,
+        now: Timestamp,
+        c: &Candidate,
+        from_peers: ClubMask,
+    ) -> Option<u8> {
+        // Peers the tracker listed with free seats first: the others are likely full.
+        let full = u8::from(!c.free_seats || c.demoted_until > now);
+        Some(match c.role {
+            Role::Relay => 0,
+            Role::Publisher => 1,
+            Role::Peer if from_peers.contains(c.club) && c.club != self.club => 2 + full,
+            // A member of our own club that the mates do not reach: any member of the club
+            // can push it to us like to an outside member.
+            Role::Peer if from_peers.contains(c.club) => 4 + full,
+            Role::Peer => return None,
+        })
     }
 
     /// Clubs a peer upstream gives us.
