@@ -201,8 +201,9 @@ struct Candidate {
     free_seats: bool,
     /// Do not ask it again before this.
     backoff_until: Timestamp,
-    /// Its free seats count for nothing before this: we replaced it as an upstream (a free
-    /// rider or a delayer has seats to spare and says so).
+    /// Its free seats count for nothing before this: we replaced it as an upstream, or it
+    /// left our JOIN unanswered (a free rider or a delayer has seats to spare and says so;
+    /// a member that left is listed with its last claim until the tracker forgets it).
     demoted_until: Timestamp,
 }
 
@@ -737,7 +738,8 @@ const REPLACED_BACKOFF: Duration = Duration::from_secs(3);
 /// A club newly without a source is told to the tracker at most this soon after the last
 /// announce.
 const NEEDS_ANNOUNCE: Duration = Duration::from_millis(500);
-/// How long an upstream we replaced is not preferred for the free seats it announces.
+/// How long a member we replaced as an upstream, or that left our JOIN unanswered, is not
+/// preferred for the free seats it announces.
 const REPLACED_DEMOTION: Duration = Duration::from_secs(30);
 /// A member that refused a JOIN is not asked again for this long.
 const REFUSED_BACKOFF: Duration = Duration::from_secs(2);

@@ -71,12 +71,17 @@ impl SwarmNode {
 
     pub(super) fn tracker_upkeep(&mut self, now: Timestamp) {
         let Some(t) = &self.tracker else { return };
+        let due = now >= t.next_announce;
         // A club that lost its source (the upstream left) is worth asking about at once: the
         // tracker lists members of it with free seats.
-        let newly_needed = t.cookie.is_some()
-            && now.saturating_since(t.last_announce) >= NEEDS_ANNOUNCE
-            && !self.clubs_needed(now).minus(t.said_needed).is_empty();
-        if now < t.next_announce && !newly_needed {
+        let may_tell_needs =
+            t.cookie.is_some() && now.saturating_since(t.last_announce) >= NEEDS_ANNOUNCE;
+        let said_needed = t.said_needed;
+        if !due && !may_tell_needs {
+            return;
+        }
+        let needs = self.clubs_needed(now);
+        if !due && needs.minus(said_needed).is_empty() {
             return;
         }
         let unanswered = self.tracker.as_ref().is_some_and(|t| t.cookie.is_none());
@@ -96,7 +101,6 @@ impl SwarmNode {
         } else {
             self.config.announce_interval
         };
-        let needs = self.clubs_needed(now);
         let Some(t) = &mut self.tracker else { return };
         let addr = t.addr;
         t.next_announce = now + interval;
