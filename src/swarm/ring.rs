@@ -15,7 +15,8 @@ pub type PieceBytes = Arc<[u8]>;
 #[derive(Debug, Clone)]
 struct Entry {
     bytes: PieceBytes,
-    arrived: Timestamp,
+    /// When the publisher says it published the piece (its clock, µs).
+    published_us: u64,
     club: u8,
 }
 
@@ -50,8 +51,16 @@ impl PieceRing {
         self.floor.is_some_and(|f| seq <= f)
     }
 
-    /// Stores a piece; false if it was already held.
-    pub fn insert(&mut self, now: Timestamp, seq: u64, club: u8, bytes: PieceBytes) -> bool {
+    /// Stores a piece published at `published_us` (the publisher's clock); false if it was
+    /// already held.
+    pub fn insert(
+        &mut self,
+        now: Timestamp,
+        seq: u64,
+        club: u8,
+        published_us: u64,
+        bytes: PieceBytes,
+    ) -> bool {
         if self.pieces.contains_key(&seq) {
             return false;
         }
@@ -59,7 +68,7 @@ impl PieceRing {
             seq,
             Entry {
                 bytes,
-                arrived: now,
+                published_us,
                 club,
             },
         );
@@ -73,10 +82,9 @@ impl PieceRing {
         self.pieces.get(&seq).map(|e| &e.bytes)
     }
 
-    /// The piece `seq` if it arrived no longer than `within` before `now`.
-    pub fn get_fresh(&self, now: Timestamp, seq: u64, within: Duration) -> Option<&PieceBytes> {
-        let e = self.pieces.get(&seq)?;
-        (now.saturating_since(e.arrived) <= within).then_some(&e.bytes)
+    /// The piece `seq` and when it was published (the publisher's clock, µs), if held.
+    pub fn get_published(&self, seq: u64) -> Option<(&PieceBytes, u64)> {
+        self.pieces.get(&seq).map(|e| (&e.bytes, e.published_us))
     }
 
     /// Pieces of the clubs `wanted` says yes to that arrived within `within` of `now`, oldest
@@ -125,13 +133,11 @@ mod tests {
     fn holds_recent_pieces_and_evicts_by_age() {
         let mut r = PieceRing::new(Duration::from_millis(100));
         let b: PieceBytes = Arc::from(&[1u8, 2, 3][..]);
-        assert!(r.insert(at(0), 10, 0, b.clone()));
-        assert!(!r.insert(at(1), 10, 0, b.clone()), "duplicate");
-        assert!(r.insert(at(50), 11, 1, b.clone()));
-        assert!(r
-            .get_fresh(at(60), 10, Duration::from_millis(100))
-            .is_some());
-        assert!(r.get_fresh(at(60), 10, Duration::from_millis(30)).is_none());
+        assert!(r.insert(at(0), 10, 0, 7, b.clone()));
+        assert!(!r.insert(at(1), 10, 0, 7, b.clone()), "duplicate");
+        assert!(r.insert(at(50), 11, 1, 9, b.clone()));
+        assert_eq!(r.get_published(10).map(|(_, t)| t), Some(7));
+        assert_eq!(r.get_published(11).map(|(_, t)| t), Some(9));
         assert_eq!(
             r.recent(at(60), Duration::from_millis(100), |c| c == 1)
                 .iter()
@@ -139,7 +145,7 @@ mod tests {
                 .collect::<Vec<_>>(),
             vec![11]
         );
-        r.insert(at(140), 12, 0, b);
+        r.insert(at(140), 12, 0, 12, b);
         assert!(!r.contains(10) && r.contains(11));
         assert!(r.is_stale(10) && !r.is_stale(11));
     }

@@ -102,7 +102,9 @@ pub struct SwarmConfig {
     pub seeds_per_club: usize,
     /// How long pieces are kept for repair and catch-up.
     pub ring: Duration,
-    /// A piece older than this (since it arrived) is not resent: it could not play in time.
+    /// How long after it is published a piece can still play (the viewers' jitter window):
+    /// gaps are asked for until this long after they were noticed, and a piece is not resent
+    /// once it trails the fastest path by this, less half the round trip to the asker.
     pub repair_horizon: Duration,
     /// How much of the recent stream a new downstream link gets (catch-up).
     pub catch_up: Duration,
@@ -1014,6 +1016,35 @@ mod tests {
             peer.downstream_cap(),
             SwarmConfig::default().max_downstreams
         );
+    }
+
+    #[test]
+    fn a_piece_is_resent_only_while_it_can_still_play() {
+        let mut node = member_with_limit(Role::Peer, 10_000_000);
+        let ms = |m: u64| Timestamp::from_micros(m * 1000);
+        let to = SocketAddr::from(([10, 0, 0, 9], 7000));
+        let unit = node.unit_bytes();
+        node.links
+            .get_or_insert_with(to, || Link::new(ms(0), Role::Peer, 3, false, unit));
+        let one_way = node.links.get(&to).map(|l| l.srtt / 2).unwrap();
+        assert_eq!(one_way, Duration::from_millis(50));
+        let bytes: PieceBytes = Arc::from(&[1u8; 100][..]);
+        // The publisher's clock is 9 s behind ours: piece 0 comes by the fastest path seen,
+        // piece 1 half a second behind it.
+        node.accept_piece(ms(10_000), None, 0, 0, 1_000_000, bytes.clone());
+        node.accept_piece(ms(10_600), None, 1, 1, 1_100_000, bytes);
+        let horizon = node.config.repair_horizon.as_millis() as u64;
+        let servable = |n: &SwarmNode, t: u64, seq: u64| n.servable(ms(t), seq, &to).is_some();
+        // Piece 0 goes while it and the way to the asker fit in the horizon...
+        assert!(servable(&node, 10_000 + horizon - 50, 0));
+        assert!(!servable(&node, 10_000 + horizon - 40, 0));
+        // ...and piece 1, half a second late, half a second less after it arrived (not for
+        // the horizon after it arrived).
+        assert!(servable(&node, 10_100 + horizon - 50, 1));
+        assert!(!servable(&node, 10_100 + horizon - 40, 1));
+        assert!(!servable(&node, 10_600 + horizon - 100, 1));
+        // Nothing is servable that is not held.
+        assert!(!servable(&node, 10_000, 2));
     }
 
     #[test]

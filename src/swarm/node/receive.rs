@@ -198,7 +198,8 @@ impl SwarmNode {
         publish_time_us: u64,
         bytes: PieceBytes,
     ) {
-        self.ring.insert(now, seq, club, bytes.clone());
+        self.ring
+            .insert(now, seq, club, publish_time_us, bytes.clone());
         // Only pieces that advance their club say how late a path is (repairs and catch-up
         // are late by design).
         let advances = self.advances_club(seq, club);
@@ -800,12 +801,11 @@ impl SwarmNode {
             self.stats.nacks_ignored += 1;
             return;
         }
-        let horizon = self.config.repair_horizon;
         let mut served = 0;
         let mut missed = 0;
         let seqs: Vec<u64> = n.seqs().collect();
         for seq in seqs {
-            if self.ring.get_fresh(now, seq, horizon).is_some() {
+            if self.servable(now, seq, &from).is_some() {
                 if self.queue_background(from, seq) {
                     served += 1;
                 }

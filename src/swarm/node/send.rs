@@ -95,7 +95,6 @@ impl SwarmNode {
     }
 
     pub(super) fn next_background(&mut self, now: Timestamp) -> Option<Transmit> {
-        let horizon = self.config.repair_horizon;
         if !self.background_waiting {
             return None;
         }
@@ -119,30 +118,26 @@ impl SwarmNode {
             let k = (self.stats.background_pieces_out as usize) % addrs.len();
             addrs.rotate_left(k);
         }
-        let sent = self.background_round(now, horizon, &addrs);
+        let sent = self.background_round(now, &addrs);
         self.give_back(addrs);
         sent
     }
 
     /// One round of [`SwarmNode::next_background`] over `addrs`.
-    fn background_round(
-        &mut self,
-        now: Timestamp,
-        horizon: Duration,
-        addrs: &[SocketAddr],
-    ) -> Option<Transmit> {
+    fn background_round(&mut self, now: Timestamp, addrs: &[SocketAddr]) -> Option<Transmit> {
         for &to in addrs {
-            while let Some(l) = self.links.get_mut(&to) {
-                let Some(&seq) = l.background.front() else {
-                    break;
-                };
-                let Some(bytes) = self.ring.get_fresh(now, seq, horizon).cloned() else {
+            while let Some(&seq) = self.links.get(&to).and_then(|l| l.background.front()) {
+                let Some(bytes) = self.servable(now, seq, &to) else {
                     self.pop_background(to);
                     self.stats.repairs_unavailable += 1;
                     continue;
                 };
                 let len = bytes.len() as u64;
-                if !l.background_allows(len) {
+                if !self
+                    .links
+                    .get(&to)
+                    .is_some_and(|l| l.background_allows(len))
+                {
                     self.stats.background_blocked_window += 1;
                     break;
                 }
@@ -179,6 +174,19 @@ impl SwarmNode {
             }
         }
         None
+    }
+
+    /// The piece `seq` if a resend to `to` can still arrive before it must play: how far
+    /// it trails the fastest path this member has seen (its age since publishing, less that
+    /// path's delay, whatever the clocks' offset), plus half the link's round trip, is within
+    /// the repair horizon. Anything later would spend upload on a piece nobody can play.
+    pub(super) fn servable(&self, now: Timestamp, seq: u64, to: &SocketAddr) -> Option<PieceBytes> {
+        let (bytes, published_us) = self.ring.get_published(seq)?;
+        let offset = now.as_micros() as i64 - published_us as i64;
+        let behind = offset - self.best_offset_us.unwrap_or(offset).min(offset);
+        let one_way = self.links.get(to).map_or(Duration::ZERO, |l| l.srtt / 2);
+        let due = Duration::from_micros(behind as u64) + one_way;
+        (due <= self.config.repair_horizon).then(|| bytes.clone())
     }
 
     pub(super) fn sent_piece(&mut self, now: Timestamp, q: Queued, background: bool) -> Transmit {
