@@ -136,7 +136,7 @@ impl Default for SwarmConfig {
             role: Role::Peer,
             tracker: None,
             upload_limit_bps: None,
-            max_mates: 4,
+            max_mates: 3,
             max_downstreams: 64,
             seeds_per_club: 2,
             ring: Duration::from_secs(4),
@@ -327,6 +327,8 @@ const ACK_WINDOW_SLACK: Duration = Duration::from_millis(500);
 const SEARCH: Duration = Duration::from_millis(100);
 /// Gaps NACKed at most this many times.
 const MAX_NACKS: u32 = 10;
+/// From this try on, a gap's NACK goes to any linked member, not only the club's sources.
+const WIDE_FROM_TRY: u32 = 1;
 /// Links asked for at once while looking for sources.
 const MAX_PENDING_JOINS: usize = 8;
 /// Mate links a peer accepts beyond the `max_mates` it asks for itself.
@@ -805,40 +807,42 @@ mod tests {
     }
 
     #[test]
-    fn a_member_whose_club_flows_takes_a_starving_asker_as_a_fifth_mate() {
+    fn a_member_whose_club_flows_takes_a_starving_asker_as_one_mate_more() {
         let mut node = member_with_limit(Role::Peer, 10_000_000);
         node.club = 3;
         node.club_chosen = true;
         node.club_fresh = vec![Timestamp::ZERO; 24];
         let now = Timestamp::from_micros(10_000_000);
-        let at = |i: u8| SocketAddr::from(([10, 0, 0, i], 7000));
-        for i in 1..=4 {
+        let at = |i: usize| SocketAddr::from(([10, 0, 0, i as u8], 7000));
+        let most = node.config.max_mates;
+        for i in 1..=most {
             assert_eq!(
                 node.grant(now, at(i), &mate_join(false)),
                 (ClubMask::one(3), true)
             );
         }
         let seats = node.units_used();
-        // Full: a fifth asker is refused while our own club does not flow here either.
+        // Full: one more asker is refused while our own club does not flow here either.
+        let extra = at(most + 1);
         assert_eq!(
-            node.grant(now, at(5), &mate_join(true)),
+            node.grant(now, extra, &mate_join(true)),
             (ClubMask::NONE, false)
         );
         // The club flows: an asker that does not starve is still refused, one that starves
         // is taken, and its mate link takes a seat.
         node.club_fresh[3] = now;
         assert_eq!(
-            node.grant(now, at(5), &mate_join(false)),
+            node.grant(now, extra, &mate_join(false)),
             (ClubMask::NONE, false)
         );
         assert_eq!(
-            node.grant(now, at(5), &mate_join(true)),
+            node.grant(now, extra, &mate_join(true)),
             (ClubMask::one(3), true)
         );
         assert_eq!(node.units_used(), seats + 1);
         // One beyond the usual number, not more.
         assert_eq!(
-            node.grant(now, at(6), &mate_join(true)),
+            node.grant(now, at(most + 2), &mate_join(true)),
             (ClubMask::NONE, false)
         );
     }

@@ -683,7 +683,7 @@ impl SwarmNode {
 
     /// Where NACKs for `club` go, best first: the club's sources, upstreams and seeds (which
     /// had the piece pushed to them) before mates (which may have missed it as we did); with
-    /// `wide` (after two tries), then any member we are linked with: every member receives
+    /// `wide` (from the second try), then any member we are linked with: every member receives
     /// every club, so most have it.
     fn nack_sources(&self, club: u8, wide: bool) -> Vec<SocketAddr> {
         let mut sources: Vec<(u8, SocketAddr)> = self
@@ -755,13 +755,13 @@ impl SwarmNode {
                 continue;
             }
             let club = (seq % k) as u8;
-            let wide = m.tries >= 2;
+            let wide = m.tries >= WIDE_FROM_TRY;
             let sources = sources_by_club[usize::from(club) * 2 + usize::from(wide)]
                 .get_or_insert_with(|| self.nack_sources(club, wide));
             let seeder = publisher
                 .filter(|(_, clubs)| clubs.contains(club))
                 .map(|(a, _)| a);
-            let Some(target) = nack_target(sources, seeder, m.tries) else {
+            let Some(target) = nack_target(sources, seeder, m.tries, seq) else {
                 continue;
             };
             let rtt = self
@@ -862,51 +862,73 @@ enum UpstreamFault {
     Slow,
 }
 
-/// The member asked on try `tries` from `sources` (best first; after two tries, the wide
-/// list), in turn; the third try goes to the publisher if it seeds us that club. A piece that
-/// every seed of its club lost exists only at the publisher, and the turn through a wide list
-/// asked it once in ten tries: one lost NACK lost the piece for the whole club. (Asking any
+/// The member asked on try `tries` for piece `seq` from `sources` (best first; from try
+/// [`WIDE_FROM_TRY`], the wide list). The first try goes to the club's source. Later tries go
+/// round the wide list from a place that depends on the piece: a busy source's backlog rarely
+/// answers a second NACK in time, and starting every piece's turn at the head of the list (in
+/// address order) sent most members' wide NACKs to the same few early joiners. The third try
+/// goes to the publisher if it seeds us that club: a piece that every seed of its club lost
+/// exists only there, and a turn through a wide list asked it once in ten tries. (Asking any
 /// upstream again there instead multiplied the repairs given up behind a relay by eight.)
 fn nack_target(
     sources: &[SocketAddr],
     publisher: Option<SocketAddr>,
     tries: u32,
+    seq: u64,
 ) -> Option<SocketAddr> {
     match publisher {
         Some(p) if tries == 2 && sources.contains(&p) => Some(p),
         _ if sources.is_empty() => None,
-        _ => Some(sources[tries as usize % sources.len()]),
+        _ if tries < WIDE_FROM_TRY => Some(sources[tries as usize % sources.len()]),
+        _ => {
+            // Spread the pieces' turns over the list (a multiplicative hash of the sequence).
+            let start = seq.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32;
+            let turn = start + u64::from(tries - WIDE_FROM_TRY);
+            Some(sources[(turn % sources.len() as u64) as usize])
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeSet;
 
     fn at(i: u8) -> SocketAddr {
         SocketAddr::from(([10, 0, 0, i], 7000))
     }
 
     #[test]
-    fn the_publisher_is_asked_again_when_the_list_widens() {
-        // Before the list widens: the upstream (here the publisher), then the mate.
+    fn the_publisher_is_asked_again_on_the_third_try() {
+        // The first try goes to the best source (here the publisher, which seeds us).
         let narrow = [at(1), at(2)];
         let publisher = Some(at(1));
-        assert_eq!(nack_target(&narrow, publisher, 0), Some(at(1)));
-        assert_eq!(nack_target(&narrow, publisher, 1), Some(at(2)));
-        // The third try goes back to the publisher; the rest go round the wide list.
+        assert_eq!(nack_target(&narrow, publisher, 0, 7), Some(at(1)));
+        // The third try goes back to the publisher, whatever the piece.
         let wide = [at(1), at(2), at(3), at(4), at(5)];
-        let asked: Vec<SocketAddr> = (2..9)
-            .map(|n| nack_target(&wide, publisher, n).unwrap())
-            .collect();
-        assert_eq!(asked, [at(1), at(4), at(5), at(1), at(2), at(3), at(4)]);
-        // Any other upstream (a relay) is not asked again out of turn.
-        let asked: Vec<SocketAddr> = (2..5)
-            .map(|n| nack_target(&wide, None, n).unwrap())
-            .collect();
-        assert_eq!(asked, [at(3), at(4), at(5)]);
+        for seq in 0..50 {
+            assert_eq!(nack_target(&wide, publisher, 2, seq), Some(at(1)));
+        }
         // An unlinked publisher is not asked; nothing to ask, nothing asked.
-        assert_eq!(nack_target(&wide, Some(at(9)), 2), Some(at(3)));
-        assert_eq!(nack_target(&[], publisher, 3), None);
+        assert_ne!(nack_target(&wide, Some(at(9)), 2, 7), Some(at(9)));
+        assert_eq!(nack_target(&[], publisher, 3, 7), None);
+    }
+
+    #[test]
+    fn wide_tries_go_round_the_list_from_a_place_that_depends_on_the_piece() {
+        let wide: Vec<SocketAddr> = (1..=8).map(at).collect();
+        // One piece's tries visit every member in turn.
+        let asked: BTreeSet<SocketAddr> = (1..9)
+            .map(|n| nack_target(&wide, None, n, 42).unwrap())
+            .collect();
+        assert_eq!(asked.len(), wide.len());
+        // Different pieces' first wide tries spread over the list instead of all going to its
+        // head: over 800 pieces, every member gets between half and twice its share.
+        let mut asked = [0u32; 8];
+        for seq in 0..800 {
+            let to = nack_target(&wide, None, 1, seq).unwrap();
+            asked[wide.iter().position(|a| *a == to).unwrap()] += 1;
+        }
+        assert!(asked.iter().all(|n| (50..=200).contains(n)), "{asked:?}");
     }
 }
