@@ -288,11 +288,6 @@ pub struct SwarmNode {
     /// Control sent since `control_since`, bytes on the line.
     control_window: u64,
     control_since: Timestamp,
-    /// Repairs and catch-up asked of this member, bytes per second on the line, smoothed over
-    /// seconds: what a peer keeps back from seats (within bounds).
-    background_demand: u64,
-    /// Repairs and catch-up queued since `control_since`, bytes on the line.
-    background_window: u64,
     delivered: VecDeque<PieceBytes>,
     /// Scratch list of where a piece goes (kept to avoid an allocation per piece).
     targets: Vec<(SocketAddr, bool)>,
@@ -401,8 +396,6 @@ impl SwarmNode {
             next_tick: Timestamp::ZERO,
             control_rate: 0,
             control_window: 0,
-            background_demand: 0,
-            background_window: 0,
             control_since: Timestamp::ZERO,
             next_search: Timestamp::ZERO,
             started: None,
@@ -557,7 +550,6 @@ impl SwarmNode {
         }
         l.background.push_back(seq);
         self.background_waiting = true;
-        self.background_window += FULL_PIECE + DATAGRAM_OVERHEAD;
         if let Err(i) = self.backlogged.binary_search(&to) {
             self.backlogged.insert(i, to);
         }
@@ -593,7 +585,8 @@ impl SwarmNode {
     /// Bytes per second of one club's share of the stream, on the line (each 1 128-byte
     /// payload travels with 96 bytes of header and signature, and 28 of IP and UDP).
     fn unit_bytes(&self) -> u64 {
-        let wire = |bps: u64| bps / 8 * (FULL_PIECE + DATAGRAM_OVERHEAD) / PAYLOAD;
+        let overhead = (PieceHeader::LEN + SIGNATURE_LEN) as u64 + DATAGRAM_OVERHEAD;
+        let wire = |bps: u64| bps / 8 * (PAYLOAD + overhead) / PAYLOAD;
         self.info
             .as_ref()
             .map_or(1, |i| (wire(i.bitrate_bps) / u64::from(self.k())).max(1))
@@ -613,20 +606,14 @@ impl SwarmNode {
         let Some(limit) = self.config.upload_limit_bps else {
             return u64::MAX;
         };
-        let budget = (limit / 8).saturating_sub(self.control_allowance());
-        let units = budget / self.unit_bytes();
+        let units = (limit / 8).saturating_sub(self.control_allowance()) / self.unit_bytes();
         match self.config.role {
             // Mates come first: a peer keeps room to push its club to them (one push fewer
-            // than there are mates: none goes back to the mate a piece came from), and room
-            // for the repairs and catch-up asked of it, from a twentieth of its upload to a
-            // twelfth. In the simulator a fixed twentieth starved repairs at 1.5x the stream
-            // rate; a fixed twelfth cost small clubs (K = 10) a seat they needed, and a tenth
-            // left too few seats for every club (session 17).
-            Role::Peer => {
-                let reserve = self.background_demand.clamp(budget / 20, budget / 12);
-                (budget.saturating_sub(reserve) / self.unit_bytes())
-                    .saturating_sub(self.mates_expected().saturating_sub(1).max(1) as u64)
-            }
+            // than there are mates: none goes back to the mate a piece came from), and a
+            // twentieth of its upload for repairs and catch-up (a tenth left peers of 1.5x the
+            // stream rate short of units for every club, in the simulator).
+            Role::Peer => (units * 19 / 20)
+                .saturating_sub(self.mates_expected().saturating_sub(1).max(1) as u64),
             // The publisher keeps a tenth of its upload for catch-up and repairs (the pieces
             // only it has), unless that would leave a club without a seat.
             Role::Publisher => (units * 9 / 10).max(units.min(u64::from(self.k()))),
@@ -732,8 +719,6 @@ impl SwarmNode {
 
 /// Payload bytes of a full piece (six TS packets).
 const PAYLOAD: u64 = crate::ts::PIECE_PAYLOAD as u64;
-/// Bytes of a full piece: payload, header and signature.
-const FULL_PIECE: u64 = PAYLOAD + (PieceHeader::LEN + SIGNATURE_LEN) as u64;
 /// No new piece for this long: look for gaps up to the newest piece (the stream paused or
 /// ended, so no later piece will reveal them).
 const STREAM_PAUSE: Duration = Duration::from_millis(150);
@@ -1099,23 +1084,5 @@ mod tests {
             node.upload_units(),
             (10_000_000 / 8 - 10 * floor) / node.unit_bytes()
         );
-    }
-
-    #[test]
-    fn a_peer_keeps_back_from_seats_what_repairs_ask_of_it_within_bounds() {
-        let mut node = member_with_limit(Role::Peer, 1_500_000);
-        let budget = 1_500_000 / 8 - node.control_allowance();
-        let mates = node.mates_expected().saturating_sub(1).max(1) as u64;
-        let unit = node.unit_bytes();
-        let seats = |reserve: u64| (budget - reserve) / unit - mates;
-        // Nothing asked: a twentieth is kept all the same.
-        assert_eq!(node.upload_units(), seats(budget / 20));
-        // Repairs asked at a fifteenth of the budget: that much is kept.
-        node.background_demand = budget / 15;
-        assert_eq!(node.upload_units(), seats(budget / 15));
-        // A flood of NACKs takes no more than a twelfth from the seats.
-        node.background_demand = budget;
-        assert_eq!(node.upload_units(), seats(budget / 12));
-        assert!(seats(budget / 12) < seats(budget / 20));
     }
 }

@@ -232,12 +232,13 @@ impl SwarmNode {
         }
         // Background waiting for a link's LEDBAT window waits for that link's ACKs (input) or
         // its loss timer (the tick), not for the clock.
+        let full_piece = PAYLOAD + (PieceHeader::LEN + SIGNATURE_LEN) as u64;
         if self.background_waiting
             && self
                 .backlogged
                 .iter()
                 .filter_map(|a| self.links.get(a))
-                .any(|l| l.background_allows(FULL_PIECE))
+                .any(|l| l.background_allows(full_piece))
         {
             next = next.min(
                 self.bucket

@@ -37,9 +37,8 @@ impl SwarmNode {
         }
     }
 
-    /// Once a second: how much upload control took, and how much repairs and catch-up were
-    /// asked of this member (each smoothed: a quarter of the last second's and three quarters
-    /// of what it was).
+    /// Once a second: how much upload control took (smoothed: a quarter of the last second's
+    /// and three quarters of what it was).
     fn measure_control(&mut self, now: Timestamp) {
         let elapsed = now.saturating_since(self.control_since);
         if elapsed < CONTROL_WINDOW {
@@ -48,9 +47,6 @@ impl SwarmNode {
         let per_s = self.control_window * 1_000_000 / (elapsed.as_micros() as u64).max(1);
         self.control_rate = (self.control_rate * 3 + per_s) / 4;
         self.control_window = 0;
-        let asked = self.background_window * 1_000_000 / (elapsed.as_micros() as u64).max(1);
-        self.background_demand = (self.background_demand * 3 + asked) / 4;
-        self.background_window = 0;
         self.control_since = now;
     }
 
