@@ -683,7 +683,7 @@ impl SwarmNode {
 
     /// Where NACKs for `club` go, best first: the club's sources, upstreams and seeds (which
     /// had the piece pushed to them) before mates (which may have missed it as we did); with
-    /// `wide` (from the second try), then any member we are linked with: every member receives
+    /// `wide` (from the third try), then any member we are linked with: every member receives
     /// every club, so most have it.
     fn nack_sources(&self, club: u8, wide: bool) -> Vec<SocketAddr> {
         let mut sources: Vec<(u8, SocketAddr)> = self
@@ -863,10 +863,10 @@ enum UpstreamFault {
 }
 
 /// The member asked on try `tries` for piece `seq` from `sources` (best first; from try
-/// [`WIDE_FROM_TRY`], the wide list). The first try goes to the club's source. Later tries go
-/// round the wide list from a place that depends on the piece: a busy source's backlog rarely
-/// answers a second NACK in time, and starting every piece's turn at the head of the list (in
-/// address order) sent most members' wide NACKs to the same few early joiners. The third try
+/// [`WIDE_FROM_TRY`], the wide list). The first tries go to the club's sources in turn. Later
+/// tries go round the wide list from a place that depends on the piece: starting every piece's
+/// turn at the head of the list (in address order) sent most members' wide NACKs to the same
+/// few early joiners, whose backlogs then held them until they were too late. The third try
 /// goes to the publisher if it seeds us that club: a piece that every seed of its club lost
 /// exists only there, and a turn through a wide list asked it once in ten tries. (Asking any
 /// upstream again there instead multiplied the repairs given up behind a relay by eight.)
@@ -900,10 +900,12 @@ mod tests {
 
     #[test]
     fn the_publisher_is_asked_again_on_the_third_try() {
-        // The first try goes to the best source (here the publisher, which seeds us).
+        // The first tries go to the club's sources in turn (here the publisher, which seeds
+        // us, then a mate).
         let narrow = [at(1), at(2)];
         let publisher = Some(at(1));
         assert_eq!(nack_target(&narrow, publisher, 0, 7), Some(at(1)));
+        assert_eq!(nack_target(&narrow, publisher, 1, 7), Some(at(2)));
         // The third try goes back to the publisher, whatever the piece.
         let wide = [at(1), at(2), at(3), at(4), at(5)];
         for seq in 0..50 {
@@ -918,7 +920,7 @@ mod tests {
     fn wide_tries_go_round_the_list_from_a_place_that_depends_on_the_piece() {
         let wide: Vec<SocketAddr> = (1..=8).map(at).collect();
         // One piece's tries visit every member in turn.
-        let asked: BTreeSet<SocketAddr> = (1..9)
+        let asked: BTreeSet<SocketAddr> = (WIDE_FROM_TRY..WIDE_FROM_TRY + 8)
             .map(|n| nack_target(&wide, None, n, 42).unwrap())
             .collect();
         assert_eq!(asked.len(), wide.len());
@@ -926,7 +928,7 @@ mod tests {
         // head: over 800 pieces, every member gets between half and twice its share.
         let mut asked = [0u32; 8];
         for seq in 0..800 {
-            let to = nack_target(&wide, None, 1, seq).unwrap();
+            let to = nack_target(&wide, None, WIDE_FROM_TRY, seq).unwrap();
             asked[wide.iter().position(|a| *a == to).unwrap()] += 1;
         }
         assert!(asked.iter().all(|n| (50..=200).contains(n)), "{asked:?}");
