@@ -232,18 +232,22 @@ impl SwarmNode {
         }
         // Background waiting for a link's LEDBAT window waits for that link's ACKs (input) or
         // its loss timer (the tick), not for the clock.
-        let full_piece = PAYLOAD + (PieceHeader::LEN + SIGNATURE_LEN) as u64;
-        if self.background_waiting
-            && self
-                .backlogged
-                .iter()
-                .filter_map(|a| self.links.get(a))
-                .any(|l| l.background_allows(full_piece))
-        {
-            next = next.min(
-                self.bucket
-                    .ready_at(now, MAX_DATAGRAM as u64 + DATAGRAM_OVERHEAD),
-            );
+        // (The bucket first: when it alone puts background after `next`, the links need no
+        // walk.)
+        if self.background_waiting {
+            let ready = self
+                .bucket
+                .ready_at(now, MAX_DATAGRAM as u64 + DATAGRAM_OVERHEAD);
+            let full_piece = PAYLOAD + (PieceHeader::LEN + SIGNATURE_LEN) as u64;
+            if ready < next
+                && self
+                    .backlogged
+                    .iter()
+                    .filter_map(|a| self.links.get(a))
+                    .any(|l| l.background_allows(full_piece))
+            {
+                next = ready;
+            }
         }
         next.max(now)
     }
