@@ -93,13 +93,28 @@ impl TokenBucket {
             return true;
         }
         self.refill(now);
-        let needed = signed(bytes.saturating_add(reserve.min(self.burst.saturating_sub(bytes))));
-        if self.tokens >= needed {
+        if self.tokens >= self.needed_leaving(bytes, reserve) {
             self.tokens -= signed(bytes);
             true
         } else {
             false
         }
+    }
+
+    /// Whether [`TokenBucket::try_take_leaving`] would take `bytes` now (this takes nothing).
+    pub fn would_take_leaving(&self, now: Timestamp, bytes: u64, reserve: u64) -> bool {
+        if self.rate.is_none() {
+            return true;
+        }
+        let mut b = self.clone();
+        b.refill(now);
+        b.tokens >= b.needed_leaving(bytes, reserve)
+    }
+
+    /// Tokens that must be there to take `bytes` and leave `reserve` (a full bucket is
+    /// always enough).
+    fn needed_leaving(&self, bytes: u64, reserve: u64) -> i64 {
+        signed(bytes.saturating_add(reserve.min(self.burst.saturating_sub(bytes))))
     }
 
     /// When `bytes` will be there (now if they are).

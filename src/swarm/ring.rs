@@ -28,6 +28,8 @@ pub struct PieceRing {
     order: VecDeque<(Timestamp, u64)>,
     /// Sequence numbers at or below this were evicted: a piece this old is stale.
     floor: Option<u64>,
+    /// Length of the shortest piece ever stored.
+    shortest: Option<usize>,
 }
 
 impl PieceRing {
@@ -38,6 +40,7 @@ impl PieceRing {
             pieces: HashMap::new(),
             order: VecDeque::new(),
             floor: None,
+            shortest: None,
         }
     }
 
@@ -64,6 +67,7 @@ impl PieceRing {
         if self.pieces.contains_key(&seq) {
             return false;
         }
+        self.shortest = Some(self.shortest.map_or(bytes.len(), |s| s.min(bytes.len())));
         self.pieces.insert(
             seq,
             Entry {
@@ -85,6 +89,12 @@ impl PieceRing {
     /// The piece `seq` and when it was published (the publisher's clock, µs), if held.
     pub fn get_published(&self, seq: u64) -> Option<(&PieceBytes, u64)> {
         self.pieces.get(&seq).map(|e| (&e.bytes, e.published_us))
+    }
+
+    /// The length of the shortest piece ever stored (a lower bound on what any piece the
+    /// ring serves costs to send), if any was.
+    pub fn shortest(&self) -> Option<usize> {
+        self.shortest
     }
 
     /// Pieces of the clubs `wanted` says yes to that arrived within `within` of `now`, oldest

@@ -98,6 +98,16 @@ impl SwarmNode {
         if !self.background_waiting {
             return None;
         }
+        // Everything queued comes from the ring: while the bucket cannot take even its
+        // shortest piece, no link needs a look (stale entries wait for the next one).
+        let shortest = self.ring.shortest().map_or(0, |n| n as u64);
+        if !self.bucket.would_take_leaving(
+            now,
+            shortest + DATAGRAM_OVERHEAD,
+            self.background_reserve(),
+        ) {
+            return None;
+        }
         debug_assert_eq!(
             self.backlogged,
             self.links
@@ -141,13 +151,7 @@ impl SwarmNode {
                     self.stats.background_blocked_window += 1;
                     break;
                 }
-                // A member's repairs and catch-up go as soon as live traffic leaves a gap; the
-                // publisher, whose upload is mostly seats, keeps a datagram's room for the
-                // next live piece.
-                let reserve = match self.config.role {
-                    Role::Publisher => MAX_DATAGRAM as u64,
-                    _ => 0,
-                };
+                let reserve = self.background_reserve();
                 if !self
                     .bucket
                     .try_take_leaving(now, on_the_line(&bytes), reserve)
@@ -174,6 +178,16 @@ impl SwarmNode {
             }
         }
         None
+    }
+
+    /// Upload background leaves in the bucket. A member's repairs and catch-up go as soon as
+    /// live traffic leaves a gap; the publisher, whose upload is mostly seats, keeps a
+    /// datagram's room for the next live piece.
+    fn background_reserve(&self) -> u64 {
+        match self.config.role {
+            Role::Publisher => MAX_DATAGRAM as u64,
+            _ => 0,
+        }
     }
 
     /// The piece `seq` if a resend to `to` can still arrive before it must play: how far
