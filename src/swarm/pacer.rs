@@ -173,4 +173,24 @@ mod tests {
         let again = b.ready_at(ready, 0);
         assert_eq!(again.saturating_since(ready).as_millis(), 32);
     }
+
+    #[test]
+    fn would_take_leaving_says_what_try_take_leaving_does_and_takes_nothing() {
+        // 1 Mbit/s, a burst of 4 000 bytes; 1 000-byte pieces leaving 1 500 bytes of room.
+        let mut b = TokenBucket::new(Some(1_000_000), 4_000);
+        let mut asked = 0;
+        let mut taken = 0;
+        for i in 0..2_000u64 {
+            let now = Timestamp::from_micros(i * 500);
+            let before = b.ready_at(now, 4_000);
+            let would = b.would_take_leaving(now, 1_000, 1_500);
+            assert_eq!(b.ready_at(now, 4_000), before, "a look takes nothing");
+            asked += 1;
+            let took = b.try_take_leaving(now, 1_000, 1_500);
+            assert_eq!(would, took, "at {i}");
+            taken += u64::from(took);
+        }
+        assert!(taken > 0 && taken < asked, "{taken} of {asked}");
+        assert!(TokenBucket::new(None, 0).would_take_leaving(Timestamp::ZERO, u64::MAX, 1));
+    }
 }

@@ -155,7 +155,9 @@ mod tests {
                 .collect::<Vec<_>>(),
             vec![11]
         );
-        r.insert(at(140), 12, 0, 12, b);
+        assert_eq!(r.shortest(), Some(3));
+        r.insert(at(140), 12, 0, 12, Arc::from(&[1u8, 2][..]));
+        assert_eq!(r.shortest(), Some(2));
         assert!(!r.contains(10) && r.contains(11));
         assert!(r.is_stale(10) && !r.is_stale(11));
     }
