@@ -1,8 +1,12 @@
 //! The piece ring: the last few seconds of verified pieces, by sequence number. It answers
 //! "have I got this one?" (duplicates), serves repairs and catch-up, and refuses pieces older
 //! than anything it still holds.
+//!
+//! Sequence numbers are dense, so pieces sit in a window of slots indexed by sequence number:
+//! a lookup is one subtraction and neighbours share cache lines (a hash map cost a hash and
+//! a cache miss or two on every piece, duplicate and repair).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,11 +24,18 @@ struct Entry {
     club: u8,
 }
 
+/// The widest window of sequence numbers held at once: a piece further ahead than this of
+/// the oldest held pushes the oldest out (at the stream's rate of about a hundred pieces a
+/// second, minutes of stream; the ring keeps seconds).
+const MAX_SPAN: u64 = 1 << 14;
+
 /// Recent pieces, evicted by age.
 #[derive(Debug)]
 pub struct PieceRing {
     keep: Duration,
-    pieces: HashMap<u64, Entry>,
+    /// Slot `i` holds piece `base + i`, if held; the first and last slots are always full.
+    slots: VecDeque<Option<Entry>>,
+    base: u64,
     order: VecDeque<(Timestamp, u64)>,
     /// Sequence numbers at or below this were evicted: a piece this old is stale.
     floor: Option<u64>,
@@ -37,7 +48,8 @@ impl PieceRing {
     pub fn new(keep: Duration) -> Self {
         PieceRing {
             keep,
-            pieces: HashMap::new(),
+            slots: VecDeque::new(),
+            base: 0,
             order: VecDeque::new(),
             floor: None,
             shortest: None,
@@ -46,7 +58,64 @@ impl PieceRing {
 
     /// Whether `seq` is held.
     pub fn contains(&self, seq: u64) -> bool {
-        self.pieces.contains_key(&seq)
+        self.entry(seq).is_some()
+    }
+
+    fn entry(&self, seq: u64) -> Option<&Entry> {
+        let i = usize::try_from(seq.checked_sub(self.base)?).ok()?;
+        self.slots.get(i)?.as_ref()
+    }
+
+    /// The slot for `seq`, the window grown (or its oldest pieces pushed out) to reach it;
+    /// `None` for a piece too far behind the newest to keep.
+    fn slot_for(&mut self, seq: u64) -> Option<&mut Option<Entry>> {
+        if let Some(newest) = self
+            .slots
+            .len()
+            .checked_sub(1)
+            .map(|n| self.base + n as u64)
+        {
+            if seq < newest && newest - seq >= MAX_SPAN {
+                return None;
+            }
+        }
+        while !self.slots.is_empty() && seq >= self.base.saturating_add(MAX_SPAN) {
+            self.remove_oldest();
+        }
+        if self.slots.is_empty() {
+            self.base = seq;
+        }
+        if seq < self.base {
+            for _ in seq..self.base {
+                self.slots.push_front(None);
+            }
+            self.base = seq;
+        }
+        let i = (seq - self.base) as usize;
+        if i >= self.slots.len() {
+            self.slots.resize(i + 1, None);
+        }
+        Some(&mut self.slots[i])
+    }
+
+    /// Empties the first slot and moves the window past empty slots.
+    fn remove_oldest(&mut self) {
+        if let Some(Some(_)) = self.slots.pop_front() {
+            self.floor = Some(self.floor.map_or(self.base, |f| f.max(self.base)));
+        }
+        self.base += 1;
+        self.trim();
+    }
+
+    /// Keeps the first and last slots full (an empty ring has no slots).
+    fn trim(&mut self) {
+        while let Some(None) = self.slots.front() {
+            self.slots.pop_front();
+            self.base += 1;
+        }
+        while let Some(None) = self.slots.back() {
+            self.slots.pop_back();
+        }
     }
 
     /// Whether `seq` is older than anything the ring still holds or ever evicted.
@@ -55,7 +124,7 @@ impl PieceRing {
     }
 
     /// Stores a piece published at `published_us` (the publisher's clock); false if it was
-    /// already held.
+    /// already held (or is too far behind the newest to keep).
     pub fn insert(
         &mut self,
         now: Timestamp,
@@ -64,18 +133,19 @@ impl PieceRing {
         published_us: u64,
         bytes: PieceBytes,
     ) -> bool {
-        if self.pieces.contains_key(&seq) {
+        if self.contains(seq) {
             return false;
         }
-        self.shortest = Some(self.shortest.map_or(bytes.len(), |s| s.min(bytes.len())));
-        self.pieces.insert(
-            seq,
-            Entry {
-                bytes,
-                published_us,
-                club,
-            },
-        );
+        let len = bytes.len();
+        let Some(slot) = self.slot_for(seq) else {
+            return false;
+        };
+        *slot = Some(Entry {
+            bytes,
+            published_us,
+            club,
+        });
+        self.shortest = Some(self.shortest.map_or(len, |s| s.min(len)));
         self.order.push_back((now, seq));
         self.evict(now);
         true
@@ -83,12 +153,12 @@ impl PieceRing {
 
     /// The piece `seq`, if held.
     pub fn get(&self, seq: u64) -> Option<&PieceBytes> {
-        self.pieces.get(&seq).map(|e| &e.bytes)
+        self.entry(seq).map(|e| &e.bytes)
     }
 
     /// The piece `seq` and when it was published (the publisher's clock, µs), if held.
     pub fn get_published(&self, seq: u64) -> Option<(&PieceBytes, u64)> {
-        self.pieces.get(&seq).map(|e| (&e.bytes, e.published_us))
+        self.entry(seq).map(|e| (&e.bytes, e.published_us))
     }
 
     /// The length of the shortest piece ever stored (a lower bound on what any piece the
@@ -111,7 +181,7 @@ impl PieceRing {
             .rev()
             .take_while(|(t, _)| now.saturating_since(*t) <= within)
             .filter_map(|(_, s)| {
-                let e = self.pieces.get(s)?;
+                let e = self.entry(*s)?;
                 wanted(e.club).then(|| (*s, e.bytes.clone()))
             })
             .collect();
@@ -125,7 +195,12 @@ impl PieceRing {
                 break;
             }
             self.order.pop_front();
-            self.pieces.remove(&s);
+            if let Some(i) = s.checked_sub(self.base) {
+                if let Some(slot) = self.slots.get_mut(i as usize) {
+                    *slot = None;
+                }
+            }
+            self.trim();
             self.floor = Some(self.floor.map_or(s, |f| f.max(s)));
         }
     }
@@ -160,5 +235,35 @@ mod tests {
         assert_eq!(r.shortest(), Some(2));
         assert!(!r.contains(10) && r.contains(11));
         assert!(r.is_stale(10) && !r.is_stale(11));
+    }
+
+    #[test]
+    fn pieces_out_of_order_and_far_apart_keep_the_window_bounded() {
+        let mut r = PieceRing::new(Duration::from_secs(10));
+        let b = |n: u8| -> PieceBytes { Arc::from(&[n][..]) };
+        // Out of order, with gaps, below and above the first.
+        for seq in [100, 97, 103, 99] {
+            assert!(r.insert(at(0), seq, 0, seq, b(seq as u8)));
+        }
+        assert!(!r.insert(at(0), 97, 0, 0, b(0)), "duplicate");
+        for seq in 95..106 {
+            assert_eq!(r.contains(seq), [97, 99, 100, 103].contains(&seq), "{seq}");
+        }
+        assert_eq!(r.get(99).map(|p| p[0]), Some(99));
+        assert!(r.slots.len() <= 7, "window {}", r.slots.len());
+        // A piece far ahead pushes the oldest out (they become stale), within the span.
+        let far = 99 + MAX_SPAN;
+        assert!(r.insert(at(1), far, 0, far, b(1)));
+        assert!(!r.contains(97) && !r.contains(99) && r.contains(100) && r.contains(far));
+        assert!(r.is_stale(99) && !r.is_stale(100));
+        assert!(r.slots.len() as u64 <= MAX_SPAN);
+        // One far behind the newest is not kept; a jump of any size is.
+        assert!(!r.insert(at(1), 5, 0, 5, b(5)));
+        assert!(!r.contains(5));
+        assert!(r.insert(at(2), u64::MAX - 1, 0, 0, b(2)));
+        assert!(r.contains(u64::MAX - 1) && !r.contains(far) && r.slots.len() == 1);
+        // Eviction by age empties the window.
+        assert!(r.insert(at(20_000), u64::MAX, 0, 0, b(3)));
+        assert!(!r.contains(u64::MAX - 1) && r.contains(u64::MAX) && r.slots.len() == 1);
     }
 }
