@@ -3,7 +3,7 @@
 //! each piece. A piece byte-for-byte equal to a verified one is as good as verified; any other
 //! copy is checked with the channel key as usual.
 
-use std::collections::BTreeMap;
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
 use super::ring::PieceBytes;
@@ -14,7 +14,55 @@ const REMEMBERED: u64 = 8192;
 /// A cache of verified pieces by sequence number, shared by cloning.
 #[derive(Clone, Default)]
 pub struct VerifiedPieces {
-    inner: Arc<Mutex<BTreeMap<u64, PieceBytes>>>,
+    inner: Arc<Mutex<Window>>,
+}
+
+/// Slot `i` holds piece `base + i` if it was verified; at most [`REMEMBERED`] + 1 slots, the
+/// newest last.
+#[derive(Default)]
+struct Window {
+    base: u64,
+    slots: VecDeque<Option<PieceBytes>>,
+}
+
+impl Window {
+    fn get(&self, seq: u64) -> Option<&PieceBytes> {
+        let i = usize::try_from(seq.checked_sub(self.base)?).ok()?;
+        self.slots.get(i)?.as_ref()
+    }
+
+    fn insert(&mut self, seq: u64, bytes: PieceBytes) {
+        let newest = self
+            .slots
+            .len()
+            .checked_sub(1)
+            .map(|n| self.base + n as u64);
+        match newest {
+            Some(newest) if seq <= newest => {
+                if newest - seq > REMEMBERED {
+                    return; // too old to keep
+                }
+                for _ in seq..self.base {
+                    self.slots.push_front(None);
+                }
+                self.base = self.base.min(seq);
+            }
+            Some(newest) if seq - newest <= REMEMBERED => {
+                self.slots
+                    .resize(self.slots.len() + (seq - newest) as usize, None);
+                while self.base + REMEMBERED < seq {
+                    self.slots.pop_front();
+                    self.base += 1;
+                }
+            }
+            _ => {
+                self.slots.clear();
+                self.slots.push_back(None);
+                self.base = seq;
+            }
+        }
+        self.slots[(seq - self.base) as usize] = Some(bytes);
+    }
 }
 
 impl std::fmt::Debug for VerifiedPieces {
@@ -31,23 +79,24 @@ impl VerifiedPieces {
 
     /// The shared copy of piece `seq` if `bytes` are exactly the verified piece.
     pub fn lookup(&self, seq: u64, bytes: &[u8]) -> Option<PieceBytes> {
-        let map = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        map.get(&seq).filter(|held| held.as_ref() == bytes).cloned()
+        let window = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        window
+            .get(seq)
+            .filter(|held| same_bytes(held, bytes))
+            .cloned()
     }
 
     /// Remembers `bytes` as the verified piece `seq` (the caller checked its signature).
     pub fn insert(&self, seq: u64, bytes: PieceBytes) {
-        let mut map = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        map.insert(seq, bytes);
-        if let Some((&newest, _)) = map.last_key_value() {
-            while map
-                .first_key_value()
-                .is_some_and(|(&oldest, _)| oldest + REMEMBERED < newest)
-            {
-                map.pop_first();
-            }
-        }
+        let mut window = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        window.insert(seq, bytes);
     }
+}
+
+/// Whether two byte strings are equal, at once when they are the same memory (in the
+/// simulator a piece travels as one shared copy).
+pub(super) fn same_bytes(a: &[u8], b: &[u8]) -> bool {
+    std::ptr::eq(a, b) || a == b
 }
 
 #[cfg(test)]
@@ -61,7 +110,21 @@ mod tests {
         assert!(v.lookup(5, b"genuine").is_some());
         assert!(v.lookup(5, b"forged!").is_none());
         assert!(v.lookup(6, b"genuine").is_none());
-        v.insert(5 + REMEMBERED + 1, Arc::from(&b"later"[..]));
-        assert!(v.lookup(5, b"genuine").is_none(), "too old to keep");
+        v.insert(3, Arc::from(&b"earlier"[..]));
+        assert!(v.lookup(3, b"earlier").is_some() && v.lookup(5, b"genuine").is_some());
+        assert!(v.lookup(4, b"genuine").is_none());
+        v.insert(5 + REMEMBERED, Arc::from(&b"later"[..]));
+        assert!(v.lookup(5, b"genuine").is_some(), "still within the window");
+        assert!(v.lookup(3, b"earlier").is_none(), "too old to keep");
+        v.insert(2, Arc::from(&b"old"[..]));
+        assert!(v.lookup(2, b"old").is_none(), "too old to keep");
+        v.insert(6 + REMEMBERED, Arc::from(&b"next"[..]));
+        assert!(v.lookup(5, b"genuine").is_none() && v.lookup(5 + REMEMBERED, b"later").is_some());
+        // A jump of any size starts over; the window stays bounded.
+        v.insert(u64::MAX, Arc::from(&b"last"[..]));
+        assert!(v.lookup(u64::MAX, b"last").is_some());
+        assert!(v.lookup(6 + REMEMBERED, b"next").is_none());
+        let held = v.inner.lock().unwrap().slots.len() as u64;
+        assert!(held <= REMEMBERED + 1, "{held}");
     }
 }

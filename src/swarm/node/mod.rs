@@ -37,6 +37,7 @@ use super::link::{Link, LinkTable};
 use super::pacer::{TokenBucket, DATAGRAM_OVERHEAD};
 use super::ring::{PieceBytes, PieceRing};
 use super::stats::SwarmStats;
+use super::verified::same_bytes;
 use super::verified::VerifiedPieces;
 use crate::crypto::{verify_descriptor, ChannelPublicKey};
 use crate::relay::cookie::{CookieCheck, CookieJar};

@@ -135,7 +135,7 @@ impl SwarmNode {
         if let Some(held) = self.ring.get(seq) {
             // A copy that differs from the verified one we hold is a forgery (or corrupt):
             // caught even when the honest copy came first, at the cost of a comparison.
-            if held.as_ref() != bytes && self.verified_copy(piece, bytes).is_none() {
+            if !same_bytes(held, bytes) && self.verified_copy(piece, bytes).is_none() {
                 self.ban(now, from);
                 self.stats.bad_pieces += 1;
                 return;
