@@ -257,8 +257,8 @@ impl Link {
     }
 }
 
-/// A member's links by address, in address order. Kept as two sorted vectors: a lookup is a
-/// binary search over the addresses alone, and a walk (the timers walk every link every tick,
+/// A member's links by address, in address order. Kept as sorted vectors: a lookup is a
+/// binary search over eight-byte prefixes of the addresses alone, and a walk (the timers walk every link every tick,
 /// and every new piece looks for where it goes) goes through the links contiguously. Links
 /// come and go far less often than they are looked up or walked.
 #[derive(Debug, Default)]
@@ -267,9 +267,6 @@ pub struct LinkTable {
     /// link keep the search within a few cache lines (the simulator's members are never in
     /// cache when an event reaches them).
     prefixes: Vec<u64>,
-    /// `order_key` of each address: what settles equal prefixes (a `SocketAddr` comparison
-    /// is an out-of-line match on the address family).
-    order: Vec<(u128, u128)>,
     addrs: Vec<SocketAddr>,
     links: Vec<Link>,
 }
@@ -314,7 +311,8 @@ impl LinkTable {
             // The prefix is the whole IPv4 address.
             return if equal == 1 { Ok(start) } else { Err(start) };
         }
-        match self.order[start..start + equal].binary_search(&key) {
+        // Equal prefixes (IPv6 only) are settled by the whole key.
+        match self.addrs[start..start + equal].binary_search_by(|a| order_key(a).cmp(&key)) {
             Ok(i) => Ok(start + i),
             Err(i) => Err(start + i),
         }
@@ -356,9 +354,7 @@ impl LinkTable {
         let i = match self.position(&addr) {
             Ok(i) => i,
             Err(i) => {
-                let key = order_key(&addr);
-                self.prefixes.insert(i, order_prefix(&key));
-                self.order.insert(i, key);
+                self.prefixes.insert(i, order_prefix(&order_key(&addr)));
                 self.addrs.insert(i, addr);
                 self.links.insert(i, new());
                 i
@@ -371,7 +367,6 @@ impl LinkTable {
     pub fn remove(&mut self, addr: &SocketAddr) -> Option<Link> {
         let i = self.position(addr).ok()?;
         self.prefixes.remove(i);
-        self.order.remove(i);
         self.addrs.remove(i);
         Some(self.links.remove(i))
     }
@@ -379,7 +374,6 @@ impl LinkTable {
     /// Removes every link.
     pub fn clear(&mut self) {
         self.prefixes.clear();
-        self.order.clear();
         self.addrs.clear();
         self.links.clear();
     }

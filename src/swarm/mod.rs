@@ -9,6 +9,7 @@ mod link;
 mod node;
 mod pacer;
 mod ring;
+mod seq_window;
 mod stats;
 mod verified;
 

@@ -103,12 +103,8 @@ impl TokenBucket {
 
     /// Whether [`TokenBucket::try_take_leaving`] would take `bytes` now (this takes nothing).
     pub fn would_take_leaving(&self, now: Timestamp, bytes: u64, reserve: u64) -> bool {
-        if self.rate.is_none() {
-            return true;
-        }
-        let mut b = self.clone();
-        b.refill(now);
-        b.tokens >= b.needed_leaving(bytes, reserve)
+        let needed = self.needed_leaving(bytes, reserve).unsigned_abs();
+        self.ready_at(now, needed) <= now
     }
 
     /// Tokens that must be there to take `bytes` and leave `reserve` (a full bucket is

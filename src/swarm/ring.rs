@@ -1,15 +1,12 @@
 //! The piece ring: the last few seconds of verified pieces, by sequence number. It answers
 //! "have I got this one?" (duplicates), serves repairs and catch-up, and refuses pieces older
 //! than anything it still holds.
-//!
-//! Sequence numbers are dense, so pieces sit in a window of slots indexed by sequence number:
-//! a lookup is one subtraction and neighbours share cache lines (a hash map cost a hash and
-//! a cache miss or two on every piece, duplicate and repair).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::seq_window::SeqWindow;
 use crate::time::Timestamp;
 
 /// A verified piece as every member shares it: the datagram's bytes, reference-counted so a
@@ -33,9 +30,7 @@ const MAX_SPAN: u64 = 1 << 14;
 #[derive(Debug)]
 pub struct PieceRing {
     keep: Duration,
-    /// Slot `i` holds piece `base + i`, if held; the first and last slots are always full.
-    slots: VecDeque<Option<Entry>>,
-    base: u64,
+    pieces: SeqWindow<Entry>,
     order: VecDeque<(Timestamp, u64)>,
     /// Sequence numbers at or below this were evicted: a piece this old is stale.
     floor: Option<u64>,
@@ -48,8 +43,7 @@ impl PieceRing {
     pub fn new(keep: Duration) -> Self {
         PieceRing {
             keep,
-            slots: VecDeque::new(),
-            base: 0,
+            pieces: SeqWindow::new(MAX_SPAN),
             order: VecDeque::new(),
             floor: None,
             shortest: None,
@@ -62,60 +56,7 @@ impl PieceRing {
     }
 
     fn entry(&self, seq: u64) -> Option<&Entry> {
-        let i = usize::try_from(seq.checked_sub(self.base)?).ok()?;
-        self.slots.get(i)?.as_ref()
-    }
-
-    /// The slot for `seq`, the window grown (or its oldest pieces pushed out) to reach it;
-    /// `None` for a piece too far behind the newest to keep.
-    fn slot_for(&mut self, seq: u64) -> Option<&mut Option<Entry>> {
-        if let Some(newest) = self
-            .slots
-            .len()
-            .checked_sub(1)
-            .map(|n| self.base + n as u64)
-        {
-            if seq < newest && newest - seq >= MAX_SPAN {
-                return None;
-            }
-        }
-        while !self.slots.is_empty() && seq >= self.base.saturating_add(MAX_SPAN) {
-            self.remove_oldest();
-        }
-        if self.slots.is_empty() {
-            self.base = seq;
-        }
-        if seq < self.base {
-            for _ in seq..self.base {
-                self.slots.push_front(None);
-            }
-            self.base = seq;
-        }
-        let i = (seq - self.base) as usize;
-        if i >= self.slots.len() {
-            self.slots.resize(i + 1, None);
-        }
-        Some(&mut self.slots[i])
-    }
-
-    /// Empties the first slot and moves the window past empty slots.
-    fn remove_oldest(&mut self) {
-        if let Some(Some(_)) = self.slots.pop_front() {
-            self.floor = Some(self.floor.map_or(self.base, |f| f.max(self.base)));
-        }
-        self.base += 1;
-        self.trim();
-    }
-
-    /// Keeps the first and last slots full (an empty ring has no slots).
-    fn trim(&mut self) {
-        while let Some(None) = self.slots.front() {
-            self.slots.pop_front();
-            self.base += 1;
-        }
-        while let Some(None) = self.slots.back() {
-            self.slots.pop_back();
-        }
+        self.pieces.get(seq)
     }
 
     /// Whether `seq` is older than anything the ring still holds or ever evicted.
@@ -137,14 +78,18 @@ impl PieceRing {
             return false;
         }
         let len = bytes.len();
-        let Some(slot) = self.slot_for(seq) else {
-            return false;
-        };
-        *slot = Some(Entry {
+        let entry = Entry {
             bytes,
             published_us,
             club,
+        };
+        let floor = &mut self.floor;
+        let stored = self.pieces.insert(seq, entry, |old| {
+            *floor = Some(floor.map_or(old, |f| f.max(old)));
         });
+        if !stored {
+            return false;
+        }
         self.shortest = Some(self.shortest.map_or(len, |s| s.min(len)));
         self.order.push_back((now, seq));
         self.evict(now);
@@ -195,12 +140,7 @@ impl PieceRing {
                 break;
             }
             self.order.pop_front();
-            if let Some(i) = s.checked_sub(self.base) {
-                if let Some(slot) = self.slots.get_mut(i as usize) {
-                    *slot = None;
-                }
-            }
-            self.trim();
+            self.pieces.remove(s);
             self.floor = Some(self.floor.map_or(s, |f| f.max(s)));
         }
     }
@@ -250,20 +190,20 @@ mod tests {
             assert_eq!(r.contains(seq), [97, 99, 100, 103].contains(&seq), "{seq}");
         }
         assert_eq!(r.get(99).map(|p| p[0]), Some(99));
-        assert!(r.slots.len() <= 7, "window {}", r.slots.len());
+        assert!(r.pieces.width() <= 7, "window {}", r.pieces.width());
         // A piece far ahead pushes the oldest out (they become stale), within the span.
         let far = 99 + MAX_SPAN;
         assert!(r.insert(at(1), far, 0, far, b(1)));
         assert!(!r.contains(97) && !r.contains(99) && r.contains(100) && r.contains(far));
         assert!(r.is_stale(99) && !r.is_stale(100));
-        assert!(r.slots.len() as u64 <= MAX_SPAN);
+        assert!(r.pieces.width() as u64 <= MAX_SPAN);
         // One far behind the newest is not kept; a jump of any size is.
         assert!(!r.insert(at(1), 5, 0, 5, b(5)));
         assert!(!r.contains(5));
         assert!(r.insert(at(2), u64::MAX - 1, 0, 0, b(2)));
-        assert!(r.contains(u64::MAX - 1) && !r.contains(far) && r.slots.len() == 1);
+        assert!(r.contains(u64::MAX - 1) && !r.contains(far) && r.pieces.width() == 1);
         // Eviction by age empties the window.
         assert!(r.insert(at(20_000), u64::MAX, 0, 0, b(3)));
-        assert!(!r.contains(u64::MAX - 1) && r.contains(u64::MAX) && r.slots.len() == 1);
+        assert!(!r.contains(u64::MAX - 1) && r.contains(u64::MAX) && r.pieces.width() == 1);
     }
 }

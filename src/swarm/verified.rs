@@ -3,65 +3,25 @@
 //! each piece. A piece byte-for-byte equal to a verified one is as good as verified; any other
 //! copy is checked with the channel key as usual.
 
-use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
 use super::ring::PieceBytes;
+use super::seq_window::SeqWindow;
 
 /// How many of the newest sequence numbers are remembered.
 const REMEMBERED: u64 = 8192;
 
 /// A cache of verified pieces by sequence number, shared by cloning.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct VerifiedPieces {
-    inner: Arc<Mutex<Window>>,
+    inner: Arc<Mutex<SeqWindow<PieceBytes>>>,
 }
 
-/// Slot `i` holds piece `base + i` if it was verified; at most [`REMEMBERED`] + 1 slots, the
-/// newest last.
-#[derive(Default)]
-struct Window {
-    base: u64,
-    slots: VecDeque<Option<PieceBytes>>,
-}
-
-impl Window {
-    fn get(&self, seq: u64) -> Option<&PieceBytes> {
-        let i = usize::try_from(seq.checked_sub(self.base)?).ok()?;
-        self.slots.get(i)?.as_ref()
-    }
-
-    fn insert(&mut self, seq: u64, bytes: PieceBytes) {
-        let newest = self
-            .slots
-            .len()
-            .checked_sub(1)
-            .map(|n| self.base + n as u64);
-        match newest {
-            Some(newest) if seq <= newest => {
-                if newest - seq > REMEMBERED {
-                    return; // too old to keep
-                }
-                for _ in seq..self.base {
-                    self.slots.push_front(None);
-                }
-                self.base = self.base.min(seq);
-            }
-            Some(newest) if seq - newest <= REMEMBERED => {
-                self.slots
-                    .resize(self.slots.len() + (seq - newest) as usize, None);
-                while self.base + REMEMBERED < seq {
-                    self.slots.pop_front();
-                    self.base += 1;
-                }
-            }
-            _ => {
-                self.slots.clear();
-                self.slots.push_back(None);
-                self.base = seq;
-            }
+impl Default for VerifiedPieces {
+    fn default() -> Self {
+        VerifiedPieces {
+            inner: Arc::new(Mutex::new(SeqWindow::new(REMEMBERED + 1))),
         }
-        self.slots[(seq - self.base) as usize] = Some(bytes);
     }
 }
 
@@ -89,7 +49,7 @@ impl VerifiedPieces {
     /// Remembers `bytes` as the verified piece `seq` (the caller checked its signature).
     pub fn insert(&self, seq: u64, bytes: PieceBytes) {
         let mut window = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        window.insert(seq, bytes);
+        window.insert(seq, bytes, |_| {});
     }
 }
 
@@ -124,7 +84,7 @@ mod tests {
         v.insert(u64::MAX, Arc::from(&b"last"[..]));
         assert!(v.lookup(u64::MAX, b"last").is_some());
         assert!(v.lookup(6 + REMEMBERED, b"next").is_none());
-        let held = v.inner.lock().unwrap().slots.len() as u64;
+        let held = v.inner.lock().unwrap().width() as u64;
         assert!(held <= REMEMBERED + 1, "{held}");
     }
 }
