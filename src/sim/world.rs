@@ -831,6 +831,7 @@ impl World {
                     leaving: false,
                     starving: false,
                     departing: false,
+                    spare: 0,
                 };
                 let mut buf = [0u8; Join::LEN];
                 let Ok(n) = join.encode(&mut buf) else {

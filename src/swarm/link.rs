@@ -132,6 +132,12 @@ pub struct Link {
     pub srtt: Duration,
     /// Background pieces sent and lost on this link.
     pub lost: u64,
+    /// NACK entries we sent it, recent ones weighing most (see [`Link::repair_yield`]).
+    pub nacked: f32,
+    /// Pieces we had NACKed (to anyone) that came from it, on the same scale as `nacked`.
+    pub answered: f32,
+    /// Share of its upload it last said its seats leave free (0–255).
+    pub spare: u8,
 }
 
 impl Link {
@@ -175,6 +181,41 @@ impl Link {
             sent: VecDeque::new(),
             srtt: Duration::from_millis(100),
             lost: 0,
+            nacked: 0.0,
+            answered: 0.0,
+            spare: 0,
+        }
+    }
+
+    /// Counts `n` NACK entries sent to it; older counts fade (halved past 32) so that the
+    /// yield follows how busy it is now.
+    pub fn note_nacked(&mut self, n: u32) {
+        self.nacked += n as f32;
+        if self.nacked > 32.0 {
+            self.nacked /= 2.0;
+            self.answered /= 2.0;
+        }
+    }
+
+    /// Counts a piece we had NACKed that it sent us.
+    pub fn note_answered(&mut self) {
+        self.answered += 1.0;
+    }
+
+    /// Share of what we NACKed it that it answered, with a prior of one in two.
+    pub fn repair_yield(&self) -> f32 {
+        (self.answered + 1.0) / (self.nacked + 2.0)
+    }
+
+    /// How good a place it is for a NACK its club's sources did not answer: the upload it
+    /// says it has free (a member whose seats fill its uplink lets repairs go stale in its
+    /// queue while others have upload idle), unless it has left most of what we asked it
+    /// unanswered (a member that claims room it does not give: a free rider, a liar).
+    pub fn repair_score(&self) -> f32 {
+        if self.nacked >= 4.0 && self.repair_yield() < 0.2 {
+            -1.0
+        } else {
+            f32::from(self.spare) / 255.0
         }
     }
 

@@ -105,6 +105,10 @@ pub struct Join {
     /// With [`Join::leaving`]: the sender leaves the swarm, not only this link; the receiver
     /// forgets it as a member to ask.
     pub departing: bool,
+    /// Share of the sender's upload its seats leave free (0–255: none to all), where
+    /// NACKs its own sources cannot serve do best. A claim: members check it by what the
+    /// sender answers.
+    pub spare: u8,
 }
 
 impl Join {
@@ -123,7 +127,7 @@ impl Join {
         if flags & !known != 0 {
             return Err(WireError::UnknownFlags(flags));
         }
-        if d[34..36] != [0, 0] {
+        if d[35] != 0 {
             return Err(WireError::ReservedNonZero);
         }
         Ok(Join {
@@ -137,6 +141,7 @@ impl Join {
             leaving: flags & Self::LEAVING != 0,
             starving: flags & Self::STARVING != 0,
             departing: flags & Self::DEPARTING != 0,
+            spare: d[34],
         })
     }
 
@@ -152,6 +157,7 @@ impl Join {
         out[12..32].copy_from_slice(&self.cookie.0);
         out[32] = self.role as u8;
         out[33] = self.club;
+        out[34] = self.spare;
         out[36..44].copy_from_slice(&self.want.0.to_be_bytes());
         Ok(Self::LEN)
     }
@@ -170,6 +176,8 @@ pub struct Accept {
     pub club: u8,
     /// The sender took the link as a club-mate link.
     pub mate: bool,
+    /// Share of the sender's upload its seats leave free, as in [`Join::spare`].
+    pub spare: u8,
 }
 
 impl Accept {
@@ -183,7 +191,7 @@ impl Accept {
         if flags & !Self::MATE != 0 {
             return Err(WireError::UnknownFlags(flags));
         }
-        if d[22..24] != [0, 0] {
+        if d[23] != 0 {
             return Err(WireError::ReservedNonZero);
         }
         Ok(Accept {
@@ -192,6 +200,7 @@ impl Accept {
             role: Role::from_byte(d[20])?,
             club: d[21],
             mate: flags & Self::MATE != 0,
+            spare: d[22],
         })
     }
 
@@ -203,6 +212,7 @@ impl Accept {
         out[12..20].copy_from_slice(&self.granted.0.to_be_bytes());
         out[20] = self.role as u8;
         out[21] = self.club;
+        out[22] = self.spare;
         Ok(Self::LEN)
     }
 }
@@ -362,9 +372,13 @@ mod tests {
             leaving: true,
             starving: true,
             departing: true,
+            spare: 200,
         };
         let n = j.encode(&mut buf).unwrap();
         assert_eq!(Message::parse(&buf[..n]), Ok(Message::Join(j)));
+        buf[35] = 1;
+        assert_eq!(Join::parse(&buf[..n]), Err(WireError::ReservedNonZero));
+        buf[35] = 0;
         buf[2] |= 0x80;
         assert!(Join::parse(&buf[..n]).is_err(), "unknown flag");
 
@@ -374,9 +388,12 @@ mod tests {
             role: Role::Relay,
             club: 0xff,
             mate: false,
+            spare: 17,
         };
         let n = a.encode(&mut buf).unwrap();
         assert_eq!(Message::parse(&buf[..n]), Ok(Message::Accept(a)));
+        buf[23] = 1;
+        assert_eq!(Accept::parse(&buf[..n]), Err(WireError::ReservedNonZero));
 
         let k = Nack {
             channel: ChannelId([1; 8]),

@@ -674,6 +674,17 @@ impl SwarmNode {
         known.clamp(1, most)
     }
 
+    /// Share of its upload its seats leave free, 0–255 (told to linked members with JOINs
+    /// and ACCEPTs: where to send the NACKs a club's sources cannot serve).
+    pub(super) fn spare(&self) -> u8 {
+        let units = self.upload_units();
+        if units == u64::MAX {
+            return u8::MAX;
+        }
+        let free = units.saturating_sub(self.units_used());
+        u8::try_from(free.saturating_mul(255) / units.max(1)).unwrap_or(u8::MAX)
+    }
+
     /// Seats taken: downstream links' clubs, and mates beyond those kept room for.
     fn units_used(&self) -> u64 {
         let mut mates = 0;
@@ -805,6 +816,7 @@ mod tests {
             leaving: false,
             starving,
             departing: false,
+            spare: 0,
         }
     }
 
@@ -842,6 +854,12 @@ mod tests {
             (ClubMask::one(3), true)
         );
         assert_eq!(node.units_used(), seats + 1);
+        // What it tells its links of its upload falls as seats are taken.
+        let units = node.upload_units();
+        assert!(units > seats + 1);
+        let told = u64::from(node.spare());
+        let expected = (units - seats - 1) * 255 / units;
+        assert_eq!(told, expected);
         // One beyond the usual number, not more.
         assert_eq!(
             node.grant(now, at(most + 2), &mate_join(true)),
@@ -919,8 +937,11 @@ mod tests {
             role: Role::Peer,
             club: 5,
             mate: false,
+            spare: 99,
         };
         node.on_accept(now, at(11), &accept(ClubMask::one(5)));
+        // The upload it says it has free is kept with the link, for NACKs to come.
+        assert_eq!(node.links.get(&at(11)).map(|l| l.spare), Some(99));
         assert!(!node.clubs_needed(now).contains(5));
         assert_eq!(node.clubs_needed(now).len(), 23);
         node.add_candidates([PeerEntry {

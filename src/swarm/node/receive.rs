@@ -209,6 +209,9 @@ impl SwarmNode {
         if let Some(m) = self.missing.remove(&seq) {
             if m.tries > 0 {
                 self.stats.repaired += 1;
+                if let Some(l) = from.and_then(|f| self.links.get_mut(&f)) {
+                    l.note_answered();
+                }
             }
             if let Some(b) = m.blamed.filter(|b| Some(*b) != from) {
                 if let Some(l) = self.links.get_mut(&b) {
@@ -455,6 +458,9 @@ impl SwarmNode {
             self.stats.joins_unproven += 1;
             return;
         }
+        if let Some(l) = self.links.get_mut(&from) {
+            l.spare = j.spare;
+        }
         if j.leaving {
             if j.departing {
                 // Gone from the swarm (its cookie proves the address): asking it for a club,
@@ -515,6 +521,7 @@ impl SwarmNode {
             role: self.config.role,
             club: self.club,
             mate,
+            spare: self.spare(),
         };
         self.send_control(from, |b| accept.encode(b));
         if j.catch_up && !granted.is_empty() && !mate {
@@ -746,6 +753,7 @@ impl SwarmNode {
             return;
         }
         l.last_keepalive = now;
+        l.spare = a.spare;
         if a.granted.intersect(l.wanted).is_empty() {
             // Refused (full): try someone else, and not this one for a while.
             match self.links.get_mut(&from) {
