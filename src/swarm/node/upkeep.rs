@@ -685,8 +685,9 @@ impl SwarmNode {
 
     /// Where NACKs for `club` go, best first: the club's sources, upstreams and seeds (which
     /// had the piece pushed to them) before mates (which may have missed it as we did); with
-    /// `wide` (from the third try), then any member we are linked with: every member receives
-    /// every club, so most have it.
+    /// `wide` (from the third try, or at once for a club with no source), then any member we
+    /// are linked with: every member receives every club, so most have it. Each comes with
+    /// its [`Link::repair_score`].
     fn nack_sources(&self, club: u8, wide: bool) -> Vec<(SocketAddr, f32)> {
         let mut sources: Vec<(u8, SocketAddr, f32)> = self
             .links
