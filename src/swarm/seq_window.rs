@@ -66,8 +66,11 @@ impl<T> SeqWindow<T> {
 
     /// Drops the value for `seq`, if held.
     pub(super) fn remove(&mut self, seq: u64) {
-        if let Some(i) = seq.checked_sub(self.base) {
-            if let Some(slot) = self.slots.get_mut(i as usize) {
+        if let Some(i) = seq
+            .checked_sub(self.base)
+            .and_then(|i| usize::try_from(i).ok())
+        {
+            if let Some(slot) = self.slots.get_mut(i) {
                 *slot = None;
             }
         }

@@ -285,6 +285,10 @@ pub struct SwarmNode {
     /// Control sent, bytes per second on the line, smoothed over seconds: the upload that
     /// seats cannot have.
     control_rate: u64,
+    /// What JOINs and ACCEPTs say of our free upload ([`SwarmNode::spare`]), worked out once
+    /// a second with the control measurement: counting seats walks the candidates, too dear
+    /// for every keepalive.
+    spare_told: u8,
     /// Control sent since `control_since`, bytes on the line.
     control_window: u64,
     control_since: Timestamp,
@@ -397,6 +401,7 @@ impl SwarmNode {
             stats: SwarmStats::default(),
             next_tick: Timestamp::ZERO,
             control_rate: 0,
+            spare_told: 0,
             control_window: 0,
             control_since: Timestamp::ZERO,
             next_search: Timestamp::ZERO,

@@ -521,7 +521,7 @@ impl SwarmNode {
             role: self.config.role,
             club: self.club,
             mate,
-            spare: self.spare(),
+            spare: self.spare_told,
         };
         self.send_control(from, |b| accept.encode(b));
         if j.catch_up && !granted.is_empty() && !mate {

@@ -38,7 +38,7 @@ impl SwarmNode {
     }
 
     /// Once a second: how much upload control took (smoothed: a quarter of the last second's
-    /// and three quarters of what it was).
+    /// and three quarters of what it was), and the free upload our JOINs and ACCEPTs tell.
     fn measure_control(&mut self, now: Timestamp) {
         let elapsed = now.saturating_since(self.control_since);
         if elapsed < CONTROL_WINDOW {
@@ -46,6 +46,7 @@ impl SwarmNode {
         }
         let per_s = self.control_window * 1_000_000 / (elapsed.as_micros() as u64).max(1);
         self.control_rate = (self.control_rate * 3 + per_s) / 4;
+        self.spare_told = self.spare();
         self.control_window = 0;
         self.control_since = now;
     }
@@ -289,7 +290,7 @@ impl SwarmNode {
             leaving: false,
             starving: mate && self.own_club_starving(now),
             departing: false,
-            spare: self.spare(),
+            spare: self.spare_told,
         }
     }
 
