@@ -48,8 +48,14 @@ fn line(label: &str, r: &Run) {
         .filter(|b| !b.ok)
         .map(|b| format!("{} {} (limit {})", b.name, b.value, b.limit))
         .collect();
+    let steady = rep.steady.map_or(String::new(), |st| {
+        format!(
+            "  (from {} s: continuity {:.4}, delay p99 {} ms)",
+            st.after_s, st.continuity, st.delay_ms.p99
+        )
+    });
     println!(
-        "{label:<26} {:>6} peers {:>5.0} s sim  {:>7.1} s wall  {:>5.2}x real time  {:>8.0} events/s  {:>6.0} µs/peer-s  continuity {:.4}  delay p99 {} ms  startup p99 {} ms  {}",
+        "{label:<26} {:>6} peers {:>5.0} s sim  {:>7.1} s wall  {:>5.2}x real time  {:>8.0} events/s  {:>6.0} µs/peer-s  continuity {:.4}  delay p99 {} ms{steady}  startup p99 {} ms  {}",
         rep.peers_joined,
         rep.simulated_s,
         r.wall_s,

@@ -124,6 +124,47 @@ fn a_scenario_and_seed_give_the_same_report_byte_for_byte() {
 }
 
 #[test]
+fn a_steady_state_is_measured_beside_the_whole_run_and_holds_the_bounds() {
+    let text = "[stream]\nclubs = 4\nduration = \"8s\"\n[peers]\ncount = 30\n\
+                [network]\nloss = 0.03\n[bounds]\nmin_continuity = 0.5\nmax_delay_p99 = \"2s\"\n";
+    let whole = sim::run(&Scenario::parse(text).unwrap(), 2).unwrap();
+    assert!(whole.steady.is_none());
+    let names: Vec<&str> = whole.bounds.iter().map(|b| b.name.as_str()).collect();
+    assert_eq!(names[..2], ["continuity", "delay p99 ms"]);
+    let text = format!("{text}[measure]\nsteady_after = \"4s\"\n");
+    let r = sim::run(&Scenario::parse(&text).unwrap(), 2).unwrap();
+    // Measuring changes nothing in the run.
+    assert_eq!(
+        (r.continuity, r.delay_ms, r.events),
+        (whole.continuity, whole.delay_ms, whole.events)
+    );
+    let st = r.steady.expect("steady state measured");
+    assert_eq!(st.after_s, 4.0);
+    assert!(st.continuity > 0.5 && st.worst_peer_continuity <= st.continuity);
+    assert!(st.delay_ms.p50 > 0.0 && st.delay_ms.max <= r.delay_ms.max);
+    // The bounds hold the steady state, and say so.
+    let steady: Vec<(&str, f64)> = r
+        .bounds
+        .iter()
+        .map(|b| (b.name.as_str(), b.value))
+        .collect();
+    assert_eq!(
+        steady[..2],
+        [
+            ("steady continuity", st.continuity),
+            ("steady delay p99 ms", st.delay_ms.p99)
+        ]
+    );
+    let shown = r.to_string();
+    assert!(
+        shown.contains("steady state (pieces published from 4 s on): continuity"),
+        "{shown}"
+    );
+    let json: serde_json::Value = serde_json::from_str(&r.to_json()).unwrap();
+    assert_eq!(json["steady"]["after_s"], 4.0);
+}
+
+#[test]
 fn the_cli_reports_json_and_draws_the_plot() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("everything.toml");

@@ -8,6 +8,21 @@ use std::fmt;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
+/// Continuity and delay over the pieces published from some time into the stream on.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct SteadyState {
+    /// How long after the stream's start the measured pieces begin, s.
+    pub after_s: f64,
+    /// Share of honest peers' pieces played before their deadline.
+    pub continuity: f64,
+    /// Continuity of the worst honest peer.
+    pub worst_peer_continuity: f64,
+    /// Continuity of the 1st-percentile honest peer.
+    pub p1_peer_continuity: f64,
+    /// Delay behind source of honest peers' pieces, ms.
+    pub delay_ms: Quantiles,
+}
+
 /// 50th and 99th percentiles and maximum, in milliseconds.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
 pub struct Quantiles {
@@ -250,6 +265,9 @@ pub struct Report {
     pub p1_peer_continuity: f64,
     /// Delay behind source of honest peers' pieces, ms.
     pub delay_ms: Quantiles,
+    /// The same figures over the pieces published once the swarm had formed, if the scenario
+    /// asks (`[measure] steady_after`).
+    pub steady: Option<SteadyState>,
     /// Join to playing, honest peers, ms.
     pub startup_ms: Quantiles,
     /// Honest peers that never started.
@@ -326,6 +344,17 @@ impl fmt::Display for Report {
         )?;
         let q = |q: &Quantiles| format!("p50 {} ms, p99 {} ms, max {} ms", q.p50, q.p99, q.max);
         writeln!(f, "delay behind source: {}", q(&self.delay_ms))?;
+        if let Some(st) = &self.steady {
+            writeln!(
+                f,
+                "steady state (pieces published from {} s on): continuity {:.4}, worst peer {:.4}, 1st percentile {:.4}; delay {}",
+                st.after_s,
+                st.continuity,
+                st.worst_peer_continuity,
+                st.p1_peer_continuity,
+                q(&st.delay_ms)
+            )?;
+        }
         writeln!(f, "startup: {}", q(&self.startup_ms))?;
         let total: u64 = self.hops.iter().sum::<u64>().max(1);
         let hops: Vec<String> = self

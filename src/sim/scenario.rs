@@ -42,9 +42,24 @@ pub struct Scenario {
     /// Misbehaving members.
     #[serde(default)]
     pub adversaries: AdversarySpec,
+    /// What the report measures besides the whole run.
+    #[serde(default)]
+    pub measure: MeasureSpec,
     /// What the report must show.
     #[serde(default)]
     pub bounds: Bounds,
+}
+
+/// What the report measures besides the whole run.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MeasureSpec {
+    /// Also measure the steady state: continuity and delay of the pieces published this long
+    /// after the stream starts, once the swarm has formed (every peer joins around the start,
+    /// a flash crowd that scenarios of churn and loss do not mean to test). When set, the
+    /// continuity and delay bounds apply to the steady state; the report shows both.
+    #[serde(deserialize_with = "opt_duration")]
+    pub steady_after: Option<Duration>,
 }
 
 /// The stream.
@@ -311,6 +326,13 @@ impl Scenario {
         if self.stream.duration.is_zero() {
             return bad("stream.duration must be more than 0");
         }
+        if self
+            .measure
+            .steady_after
+            .is_some_and(|w| w >= self.stream.duration)
+        {
+            return bad("measure.steady_after must be shorter than stream.duration");
+        }
         if self.peers.count > 1_000_000 {
             return bad("peers.count must be at most 1000000");
         }
@@ -411,5 +433,10 @@ mod tests {
             Scenario::parse("[stream]\nclubs = 3\n").is_err(),
             "peers are required"
         );
+        let e = Scenario::parse(
+            "[peers]\ncount = 10\n[stream]\nduration = \"5s\"\n[measure]\nsteady_after = \"5s\"\n",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("steady_after"), "{e}");
     }
 }

@@ -285,6 +285,8 @@ pub struct SwarmNode {
     /// Control sent, bytes per second on the line, smoothed over seconds: the upload that
     /// seats cannot have.
     control_rate: u64,
+    /// Publisher: when each club last had a seed rotated out for a starving member.
+    seat_rotated: Vec<Option<Timestamp>>,
     /// What JOINs and ACCEPTs say of our free upload ([`SwarmNode::spare`]), worked out once
     /// a second with the control measurement: counting seats walks the candidates, too dear
     /// for every keepalive.
@@ -380,6 +382,7 @@ impl SwarmNode {
             club_high: Vec::new(),
             club_last: Vec::new(),
             club_first: Vec::new(),
+            seat_rotated: Vec::new(),
             club_fresh: Vec::new(),
             missing: BTreeMap::new(),
             global_high: None,
@@ -771,6 +774,13 @@ const COOKIE_BUCKET: Duration = Duration::from_secs(30);
 const BARREN_LINK: Duration = Duration::from_millis(500);
 /// A publisher's seed keeps its seat at least this long.
 const SEED_TENURE: Duration = Duration::from_secs(1);
+/// Publisher: at most one seed of a club is rotated out for a starving member this often.
+/// When a club stalls, its members all ask at once: rotating a seat for each took every
+/// working seed away within milliseconds, and the club went dark for most of its viewers
+/// (`loss-churn` seed 7: 70 % of a club's pieces missed swarm-wide for a second). Not much
+/// longer, though: a club whose seeds are forgers needs its seats back soon (3 s left one
+/// club of `forgers` dark for 3.5 s at seed 3).
+const SEAT_ROTATION_GAP: Duration = Duration::from_secs(1);
 
 /// Burst of the upload bucket: 20 ms of the limit, and at least four datagrams.
 fn bucket_burst(limit_bps: Option<u64>) -> u64 {
@@ -1028,6 +1038,38 @@ mod tests {
         node.unseat_for_unseeded_club(then + SEED_TENURE, 7);
         assert_eq!((seeds(&node, 0), seeds(&node, 1)), (1, 1));
         assert_eq!(node.stats.seeds_rotated, 1);
+    }
+
+    #[test]
+    fn a_club_s_seats_go_to_starving_members_one_at_a_time_once_the_stream_flows() {
+        // 3 Mbit/s for a 1 Mbit/s stream in 24 clubs: two seeds a club.
+        let mut node = member_with_limit(Role::Publisher, 3_000_000);
+        assert_eq!(node.seeds_per_club(), 2);
+        let at = |i: u8| SocketAddr::from(([10, 0, 0, i], 7000));
+        let seeded = |n: &SwarmNode, i: u8| n.links.get(&at(i)).is_some_and(|l| l.send.contains(0));
+        let start = Timestamp::from_micros(10_000_000);
+        assert_eq!(node.grant(start, at(1), &seed_join(0)).0, ClubMask::one(0));
+        let second = start + Duration::from_millis(100);
+        assert_eq!(node.grant(second, at(2), &seed_join(0)).0, ClubMask::one(0));
+        // Past the seeds' tenure, but before the first piece: nobody can be starving yet.
+        let mut t = start + SEED_TENURE * 2;
+        assert!(node.grant(t, at(3), &seed_join(0)).0.is_empty());
+        assert!(seeded(&node, 1) && seeded(&node, 2));
+        // The stream flows: the oldest seat goes to the asker...
+        node.first_piece = Some(t);
+        t = t + Duration::from_millis(10);
+        assert_eq!(node.grant(t, at(3), &seed_join(0)).0, ClubMask::one(0));
+        assert!(!seeded(&node, 1) && seeded(&node, 2) && seeded(&node, 3));
+        // ...and the next asker of the same club waits out the rotation gap, however many ask.
+        for i in 4..8 {
+            let soon = t + Duration::from_millis(u64::from(i) * 100);
+            assert!(node.grant(soon, at(i), &seed_join(0)).0.is_empty());
+        }
+        assert!(seeded(&node, 2) && seeded(&node, 3));
+        t = t + SEAT_ROTATION_GAP;
+        assert_eq!(node.grant(t, at(4), &seed_join(0)).0, ClubMask::one(0));
+        assert!(!seeded(&node, 2) && seeded(&node, 3) && seeded(&node, 4));
+        assert_eq!(node.stats.seeds_rotated, 2);
     }
 
     #[test]

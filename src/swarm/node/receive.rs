@@ -632,7 +632,9 @@ impl SwarmNode {
 
     /// Publisher: a member asks to seed its club and the club's seats are taken. Members ask
     /// only when their club is not reaching them, so the oldest seat (if it has had a few
-    /// seconds) goes to the asker: a seed that went bad, or hoards, is rotated out.
+    /// seconds) goes to the asker: a seed that went bad, or hoards, is rotated out. Once the
+    /// stream flows, and one seat of a club in [`SEAT_ROTATION_GAP`]: a stalled club's
+    /// members all ask at once, and a seat for each took every working seed away.
     pub(super) fn make_room_for_seed(&mut self, now: Timestamp, j: &Join) {
         let c = j.club;
         if j.role != Role::Peer || j.want != ClubMask::one(c) {
@@ -654,25 +656,41 @@ impl SwarmNode {
         if seats.len() < self.seeds_per_club() && free > 1 {
             return;
         }
+        // Before the stream begins no member starves (nothing flows to anyone), and a seat of
+        // a club goes to a starving member at most once in the rotation gap.
+        if self.first_piece.is_none() {
+            return;
+        }
+        let rotated = self.seat_rotated.get(usize::from(c)).copied().flatten();
+        if rotated.is_some_and(|t| now.saturating_since(t) < SEAT_ROTATION_GAP) {
+            return;
+        }
         if let Some(&oldest) = seats.iter().min() {
-            self.unseat(now, oldest, c);
+            if self.unseat(now, oldest, c) {
+                if self.seat_rotated.len() <= usize::from(c) {
+                    self.seat_rotated.resize(usize::from(c) + 1, None);
+                }
+                self.seat_rotated[usize::from(c)] = Some(now);
+            }
         }
     }
 
     /// Publisher: the seed at `seat` (held since `.0`) stops getting club `c`, if it has held
-    /// the seat for its tenure.
-    fn unseat(&mut self, now: Timestamp, seat: (Timestamp, SocketAddr), c: u8) {
+    /// the seat for its tenure. Whether it did.
+    fn unseat(&mut self, now: Timestamp, seat: (Timestamp, SocketAddr), c: u8) -> bool {
         let (since, addr) = seat;
         if now.saturating_since(since) < SEED_TENURE {
-            return;
+            return false;
         }
-        if let Some(l) = self.links.get_mut(&addr) {
-            l.send = l.send.minus(ClubMask::one(c));
-            if l.send.is_empty() && l.recv.is_empty() {
-                self.unlink(addr);
-            }
-            self.stats.seeds_rotated += 1;
+        let Some(l) = self.links.get_mut(&addr) else {
+            return false;
+        };
+        l.send = l.send.minus(ClubMask::one(c));
+        if l.send.is_empty() && l.recv.is_empty() {
+            self.unlink(addr);
         }
+        self.stats.seeds_rotated += 1;
+        true
     }
 
     /// Publisher: club `c` has no seed and every seat or downstream link is taken (its only
@@ -706,7 +724,7 @@ impl SwarmNode {
             .map(|(a, l)| (l.established_at, *a))
             .min();
         if let Some(oldest) = oldest {
-            self.unseat(now, oldest, richest);
+            let _ = self.unseat(now, oldest, richest);
         }
     }
 
