@@ -103,8 +103,9 @@ pub struct SwarmConfig {
     /// How long pieces are kept for repair and catch-up.
     pub ring: Duration,
     /// How long after it is published a piece can still play (the viewers' jitter window):
-    /// gaps are asked for until this long after they were noticed, and a piece is not resent
-    /// once it trails the fastest path by this, less half the round trip to the asker.
+    /// gaps are asked for until they trail the fastest path by this (and at most this long
+    /// after they were noticed), and a piece is not resent once it trails the fastest path by
+    /// this, less half the round trip to the asker.
     pub repair_horizon: Duration,
     /// How much of the recent stream a new downstream link gets (catch-up).
     pub catch_up: Duration,
@@ -157,8 +158,8 @@ impl Default for SwarmConfig {
 
 impl SwarmConfig {
     /// Repairs for as long as the player waits for a piece (its jitter window): gaps are
-    /// asked for, and pieces served, until `window` after they were noticed or arrived, and
-    /// pieces are kept twice that (never less than the default).
+    /// asked for, and pieces served, while they trail the fastest path by less than `window`,
+    /// and pieces are kept twice that (never less than the default).
     pub fn repairing_within(mut self, window: Duration) -> Self {
         self.repair_horizon = window;
         self.ring = self.ring.max(window * 2);
@@ -269,6 +270,8 @@ pub struct SwarmNode {
     missing: BTreeMap<u64, Missing>,
     /// Highest sequence number received, and the one up to which gaps were looked for.
     global_high: Option<u64>,
+    /// When the newest piece (`global_high`) was published (the publisher's clock, µs).
+    global_high_published_us: u64,
     gaps_checked: Option<u64>,
     last_new_piece: Timestamp,
     /// When the first piece arrived: before it, no club is silent (the stream had not begun).
@@ -386,6 +389,7 @@ impl SwarmNode {
             club_fresh: Vec::new(),
             missing: BTreeMap::new(),
             global_high: None,
+            global_high_published_us: 0,
             gaps_checked: None,
             last_new_piece: Timestamp::ZERO,
             first_piece: None,
@@ -716,6 +720,20 @@ impl SwarmNode {
     }
 
     /// Pieces in the catch-up window at the stream's bitrate.
+    /// How far `seq`, not here, trails the fastest path now (its lateness, whatever the
+    /// clocks' offset), from when the newest piece was published and the stream's nominal
+    /// rate; `None` before any piece.
+    fn lateness_of_missing(&self, now: Timestamp, seq: u64) -> Option<Duration> {
+        let (high, best) = (self.global_high?, self.best_offset_us?);
+        let info = self.info.as_ref()?;
+        let interval_us = PAYLOAD * 8 * 1_000_000 / info.bitrate_bps.max(1);
+        let published_us = self
+            .global_high_published_us
+            .saturating_sub(high.saturating_sub(seq).saturating_mul(interval_us));
+        let offset = now.as_micros() as i64 - published_us as i64;
+        Some(Duration::from_micros((offset - best).max(0) as u64))
+    }
+
     fn catch_up_pieces(&self) -> u64 {
         self.info.as_ref().map_or(0, |i| {
             let per_s = i.bitrate_bps / 8 / PAYLOAD;
@@ -1070,6 +1088,44 @@ mod tests {
         assert_eq!(node.grant(t, at(4), &seed_join(0)).0, ClubMask::one(0));
         assert!(!seeded(&node, 2) && seeded(&node, 3) && seeded(&node, 4));
         assert_eq!(node.stats.seeds_rotated, 2);
+    }
+
+    #[test]
+    fn a_gap_is_asked_for_until_its_piece_can_no_longer_play() {
+        let mut node = member_with_limit(Role::Peer, 10_000_000);
+        // The newest piece, 2 000, was published at 10 s on the publisher's clock and came by
+        // the fastest path yet (50 ms behind, clock offset included). At 1 Mbit/s a piece
+        // is published every 9.024 ms.
+        node.global_high = Some(2_000);
+        node.global_high_published_us = 10_000_000;
+        node.best_offset_us = Some(50_000);
+        let now = Timestamp::from_micros(10_050_000);
+        let late = |n: &SwarmNode, t: Timestamp, seq: u64| {
+            n.lateness_of_missing(t, seq).unwrap().as_micros()
+        };
+        assert_eq!(late(&node, now, 2_000), 0);
+        assert_eq!(late(&node, now, 2_000 - 24), 24 * 9_024);
+        assert_eq!(
+            late(&node, now + Duration::from_millis(100), 1_800),
+            1_904_800
+        );
+        // Piece 1 800 was noticed missing just now: 1.8 s behind, it can still play.
+        node.missing.insert(
+            1_800,
+            Missing {
+                noticed: now,
+                next_nack: now,
+                tries: 0,
+                blamed: None,
+            },
+        );
+        node.send_nacks(now);
+        assert!(node.missing.contains_key(&1_800));
+        // 250 ms on it trails by 2.05 s: nobody would resend it, so it is no longer asked
+        // for, though it was noticed well within the horizon.
+        node.send_nacks(now + Duration::from_millis(250));
+        assert!(!node.missing.contains_key(&1_800));
+        assert_eq!(node.stats.repairs_given_up, 1);
     }
 
     #[test]

@@ -226,6 +226,7 @@ impl SwarmNode {
         self.first_piece.get_or_insert(now);
         if self.config.role != Role::Publisher && self.global_high.is_none_or(|h| seq > h) {
             self.global_high = Some(seq);
+            self.global_high_published_us = publish_time_us;
             // Clubs come by paths of different lengths: a piece is only missing across clubs
             // once it trails the newest by the catch-up window (within a club, `note_gaps`
             // finds losses at once).

@@ -754,7 +754,12 @@ impl SwarmNode {
             .map(|(a, l)| (*a, l.recv));
         for seq in seqs {
             let m = self.missing[&seq];
-            if m.tries >= MAX_NACKS || now.saturating_since(m.noticed) > deadline {
+            // Asked until it can no longer play (no member would resend it then), and
+            // never longer than the horizon after it was noticed.
+            let too_late = self
+                .lateness_of_missing(now, seq)
+                .is_some_and(|late| late > deadline);
+            if m.tries >= MAX_NACKS || now.saturating_since(m.noticed) > deadline || too_late {
                 give_up.push(seq);
                 continue;
             }
