@@ -735,14 +735,9 @@ impl SwarmNode {
     }
 
     fn catch_up_pieces(&self) -> u64 {
-        self.pieces_in(self.config.catch_up)
-    }
-
-    /// About how many pieces the stream publishes in `d`, at its nominal rate.
-    fn pieces_in(&self, d: Duration) -> u64 {
         self.info.as_ref().map_or(0, |i| {
             let per_s = i.bitrate_bps / 8 / PAYLOAD;
-            per_s * d.as_millis() as u64 / 1000
+            per_s * self.config.catch_up.as_millis() as u64 / 1000
         })
     }
 
@@ -774,13 +769,6 @@ const BAN: Duration = Duration::from_secs(600);
 const MAX_CANDIDATES: usize = 4096;
 /// A peer waits this long for the tracker to assign its club before choosing one itself.
 const CLUB_ASSIGNMENT_WAIT: Duration = Duration::from_secs(3);
-/// A piece not here is missing, whatever its club, once the newest piece was published this
-/// much after it: clubs come by paths of different lengths, and within a club `note_gaps`
-/// finds losses at once. (Session 20: a second, and at least four rounds of clubs, noticed
-/// the pieces of a club that stopped coming too late to repair many; 0.8 s took `loss-churn`
-/// from 0.9928 to 0.9935 over seeds 1-8, 0.6 s to 0.9932 with 16 % more NACKed, 0.4 s to
-/// 0.9922.)
-const GLOBAL_GAP_LAG: Duration = Duration::from_millis(800);
 /// Pieces arriving later than this behind the fastest path are not pushed on as live.
 const FORWARD_LATE: Duration = Duration::from_millis(1000);
 /// A JOIN not yet answered is repeated this often.
