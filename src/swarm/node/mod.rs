@@ -722,7 +722,10 @@ impl SwarmNode {
     /// Pieces in the catch-up window at the stream's bitrate.
     /// How far `seq`, not here, trails the fastest path now (its lateness, whatever the
     /// clocks' offset), from when the newest piece was published and the stream's nominal
-    /// rate; `None` before any piece.
+    /// rate; `None` before any piece. The nominal rate is what the publisher announces, by
+    /// default the most it sends: a slower stream makes this an underestimate (a gap is asked
+    /// for a little longer, never given up early). A publisher announcing less than it sends
+    /// would make members give up early.
     fn lateness_of_missing(&self, now: Timestamp, seq: u64) -> Option<Duration> {
         let (high, best) = (self.global_high?, self.best_offset_us?);
         let info = self.info.as_ref()?;
