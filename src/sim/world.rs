@@ -870,9 +870,7 @@ impl World {
         let mut bucket_expected = vec![0u64; seconds];
         let mut bucket_on_time = vec![0u64; seconds];
         let bucket_of = |t: u64| ((t.saturating_sub(start)) / 1_000_000) as usize;
-        let mut total_expected = 0u64;
-        let mut total_on_time = 0u64;
-        let mut per_peer = Vec::new();
+        let mut whole = Tally::default();
         // The steady state: pieces from the first published at or after `steady_from`.
         let steady_first = self
             .steady_from
@@ -960,9 +958,7 @@ impl World {
                     (published[index].0, club, m.played_on_time(index))
                 }),
             );
-            total_expected += expected;
-            total_on_time += on_time;
-            per_peer.push(on_time as f64 / expected as f64);
+            whole.add(on_time, expected);
             if let Some(from) = steady_first {
                 let from = from.max(first);
                 if from < last {
@@ -971,13 +967,7 @@ impl World {
                 }
             }
         }
-        per_peer.sort_by(f64::total_cmp);
-        let continuity = Tally {
-            on_time: total_on_time,
-            expected: total_expected,
-            per_peer: Vec::new(),
-        }
-        .share();
+        let (continuity, worst_peer_continuity, p1_peer_continuity) = whole.figures();
         let delay_cdf = cdf(&self.delay);
         let mut report = Report {
             scenario: s.name.clone(),
@@ -988,14 +978,14 @@ impl World {
             peers_left: self.left,
             honest_peers: honest,
             pieces_published: n as u64,
-            continuity: round4(continuity),
-            worst_peer_continuity: round4(worst(&per_peer)),
-            p1_peer_continuity: round4(first_percentile(&per_peer)),
+            continuity,
+            worst_peer_continuity,
+            p1_peer_continuity,
             delay_ms: Quantiles::of(&self.delay),
             steady: s
                 .measure
                 .steady_after
-                .map(|w| steady.report(w, &self.steady_delay)),
+                .map(|w| steady.steady_state(w, &self.steady_delay)),
             startup_ms: Quantiles::of(&startup),
             never_started,
             delay_by_hop_ms: self
@@ -1022,7 +1012,7 @@ impl World {
             club_outages: ClubOutages {
                 share_of_missed: round3(
                     outages.pieces as f64
-                        / total_expected.saturating_sub(total_on_time).max(1) as f64,
+                        / whole.expected.saturating_sub(whole.on_time).max(1) as f64,
                 ),
                 ..outages
             },
@@ -1074,34 +1064,33 @@ impl Tally {
         self.per_peer.push(on_time as f64 / expected.max(1) as f64);
     }
 
-    fn share(&self) -> f64 {
-        if self.expected == 0 {
+    /// Continuity overall, of the worst peer and of the 1st-percentile peer, rounded (0 for
+    /// none).
+    fn figures(&mut self) -> (f64, f64, f64) {
+        self.per_peer.sort_by(f64::total_cmp);
+        let share = if self.expected == 0 {
             0.0
         } else {
             self.on_time as f64 / self.expected as f64
-        }
+        };
+        let at = |i: usize| self.per_peer.get(i).copied().unwrap_or(0.0);
+        (
+            round4(share),
+            round4(at(0)),
+            round4(at(self.per_peer.len() / 100)),
+        )
     }
 
-    fn report(mut self, after: Duration, delay: &Histogram<u64>) -> SteadyState {
-        self.per_peer.sort_by(f64::total_cmp);
+    fn steady_state(mut self, after: Duration, delay: &Histogram<u64>) -> SteadyState {
+        let (continuity, worst_peer_continuity, p1_peer_continuity) = self.figures();
         SteadyState {
             after_s: after.as_secs_f64(),
-            continuity: round4(self.share()),
-            worst_peer_continuity: round4(worst(&self.per_peer)),
-            p1_peer_continuity: round4(first_percentile(&self.per_peer)),
+            continuity,
+            worst_peer_continuity,
+            p1_peer_continuity,
             delay_ms: Quantiles::of(delay),
         }
     }
-}
-
-/// The lowest of sorted shares (0 if none).
-fn worst(sorted: &[f64]) -> f64 {
-    sorted.first().copied().unwrap_or(0.0)
-}
-
-/// The 1st percentile of sorted shares (0 if none).
-fn first_percentile(sorted: &[f64]) -> f64 {
-    sorted.get(sorted.len() / 100).copied().unwrap_or(0.0)
 }
 
 fn round4(x: f64) -> f64 {

@@ -289,7 +289,7 @@ pub struct SwarmNode {
     /// seats cannot have.
     control_rate: u64,
     /// Publisher: when each club last had a seed rotated out for a starving member.
-    seat_rotated: Vec<Option<Timestamp>>,
+    seat_rotated: [Option<Timestamp>; 64],
     /// What JOINs and ACCEPTs say of our free upload ([`SwarmNode::spare`]), worked out once
     /// a second with the control measurement: counting seats walks the candidates, too dear
     /// for every keepalive.
@@ -385,7 +385,7 @@ impl SwarmNode {
             club_high: Vec::new(),
             club_last: Vec::new(),
             club_first: Vec::new(),
-            seat_rotated: Vec::new(),
+            seat_rotated: [None; 64],
             club_fresh: Vec::new(),
             missing: BTreeMap::new(),
             global_high: None,
@@ -719,7 +719,6 @@ impl SwarmNode {
         }
     }
 
-    /// Pieces in the catch-up window at the stream's bitrate.
     /// How far `seq`, not here, trails the fastest path now (its lateness, whatever the
     /// clocks' offset), from when the newest piece was published and the stream's nominal
     /// rate; `None` before any piece. The nominal rate is what the publisher announces, by
@@ -737,6 +736,7 @@ impl SwarmNode {
         Some(Duration::from_micros((offset - best).max(0) as u64))
     }
 
+    /// Pieces in the catch-up window at the stream's bitrate.
     fn catch_up_pieces(&self) -> u64 {
         self.info.as_ref().map_or(0, |i| {
             let per_s = i.bitrate_bps / 8 / PAYLOAD;

@@ -668,10 +668,9 @@ impl SwarmNode {
         }
         if let Some(&oldest) = seats.iter().min() {
             if self.unseat(now, oldest, c) {
-                if self.seat_rotated.len() <= usize::from(c) {
-                    self.seat_rotated.resize(usize::from(c) + 1, None);
+                if let Some(t) = self.seat_rotated.get_mut(usize::from(c)) {
+                    *t = Some(now);
                 }
-                self.seat_rotated[usize::from(c)] = Some(now);
             }
         }
     }
