@@ -36,6 +36,9 @@ impl SwarmNode {
             Message::Peers(p) if is_tracker && p.channel() == self.channel => {
                 self.add_candidates(p.iter());
                 self.stats.peer_lists += 1;
+                if let Some(t) = &mut self.tracker {
+                    t.unanswered = 0;
+                }
                 if let Some(c) = p.assigned_club().filter(|c| *c < self.k()) {
                     if !self.club_chosen && self.info.is_some() {
                         self.club = c;
@@ -227,12 +230,7 @@ impl SwarmNode {
         if self.config.role != Role::Publisher && self.global_high.is_none_or(|h| seq > h) {
             self.global_high = Some(seq);
             self.global_high_published_us = publish_time_us;
-            // Clubs come by paths of different lengths: a piece is only missing across clubs
-            // once it trails the newest by the catch-up window (within a club, `note_gaps`
-            // finds losses at once).
-            let lag = (4 * u64::from(self.k()))
-                .max(32)
-                .max(self.catch_up_pieces());
+            let lag = self.pieces_in(GLOBAL_GAP_LAG).max(32);
             self.note_global_gaps(now, seq.saturating_sub(lag));
         }
         if let Some(t) = self.club_last.get_mut(usize::from(club)) {
@@ -336,8 +334,8 @@ impl SwarmNode {
         self.live.push_back(q);
     }
 
-    /// Looks for gaps across clubs: any piece more than two rounds of clubs behind the newest
-    /// one (or, when the stream pauses or ends, behind the newest at all) that has not come.
+    /// Looks for gaps across clubs: any piece up to `upto` (0.8 s of stream behind the newest
+    /// one, or, when the stream pauses or ends, the newest) that has not come.
     pub(super) fn note_global_gaps(&mut self, now: Timestamp, upto: u64) {
         let Some(high) = self.global_high else { return };
         let upto = upto.min(high);

@@ -72,7 +72,7 @@ impl SwarmNode {
 
     pub(super) fn tracker_upkeep(&mut self, now: Timestamp) {
         let Some(t) = &self.tracker else { return };
-        let due = now >= t.next_announce;
+        let due = now >= t.next_announce || t.retry_due(now);
         // A club that lost its source (the upstream left) is worth asking about at once: the
         // tracker lists members of it with free seats.
         let may_tell_needs =
@@ -139,6 +139,7 @@ impl SwarmNode {
                 self.send_control(addr, |b| a.encode(b));
                 if let Some(t) = &mut self.tracker {
                     t.said_needed = needs;
+                    t.unanswered = t.unanswered.saturating_add(1);
                 }
             }
         }
