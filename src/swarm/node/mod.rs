@@ -937,6 +937,39 @@ mod tests {
         );
     }
 
+    #[test]
+    fn each_piece_of_a_club_starts_its_round_of_pushes_at_another_link() {
+        let mut node = member_with_limit(Role::Peer, 10_000_000);
+        node.club = 3;
+        node.club_chosen = true;
+        let now = Timestamp::from_micros(10_000_000);
+        let at = |i: u8| SocketAddr::from(([10, 0, 0, i], 7000));
+        // Four members of other clubs we push club 5 to.
+        for i in 1..=4 {
+            let l = node
+                .links
+                .get_or_insert_with(at(i), || Link::new(now, Role::Peer, 6, false, 1_000));
+            l.send = ClubMask::one(5);
+        }
+        let bytes: PieceBytes = Arc::from(vec![0u8; 100]);
+        let mut firsts = Vec::new();
+        for n in 0..4u64 {
+            // Pieces of club 5, K = 24 apart.
+            node.forward(now, None, 5 + 24 * n, 5, bytes.clone());
+            let round: Vec<SocketAddr> = node.live.drain(..).map(|q| q.to).collect();
+            let mut sorted = round.clone();
+            sorted.sort();
+            assert_eq!(
+                sorted,
+                (1..=4).map(at).collect::<Vec<_>>(),
+                "each link once"
+            );
+            firsts.push(round[0]);
+        }
+        firsts.sort();
+        assert_eq!(firsts, (1..=4).map(at).collect::<Vec<_>>());
+    }
+
     fn seed_join(club: u8) -> Join {
         Join {
             club,

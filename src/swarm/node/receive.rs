@@ -302,6 +302,12 @@ impl SwarmNode {
                 targets.push((*addr, seed));
             }
         }
+        // Each piece starts its round at another link: the last of a burst waits for all the
+        // others, and it should not be the same member every time.
+        if !targets.is_empty() {
+            let start = (seq / u64::from(self.k())) as usize % targets.len();
+            targets.rotate_left(start);
+        }
         for &(to, urgent) in &targets {
             let q = Queued {
                 to,
