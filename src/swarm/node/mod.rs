@@ -874,6 +874,14 @@ mod tests {
         node
     }
 
+    /// A peer of 10 Mbit/s upload that has chosen club 3.
+    fn peer_of_club_3() -> SwarmNode {
+        let mut node = member_with_limit(Role::Peer, 10_000_000);
+        node.club = 3;
+        node.club_chosen = true;
+        node
+    }
+
     fn mate_join(starving: bool) -> Join {
         Join {
             channel: ChannelId([0; 8]),
@@ -892,9 +900,7 @@ mod tests {
 
     #[test]
     fn a_member_whose_club_flows_takes_a_starving_asker_as_one_mate_more() {
-        let mut node = member_with_limit(Role::Peer, 10_000_000);
-        node.club = 3;
-        node.club_chosen = true;
+        let mut node = peer_of_club_3();
         node.club_fresh = vec![Timestamp::ZERO; 24];
         let now = Timestamp::from_micros(10_000_000);
         let at = |i: usize| SocketAddr::from(([10, 0, 0, i as u8], 7000));
@@ -939,9 +945,7 @@ mod tests {
 
     #[test]
     fn each_piece_of_a_club_starts_its_round_of_pushes_at_another_link() {
-        let mut node = member_with_limit(Role::Peer, 10_000_000);
-        node.club = 3;
-        node.club_chosen = true;
+        let mut node = peer_of_club_3();
         let now = Timestamp::from_micros(10_000_000);
         let at = |i: u8| SocketAddr::from(([10, 0, 0, i], 7000));
         // Four members of other clubs we push club 5 to.
@@ -1005,9 +1009,7 @@ mod tests {
 
     #[test]
     fn a_peer_asks_members_listed_with_free_seats_first_and_tells_what_it_still_needs() {
-        let mut node = member_with_limit(Role::Peer, 10_000_000);
-        node.club = 3;
-        node.club_chosen = true;
+        let mut node = peer_of_club_3();
         let now = Timestamp::from_micros(10_000_000);
         let at = |i: u8| SocketAddr::from(([10, 0, 0, i], 7000));
         // Ten members of club 5 the tracker listed as full, one with free seats.
@@ -1061,9 +1063,7 @@ mod tests {
 
     #[test]
     fn an_upstream_replaced_is_not_preferred_for_its_free_seats_for_a_while() {
-        let mut node = member_with_limit(Role::Peer, 10_000_000);
-        node.club = 3;
-        node.club_chosen = true;
+        let mut node = peer_of_club_3();
         let now = Timestamp::from_micros(10_000_000);
         let at = |i: u8| SocketAddr::from(([10, 0, 0, i], 7000));
         node.add_candidates((1..=2).map(|i| PeerEntry {
