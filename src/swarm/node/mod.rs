@@ -282,6 +282,9 @@ pub struct SwarmNode {
     /// club that only arrives through repairs is not flowing.
     club_fresh: Vec<Timestamp>,
     missing: BTreeMap<u64, Missing>,
+    /// No gap in `missing` is due for a NACK before this (a lower bound: the tick skips the
+    /// walk of every gap until then); `None` when none is waiting.
+    nack_due: Option<Timestamp>,
     /// Highest sequence number received, and the one up to which gaps were looked for.
     global_high: Option<u64>,
     /// When the newest piece (`global_high`) was published (the publisher's clock, µs).
@@ -403,6 +406,7 @@ impl SwarmNode {
             seat_rotated: [None; 64],
             club_fresh: Vec::new(),
             missing: BTreeMap::new(),
+            nack_due: None,
             global_high: None,
             global_high_published_us: 0,
             gaps_checked: None,
@@ -1180,7 +1184,7 @@ mod tests {
             1_904_800
         );
         // Piece 1 800 was noticed missing just now: 1.8 s behind, it can still play.
-        node.missing.insert(
+        node.add_missing(
             1_800,
             Missing {
                 noticed: now,
