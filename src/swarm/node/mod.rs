@@ -1165,6 +1165,58 @@ mod tests {
     }
 
     #[test]
+    fn a_gap_is_asked_for_on_the_first_tick_it_is_due_and_not_before() {
+        let mut node = peer_of_club_3();
+        node.global_high = Some(2_000);
+        node.global_high_published_us = 10_000_000;
+        node.best_offset_us = Some(50_000);
+        let now = Timestamp::from_micros(10_050_000);
+        // Piece 1 990 is of club 22, which one upstream gives us.
+        let upstream = SocketAddr::from(([10, 0, 0, 9], 7000));
+        let l = node
+            .links
+            .get_or_insert_with(upstream, || Link::new(now, Role::Peer, 22, true, 1_000));
+        l.established = true;
+        l.recv = ClubMask::one(22);
+        assert_eq!(node.nack_due, None);
+        let due = now + Duration::from_millis(40);
+        node.add_missing(
+            1_990,
+            Missing {
+                noticed: now,
+                next_nack: due,
+                tries: 0,
+                blamed: None,
+            },
+        );
+        assert_eq!(node.nack_due, Some(due));
+        // Ticks before it is due ask nothing and leave it waiting.
+        node.send_nacks(now);
+        let just_before = |t: Timestamp| Timestamp::from_micros(t.as_micros() - 1);
+        node.send_nacks(just_before(due));
+        assert_eq!(
+            (node.missing[&1_990].tries, node.stats.repairs_asked),
+            (0, 0)
+        );
+        // The tick it falls due asks the upstream, and the next try waits again.
+        node.send_nacks(due);
+        let m = node.missing[&1_990];
+        assert_eq!((m.tries, m.blamed), (1, Some(upstream)));
+        assert_eq!(node.stats.repairs_asked, 1);
+        assert!(node.control.iter().any(|t| t.to == upstream));
+        assert_eq!(node.nack_due, Some(m.next_nack));
+        assert!(m.next_nack > due);
+        node.send_nacks(just_before(m.next_nack));
+        assert_eq!(node.missing[&1_990].tries, 1);
+        node.send_nacks(m.next_nack);
+        assert_eq!(node.missing[&1_990].tries, 2);
+        // Once the gap is filled, nothing is left waiting.
+        node.missing.clear();
+        node.send_nacks(m.next_nack + Duration::from_secs(1));
+        assert_eq!(node.nack_due, None);
+    }
+
+    #[test]
     fn a_gap_is_asked_for_until_its_piece_can_no_longer_play() {
         let mut node = member_with_limit(Role::Peer, 10_000_000);
         // The newest piece, 2 000, was published at 10 s on the publisher's clock and came by
