@@ -282,9 +282,6 @@ pub struct SwarmNode {
     /// club that only arrives through repairs is not flowing.
     club_fresh: Vec<Timestamp>,
     missing: BTreeMap<u64, Missing>,
-    /// No gap in `missing` is due for a NACK before this (a lower bound: the tick skips the
-    /// walk of every gap until then); `None` when none is waiting.
-    nack_due: Option<Timestamp>,
     /// Highest sequence number received, and the one up to which gaps were looked for.
     global_high: Option<u64>,
     /// When the newest piece (`global_high`) was published (the publisher's clock, µs).
@@ -406,7 +403,6 @@ impl SwarmNode {
             seat_rotated: [None; 64],
             club_fresh: Vec::new(),
             missing: BTreeMap::new(),
-            nack_due: None,
             global_high: None,
             global_high_published_us: 0,
             gaps_checked: None,
@@ -1165,58 +1161,6 @@ mod tests {
     }
 
     #[test]
-    fn a_gap_is_asked_for_on_the_first_tick_it_is_due_and_not_before() {
-        let mut node = peer_of_club_3();
-        node.global_high = Some(2_000);
-        node.global_high_published_us = 10_000_000;
-        node.best_offset_us = Some(50_000);
-        let now = Timestamp::from_micros(10_050_000);
-        // Piece 1 990 is of club 22, which one upstream gives us.
-        let upstream = SocketAddr::from(([10, 0, 0, 9], 7000));
-        let l = node
-            .links
-            .get_or_insert_with(upstream, || Link::new(now, Role::Peer, 22, true, 1_000));
-        l.established = true;
-        l.recv = ClubMask::one(22);
-        assert_eq!(node.nack_due, None);
-        let due = now + Duration::from_millis(40);
-        node.add_missing(
-            1_990,
-            Missing {
-                noticed: now,
-                next_nack: due,
-                tries: 0,
-                blamed: None,
-            },
-        );
-        assert_eq!(node.nack_due, Some(due));
-        // Ticks before it is due ask nothing and leave it waiting.
-        node.send_nacks(now);
-        let just_before = |t: Timestamp| Timestamp::from_micros(t.as_micros() - 1);
-        node.send_nacks(just_before(due));
-        assert_eq!(
-            (node.missing[&1_990].tries, node.stats.repairs_asked),
-            (0, 0)
-        );
-        // The tick it falls due asks the upstream, and the next try waits again.
-        node.send_nacks(due);
-        let m = node.missing[&1_990];
-        assert_eq!((m.tries, m.blamed), (1, Some(upstream)));
-        assert_eq!(node.stats.repairs_asked, 1);
-        assert!(node.control.iter().any(|t| t.to == upstream));
-        assert_eq!(node.nack_due, Some(m.next_nack));
-        assert!(m.next_nack > due);
-        node.send_nacks(just_before(m.next_nack));
-        assert_eq!(node.missing[&1_990].tries, 1);
-        node.send_nacks(m.next_nack);
-        assert_eq!(node.missing[&1_990].tries, 2);
-        // Once the gap is filled, nothing is left waiting.
-        node.missing.clear();
-        node.send_nacks(m.next_nack + Duration::from_secs(1));
-        assert_eq!(node.nack_due, None);
-    }
-
-    #[test]
     fn a_gap_is_asked_for_until_its_piece_can_no_longer_play() {
         let mut node = member_with_limit(Role::Peer, 10_000_000);
         // The newest piece, 2 000, was published at 10 s on the publisher's clock and came by
@@ -1236,7 +1180,7 @@ mod tests {
             1_904_800
         );
         // Piece 1 800 was noticed missing just now: 1.8 s behind, it can still play.
-        node.add_missing(
+        node.missing.insert(
             1_800,
             Missing {
                 noticed: now,

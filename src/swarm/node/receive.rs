@@ -362,21 +362,12 @@ impl SwarmNode {
     /// Records `seq` for repair unless it is here or too old.
     fn mark_missing(&mut self, now: Timestamp, seq: u64) {
         if !self.ring.contains(seq) && !self.ring.is_stale(seq) {
-            let m = Missing {
+            self.missing.entry(seq).or_insert(Missing {
                 noticed: now,
                 next_nack: now + self.config.nack_delay,
                 tries: 0,
                 blamed: None,
-            };
-            self.add_missing(seq, m);
-        }
-    }
-
-    /// Records gap `seq` as `m`, unless it is recorded already.
-    pub(super) fn add_missing(&mut self, seq: u64, m: Missing) {
-        if let std::collections::btree_map::Entry::Vacant(v) = self.missing.entry(seq) {
-            v.insert(m);
-            self.nack_due = Some(self.nack_due.map_or(m.next_nack, |t| t.min(m.next_nack)));
+            });
         }
     }
 

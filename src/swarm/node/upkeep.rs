@@ -732,9 +732,6 @@ impl SwarmNode {
 
     /// NACKs gaps that waited out the reordering delay, to a source of their club.
     pub(super) fn send_nacks(&mut self, now: Timestamp) {
-        if self.nack_due.is_none_or(|t| now < t) {
-            return; // (the tick comes every 20 ms; most find no gap due)
-        }
         let k = u64::from(self.k());
         let deadline = self.config.repair_horizon;
         let mut by_target: BTreeMap<SocketAddr, Vec<u64>> = BTreeMap::new();
@@ -746,7 +743,6 @@ impl SwarmNode {
             .map(|(s, _)| *s)
             .collect();
         if seqs.is_empty() {
-            self.nack_due = self.earliest_nack();
             return;
         }
         // Where each club's NACKs go, worked out once per club (and per kind of try).
@@ -806,7 +802,6 @@ impl SwarmNode {
             }
             self.stats.repairs_given_up += 1;
         }
-        self.nack_due = self.earliest_nack();
         let window = self.ack_window();
         for (to, mut seqs) in by_target {
             if let Some(l) = self.links.get_mut(&to) {
@@ -832,11 +827,6 @@ impl SwarmNode {
                 self.send_control(to, |b| nack.encode(b));
             }
         }
-    }
-
-    /// When the first gap waiting in `missing` is due for a NACK.
-    fn earliest_nack(&self) -> Option<Timestamp> {
-        self.missing.values().map(|m| m.next_nack).min()
     }
 
     /// Leaves: tells linked members and the tracker. Nothing more is sent after the datagrams
