@@ -3,8 +3,9 @@
 //! and when: the samples the upload side's congestion control runs on).
 //!
 //! Same 4-byte header as the other control messages. A member answers a JOIN from an address
-//! it has not validated only with a COOKIE no larger than the JOIN, and sends pieces, repairs
-//! or ACCEPTs only to addresses that echoed its cookie.
+//! it has not validated only with a COOKIE, or a refusal (an ACCEPT granting nothing), no
+//! larger than the JOIN, and sends pieces, repairs or granting ACCEPTs only to addresses that
+//! echoed its cookie.
 
 use super::control::{begin, parse_header_within};
 use super::{array, be_u64, ChannelId, CookieBytes, MessageType, Role, WireError};
@@ -163,7 +164,7 @@ impl Join {
     }
 }
 
-/// Member → member: the answer to a validated JOIN.
+/// Member → member: the answer to a validated JOIN, or a refusal (nothing granted) to any JOIN.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Accept {
     /// Channel.

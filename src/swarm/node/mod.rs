@@ -861,6 +861,7 @@ fn corrupt(bytes: &PieceBytes) -> PieceBytes {
 mod tests {
     use super::*;
     use crate::crypto::ChannelKey;
+    use crate::wire::MessageType;
 
     /// A member of `role` with an upload limit that knows the channel (K = 24, 1 Mbit/s).
     fn member_with_limit(role: Role, limit_bps: u64) -> SwarmNode {
@@ -1261,6 +1262,47 @@ mod tests {
         let short = SwarmConfig::default().repairing_within(Duration::from_secs(1));
         assert_eq!(short.repair_horizon, Duration::from_secs(1));
         assert_eq!(short.ring, SwarmConfig::default().ring);
+    }
+
+    #[test]
+    fn a_full_member_refuses_an_unproven_join_at_once_one_with_room_asks_for_its_cookie() {
+        let now = Timestamp::from_micros(10_000_000);
+        let asker = SocketAddr::from(([10, 0, 0, 9], 7000));
+        let answer = |node: &mut SwarmNode, join: &Join| {
+            node.on_join(now, asker, join);
+            let t = node.poll_transmit(now).expect("an answer");
+            assert_eq!(t.to, asker);
+            assert!(node.poll_transmit(now).is_none(), "one answer");
+            t.data.as_bytes().to_vec()
+        };
+        // Asks for club 3, not to be mates.
+        let join = |club| Join {
+            mate: false,
+            ..seed_join(club)
+        };
+        // Room for club 3: a cookie first, as ever (the JOIN's address is not proven).
+        let cookie = answer(&mut peer_of_club_3(), &join(3));
+        assert_eq!(cookie.get(1), Some(&(MessageType::Cookie as u8)));
+        // Every unit taken (a 100 kbit/s peer): a refusal at once, smaller than the JOIN, and
+        // no link.
+        let mut full = member_with_limit(Role::Peer, 100_000);
+        full.club = 3;
+        full.club_chosen = true;
+        let refusal = answer(&mut full, &join(3));
+        let a = Accept::parse(&refusal).expect("an ACCEPT");
+        assert!(a.granted.is_empty() && !a.mate);
+        assert!(refusal.len() <= Join::LEN);
+        assert!(!full.is_linked(&asker));
+        assert_eq!(full.stats.joins_refused, 1);
+        // A club it does not give: refused at once too, whatever its room.
+        let refusal = answer(&mut peer_of_club_3(), &join(5));
+        assert!(Accept::parse(&refusal).is_ok_and(|a| a.granted.is_empty()));
+        // Asking to be mates, or the publisher: the cookie first (their answers depend on
+        // more than free units).
+        let mate = answer(&mut full, &mate_join(false));
+        assert_eq!(mate.get(1), Some(&(MessageType::Cookie as u8)));
+        let seed = answer(&mut member_with_limit(Role::Publisher, 100_000), &join(3));
+        assert_eq!(seed.get(1), Some(&(MessageType::Cookie as u8)));
     }
 
     #[test]

@@ -454,6 +454,21 @@ impl SwarmNode {
     pub(super) fn on_join(&mut self, now: Timestamp, from: SocketAddr, j: &Join) {
         tracing::trace!(%from, club = j.club, want = j.want.0, mate = j.mate, leaving = j.leaving, "JOIN");
         if self.cookies.check(now, from, &j.cookie) == CookieCheck::Invalid {
+            if self.refuses_at_once(from, j) {
+                // Nothing to grant: say so now rather than after a cookie's round trip (a
+                // refusal is smaller than the JOIN, so it amplifies nothing either).
+                let refusal = Accept {
+                    channel: self.channel,
+                    granted: ClubMask::NONE,
+                    role: self.config.role,
+                    club: self.club,
+                    mate: false,
+                    spare: self.spare_told,
+                };
+                self.send_control(from, |b| refusal.encode(b));
+                self.stats.joins_refused += 1;
+                return;
+            }
             // Prove the address first: a COOKIE no larger than the JOIN, and nothing else.
             let reply = Cookie {
                 nonce: 0,
@@ -532,6 +547,25 @@ impl SwarmNode {
         if j.catch_up && !granted.is_empty() && !mate {
             self.queue_catch_up(now, from, granted);
         }
+    }
+
+    /// Whether a JOIN for clubs from a member not linked with us would be refused whatever
+    /// its cookie: no upload unit or downstream seat is free, or we do not give what it asks.
+    /// (The publisher decides only with the cookie: it makes room for seeds and relays.)
+    pub(super) fn refuses_at_once(&self, from: SocketAddr, j: &Join) -> bool {
+        if self.config.role == Role::Publisher
+            || j.mate
+            || j.leaving
+            || self.info.is_none()
+            || self.leaving
+            || self.links.contains_key(&from)
+        {
+            return false;
+        }
+        let free = self.upload_units().saturating_sub(self.units_used());
+        j.want.intersect(self.clubs_offered()).is_empty()
+            || free == 0
+            || self.downstream_links() >= self.downstream_cap()
     }
 
     /// Decides what a new JOIN gets, and records the link.
