@@ -76,6 +76,8 @@ struct Member {
     upload_kbps: u32,
     /// Downstream seats it announced free.
     free_seats: u8,
+    /// Times listed with free seats since it announced them.
+    listings: u16,
     expires: Timestamp,
 }
 
@@ -121,6 +123,16 @@ impl MemberTable {
                 None
             }
         }
+    }
+
+    /// Counts one listing of `addr` against its seats; whether they are all spent.
+    fn list_budget(&mut self, addr: &SocketAddr) -> bool {
+        let Some(&i) = self.index.get(addr) else {
+            return false;
+        };
+        let m = &mut self.list[i].1;
+        m.listings = m.listings.saturating_add(1);
+        u32::from(m.listings) >= u32::from(m.free_seats) * LISTINGS_PER_SEAT
     }
 
     fn remove(&mut self, addr: &SocketAddr) -> Option<Member> {
@@ -204,6 +216,9 @@ struct Channel {
 const MAX_PUBLISHERS: usize = 4;
 /// Most peers with free seats listed per club a member needs.
 const SEATED_PER_NEEDED_CLUB: usize = 3;
+/// A peer is listed with free seats at most this many times per seat it announced, until it
+/// announces again (a member asks one of the few listed for a club).
+const LISTINGS_PER_SEAT: u32 = 3;
 
 impl Channel {
     fn members(&self) -> usize {
@@ -348,7 +363,7 @@ impl Channel {
     /// For a member that `needs` clubs, peers of those clubs that announced free seats: a
     /// few per club, in all at most half of `room` (the rest of a list stays a random sample).
     fn with_seats_in(
-        &self,
+        &mut self,
         rng: &mut StdRng,
         needs: ClubMask,
         room: usize,
@@ -367,7 +382,17 @@ impl Channel {
             if n == 0 {
                 break;
             }
-            listed.extend(self.with_seats[usize::from(c)].sample(rng, n, asker, now));
+            let seated = &mut self.with_seats[usize::from(c)];
+            let drawn = seated.sample(rng, n, asker, now);
+            // Each listing spends some of the member's announced seats: listed to everyone
+            // who needs its club, it would be asked by far more members than it has seats.
+            for e in &drawn {
+                let spent = seated.list_budget(&e.addr);
+                if spent {
+                    seated.remove(&e.addr);
+                }
+            }
+            listed.extend(drawn);
         }
         listed
     }
@@ -512,6 +537,7 @@ impl TrackerCore {
                 club: assigned.unwrap_or(a.club),
                 upload_kbps: a.upload_kbps,
                 free_seats: a.free_seats,
+                listings: 0,
                 expires: now + ttl,
             },
         );
@@ -539,11 +565,18 @@ impl TrackerCore {
         let sampled = channel
             .others
             .sample(&mut self.rng, room + others.len(), from, now);
-        for e in sampled {
+        for mut e in sampled {
             if others.len() == Peers::MAX {
                 break;
             }
             if !others.iter().any(|p| p.addr == e.addr) {
+                // Free seats as far as its listings have not spent them.
+                if e.role == Role::Peer {
+                    e.free_seats = channel
+                        .with_seats
+                        .get(usize::from(e.club))
+                        .is_some_and(|t| t.get(&e.addr).is_some());
+                }
                 others.push(e);
             }
         }
@@ -799,6 +832,46 @@ mod tests {
         t.handle_timeout(at(16));
         let l = entries(&send_announce(&mut t, at(16), addr(20), peer(0, 0, 0b100)));
         assert_eq!(with_seats(&l), vec![addr(12)]);
+    }
+
+    #[test]
+    fn a_peer_with_free_seats_is_listed_so_a_few_times_per_seat_until_it_announces_again() {
+        let mut t = TrackerCore::new(TrackerConfig::default(), [1; 32], 7);
+        let key = ChannelKey::from_seed(&[3; 32]);
+        let ch = key.public().channel_id();
+        exchange(&mut t, at(0), addr(9), &descriptor(&key, 4, 1_000_000));
+        let peer = |club, free_seats, needs| TrackerAnnounce {
+            channel: ch,
+            cookie: CookieBytes::default(),
+            role: Role::Peer,
+            club,
+            upload_kbps: 1800,
+            free_seats,
+            needs: ClubMask(needs),
+            leaving: false,
+        };
+        let seated = addr(11);
+        send_announce(&mut t, at(0), seated, peer(2, 2, 0));
+        let listed_free = |t: &mut TrackerCore, asker: u16| {
+            entries(&send_announce(t, at(1), addr(asker), peer(0, 0, 0b100)))
+                .iter()
+                .any(|e| e.addr == seated && e.free_seats)
+        };
+        // Two seats: listed with them to six members that need club 2, then as full (it is
+        // still listed, as any member may be).
+        let budget = 2 * LISTINGS_PER_SEAT as u16;
+        for asker in 0..budget {
+            assert!(listed_free(&mut t, 100 + asker), "listing {asker}");
+        }
+        assert!(!listed_free(&mut t, 200));
+        assert!(
+            entries(&send_announce(&mut t, at(1), addr(201), peer(0, 0, 0b100)))
+                .iter()
+                .any(|e| e.addr == seated && !e.free_seats)
+        );
+        // Its next announce renews them.
+        send_announce(&mut t, at(2), seated, peer(2, 1, 0));
+        assert!(listed_free(&mut t, 202));
     }
 
     /// A peer without a club announces `upload_kbps`; the club the tracker gives it.
