@@ -771,13 +771,18 @@ mod tests {
             .expect("no peer list")
     }
 
-    #[test]
-    fn a_member_that_needs_a_club_is_told_of_its_peers_with_free_seats_first() {
+    /// A tracker that has the descriptor of a channel of four clubs; the channel.
+    fn channel_of_four_clubs() -> (TrackerCore, ChannelId) {
         let mut t = TrackerCore::new(TrackerConfig::default(), [1; 32], 7);
         let key = ChannelKey::from_seed(&[3; 32]);
-        let ch = key.public().channel_id();
         exchange(&mut t, at(0), addr(9), &descriptor(&key, 4, 1_000_000));
-        let peer = |club, free_seats, needs| TrackerAnnounce {
+        (t, key.public().channel_id())
+    }
+
+    /// A peer's announce (its cookie is made good when sent): its club, seats free, and
+    /// the clubs it needs.
+    fn peer_announce(ch: ChannelId, club: u8, free_seats: u8, needs: u64) -> TrackerAnnounce {
+        TrackerAnnounce {
             channel: ch,
             cookie: CookieBytes::default(),
             role: Role::Peer,
@@ -786,7 +791,13 @@ mod tests {
             free_seats,
             needs: ClubMask(needs),
             leaving: false,
-        };
+        }
+    }
+
+    #[test]
+    fn a_member_that_needs_a_club_is_told_of_its_peers_with_free_seats_first() {
+        let (mut t, ch) = channel_of_four_clubs();
+        let peer = |club, free_seats, needs| peer_announce(ch, club, free_seats, needs);
         // Far more full peers than a list holds, in every club; three of club 2 have seats.
         for i in 0..4 * Peers::MAX as u16 {
             send_announce(&mut t, at(0), addr(1000 + i), peer((i % 4) as u8, 0, 0));
@@ -836,20 +847,8 @@ mod tests {
 
     #[test]
     fn a_peer_with_free_seats_is_listed_so_a_few_times_per_seat_until_it_announces_again() {
-        let mut t = TrackerCore::new(TrackerConfig::default(), [1; 32], 7);
-        let key = ChannelKey::from_seed(&[3; 32]);
-        let ch = key.public().channel_id();
-        exchange(&mut t, at(0), addr(9), &descriptor(&key, 4, 1_000_000));
-        let peer = |club, free_seats, needs| TrackerAnnounce {
-            channel: ch,
-            cookie: CookieBytes::default(),
-            role: Role::Peer,
-            club,
-            upload_kbps: 1800,
-            free_seats,
-            needs: ClubMask(needs),
-            leaving: false,
-        };
+        let (mut t, ch) = channel_of_four_clubs();
+        let peer = |club, free_seats, needs| peer_announce(ch, club, free_seats, needs);
         let seated = addr(11);
         send_announce(&mut t, at(0), seated, peer(2, 2, 0));
         let listed_free = |t: &mut TrackerCore, asker: u16| {
