@@ -76,7 +76,8 @@ struct Member {
     upload_kbps: u32,
     /// Downstream seats it announced free.
     free_seats: u8,
-    /// Times listed with free seats since it announced them.
+    /// Times listed with free seats since it announced them (counted in its club's table of
+    /// members with seats; 0 elsewhere).
     listings: u16,
     expires: Timestamp,
 }
@@ -126,7 +127,7 @@ impl MemberTable {
     }
 
     /// Counts one listing of `addr` against its seats; whether they are all spent.
-    fn list_budget(&mut self, addr: &SocketAddr) -> bool {
+    fn spend_listing(&mut self, addr: &SocketAddr) -> bool {
         let Some(&i) = self.index.get(addr) else {
             return false;
         };
@@ -387,8 +388,7 @@ impl Channel {
             // Each listing spends some of the member's announced seats: listed to everyone
             // who needs its club, it would be asked by far more members than it has seats.
             for e in &drawn {
-                let spent = seated.list_budget(&e.addr);
-                if spent {
+                if seated.spend_listing(&e.addr) {
                     seated.remove(&e.addr);
                 }
             }

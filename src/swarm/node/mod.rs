@@ -1265,7 +1265,7 @@ mod tests {
     }
 
     #[test]
-    fn a_full_member_refuses_an_unproven_join_at_once_one_with_room_asks_for_its_cookie() {
+    fn a_full_peer_refuses_an_unproven_join_at_once_one_with_room_asks_for_its_cookie() {
         let now = Timestamp::from_micros(10_000_000);
         let asker = SocketAddr::from(([10, 0, 0, 9], 7000));
         let answer = |node: &mut SwarmNode, join: &Join| {
@@ -1297,12 +1297,14 @@ mod tests {
         // A club it does not give: refused at once too, whatever its room.
         let refusal = answer(&mut peer_of_club_3(), &join(5));
         assert!(Accept::parse(&refusal).is_ok_and(|a| a.granted.is_empty()));
-        // Asking to be mates, or the publisher: the cookie first (their answers depend on
-        // more than free units).
+        // Asking to be mates, the publisher or a relay: the cookie first (their answers depend
+        // on more than free units, and a relay's cost to tell grows with its links).
         let mate = answer(&mut full, &mate_join(false));
         assert_eq!(mate.get(1), Some(&(MessageType::Cookie as u8)));
-        let seed = answer(&mut member_with_limit(Role::Publisher, 100_000), &join(3));
-        assert_eq!(seed.get(1), Some(&(MessageType::Cookie as u8)));
+        for role in [Role::Publisher, Role::Relay] {
+            let seed = answer(&mut member_with_limit(role, 100_000), &join(3));
+            assert_eq!(seed.get(1), Some(&(MessageType::Cookie as u8)), "{role:?}");
+        }
     }
 
     #[test]

@@ -457,15 +457,7 @@ impl SwarmNode {
             if self.refuses_at_once(from, j) {
                 // Nothing to grant: say so now rather than after a cookie's round trip (a
                 // refusal is smaller than the JOIN, so it amplifies nothing either).
-                let refusal = Accept {
-                    channel: self.channel,
-                    granted: ClubMask::NONE,
-                    role: self.config.role,
-                    club: self.club,
-                    mate: false,
-                    spare: self.spare_told,
-                };
-                self.send_control(from, |b| refusal.encode(b));
+                self.send_accept(from, ClubMask::NONE, false);
                 self.stats.joins_refused += 1;
                 return;
             }
@@ -535,25 +527,19 @@ impl SwarmNode {
                 l.last_keepalive = now;
             }
         }
-        let accept = Accept {
-            channel: self.channel,
-            granted,
-            role: self.config.role,
-            club: self.club,
-            mate,
-            spare: self.spare_told,
-        };
-        self.send_control(from, |b| accept.encode(b));
+        self.send_accept(from, granted, mate);
         if j.catch_up && !granted.is_empty() && !mate {
             self.queue_catch_up(now, from, granted);
         }
     }
 
-    /// Whether a JOIN for clubs from a member not linked with us would be refused whatever
-    /// its cookie: no upload unit or downstream seat is free, or we do not give what it asks.
-    /// (The publisher decides only with the cookie: it makes room for seeds and relays.)
+    /// Whether a peer would refuse a JOIN for clubs from a member not linked with it whatever
+    /// its cookie: no seat is free, or it does not give what the JOIN asks. Only peers answer
+    /// so before the cookie: the publisher makes room for seeds and relays, and a relay, the
+    /// target of spoofed floods, keeps the cookie's answer, whose cost does not grow with its
+    /// hundreds of links.
     pub(super) fn refuses_at_once(&self, from: SocketAddr, j: &Join) -> bool {
-        if self.config.role == Role::Publisher
+        if self.config.role != Role::Peer
             || j.mate
             || j.leaving
             || self.info.is_none()
@@ -562,10 +548,20 @@ impl SwarmNode {
         {
             return false;
         }
-        let free = self.upload_units().saturating_sub(self.units_used());
-        j.want.intersect(self.clubs_offered()).is_empty()
-            || free == 0
-            || self.downstream_links() >= self.downstream_cap()
+        j.want.intersect(self.clubs_offered()).is_empty() || self.free_seats() == 0
+    }
+
+    /// Answers a JOIN from `to`: what it is granted (nothing: refused), and whether as a mate.
+    fn send_accept(&mut self, to: SocketAddr, granted: ClubMask, mate: bool) {
+        let accept = Accept {
+            channel: self.channel,
+            granted,
+            role: self.config.role,
+            club: self.club,
+            mate,
+            spare: self.spare_told,
+        };
+        self.send_control(to, |b| accept.encode(b));
     }
 
     /// Decides what a new JOIN gets, and records the link.
