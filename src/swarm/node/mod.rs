@@ -92,7 +92,8 @@ pub struct SwarmConfig {
     pub tracker: Option<SocketAddr>,
     /// Upload cap, bits per second (`None`: unlimited).
     pub upload_limit_bps: Option<u64>,
-    /// Club mates kept (in-club push goes to each).
+    /// Club mates kept (in-club push goes to each); a peer whose upload is at least 1.5× the
+    /// stream on the wire keeps one more.
     pub max_mates: usize,
     /// Most downstream links (outside members we push to). Peers are further held to what
     /// their upload limit affords; the publisher may have more, one per seed its upload
@@ -356,6 +357,11 @@ const MAX_NACKS: u32 = 10;
 const WIDE_FROM_TRY: u32 = 2;
 /// Links asked for at once while looking for sources.
 const MAX_PENDING_JOINS: usize = 8;
+/// Mates a peer of [`RICH_UPLOAD_TENTHS`] tenths of the stream rate or more keeps beyond the
+/// configured number.
+const RICH_EXTRA_MATES: usize = 1;
+/// Upload (tenths of the stream rate on the wire) from which a peer keeps an extra mate.
+const RICH_UPLOAD_TENTHS: u64 = 15;
 /// Mate links a peer accepts beyond the `max_mates` it asks for itself.
 const EXTRA_MATES_ACCEPTED: usize = 1;
 
@@ -625,7 +631,7 @@ impl SwarmNode {
     /// an answer a second on a link per club and per mate (before it has measured anything,
     /// a member granted seats its control then took).
     fn control_allowance(&self) -> u64 {
-        let links = u64::from(self.k()) + self.config.max_mates as u64;
+        let links = u64::from(self.k()) + self.max_mates() as u64;
         let keepalives = 2 * links * (Join::LEN as u64 + DATAGRAM_OVERHEAD);
         self.control_rate.max(keepalives)
     }
@@ -688,10 +694,26 @@ impl SwarmNode {
         }
     }
 
-    /// Club mates this peer will have: the other members of its club it knows, up to the
-    /// configured most.
+    /// Club mates this peer keeps: the configured number, and one more when its upload is at
+    /// least 1.5× the stream on the wire. Every mate pushes the club on at once, so the
+    /// members that can afford it make the club's push mesh wider (fewer hops from the seeds
+    /// to its farthest members) and give each other a third copy of its pieces.
+    pub(super) fn max_mates(&self) -> usize {
+        let rich = match (self.config.upload_limit_bps, &self.info) {
+            _ if self.config.role != Role::Peer => false,
+            (None, _) => true,
+            (Some(_), None) => false,
+            (Some(limit), Some(_)) => {
+                limit / 8 >= self.unit_bytes() * u64::from(self.k()) * RICH_UPLOAD_TENTHS / 10
+            }
+        };
+        self.config.max_mates + usize::from(rich) * RICH_EXTRA_MATES
+    }
+
+    /// Club mates this peer will have: the other members of its club it knows, up to
+    /// [`SwarmNode::max_mates`].
     fn mates_expected(&self) -> usize {
-        let most = self.config.max_mates.max(1);
+        let most = self.max_mates().max(1);
         let known = self
             .candidates
             .values()
@@ -905,12 +927,43 @@ mod tests {
     }
 
     #[test]
+    fn a_peer_whose_upload_affords_it_keeps_one_mate_more() {
+        // A 1 Mbit/s stream is about 1.11 Mbit/s on the wire: 1.5x of it is about 1.66.
+        let now = Timestamp::from_micros(10_000_000);
+        let at = |i: usize| SocketAddr::from(([10, 0, 0, i as u8], 7000));
+        for (limit, most) in [(1_700_000, 4), (1_600_000, 3), (800_000, 3)] {
+            let mut node = member_with_limit(Role::Peer, limit);
+            node.club = 3;
+            node.club_chosen = true;
+            assert_eq!(node.max_mates(), most, "{limit}");
+            // It takes that many mates, and refuses the next asker (which does not starve).
+            for i in 1..=most {
+                assert_eq!(
+                    node.grant(now, at(i), &mate_join(false)),
+                    (ClubMask::one(3), true),
+                    "{limit}"
+                );
+            }
+            assert_eq!(
+                node.grant(now, at(most + 1), &mate_join(false)),
+                (ClubMask::NONE, false),
+                "{limit}"
+            );
+        }
+        // Relays and the publisher have no mates, whatever their upload.
+        for role in [Role::Publisher, Role::Relay] {
+            let node = member_with_limit(role, 100_000_000);
+            assert_eq!(node.max_mates(), node.config.max_mates, "{role:?}");
+        }
+    }
+
+    #[test]
     fn a_member_whose_club_flows_takes_a_starving_asker_as_one_mate_more() {
         let mut node = peer_of_club_3();
         node.club_fresh = vec![Timestamp::ZERO; 24];
         let now = Timestamp::from_micros(10_000_000);
         let at = |i: usize| SocketAddr::from(([10, 0, 0, i as u8], 7000));
-        let most = node.config.max_mates;
+        let most = node.max_mates();
         for i in 1..=most {
             assert_eq!(
                 node.grant(now, at(i), &mate_join(false)),

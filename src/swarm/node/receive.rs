@@ -575,7 +575,7 @@ impl SwarmNode {
             // each other and would otherwise fill every mate slot of a clique that nobody
             // after them can join, and the club reaches the rest only as repairs.
             let helps = j.starving && self.own_club_flowing(now);
-            let most = self.config.max_mates + usize::from(helps) * EXTRA_MATES_ACCEPTED;
+            let most = self.max_mates() + usize::from(helps) * EXTRA_MATES_ACCEPTED;
             if mates >= most && !self.links.get(&from).is_some_and(|l| l.mate) {
                 return (ClubMask::NONE, false);
             }

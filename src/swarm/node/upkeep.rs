@@ -488,7 +488,7 @@ impl SwarmNode {
             .values()
             .filter(|l| l.mate || l.wants_mate)
             .count();
-        let want = self.config.max_mates.saturating_sub(have);
+        let want = self.max_mates().saturating_sub(have);
         if want == 0 || self.pending_joins() >= MAX_PENDING_JOINS {
             return;
         }
